@@ -1,0 +1,102 @@
+"""Finding, reading and writing checkpoints: local folders, hub repo ids, sharded safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, partial, or does not match the model."""
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """Return a local folder for a folder path or a hub repo id (cached copies work offline)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
+    name = str(path_or_repo_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"no checkpoint folder at {name!r}, and it is not a hub repo id like 'sesame/csm-1b'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=allow_patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(name, allow_patterns=allow_patterns))
+    except Exception as e:
+        raise CheckpointError(
+            f"could not fetch {name!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "It is not in the local cache either. Check the name and your network; sesame/csm-1b is gated: "
+            "accept its terms on the hub and run `huggingface-cli login`."
+        ) from None
+
+
+def read_json(folder: Path, name: str = CONFIG_NAME) -> dict:
+    """Read a JSON file from a checkpoint folder, with a clear error when it is absent."""
+    file = folder / name
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; a checkpoint folder needs {name}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+
+
+def load_safetensors(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load `model.safetensors`, or every shard listed in `model.safetensors.index.json`."""
+    index = folder / WEIGHTS_INDEX_NAME
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return load_file(single, device=str(device))
+    if index.is_file():
+        weight_map = read_json(folder, WEIGHTS_INDEX_NAME).get("weight_map", {})
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"shard {shard} listed in {index} is missing")
+            state.update(load_file(folder / shard, device=str(device)))
+        return state
+    raise CheckpointError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+
+
+def save_safetensors(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write a state dict as one `model.safetensors` (shared storage cloned, as safetensors requires)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
+        seen.add(ptr)
+    save_file(out, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict_unexpected: bool = False) -> None:
+    """Copy `state` into `module`, naming any missing tensor or shape mismatch in the error."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{source} lacks {len(missing)} tensor(s) the model needs: {shown}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise CheckpointError(
+                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config expects {tuple(v.shape)}"
+            )
+    unexpected = [k for k in state if k not in expected]
+    if unexpected and strict_unexpected:
+        raise CheckpointError(f"{source} has tensors the model does not know: {', '.join(unexpected[:5])}")
+    module.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
