@@ -1,0 +1,156 @@
+"""Model configurations, read from and written to the reference's `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CONFIG_NAME, CheckpointError, read_json, resolve_checkpoint
+
+DEFAULT_ROPE_THETA = 500000.0
+
+
+def _rope_parameters(d: dict) -> dict:
+    """Accept both the `rope_parameters` form and the older `rope_scaling` + `rope_theta` form."""
+    params = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
+    theta = d.pop("rope_theta", None)
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_theta", theta if theta is not None else DEFAULT_ROPE_THETA)
+    d.pop("rope_scaling", None)
+    return params
+
+
+class _JsonConfig:
+    """from_dict / to_dict / from_pretrained / save_pretrained for a config dataclass.
+
+    Keys we do not model (transformers bookkeeping, generation settings) are kept in `extra`
+    and written back, so a config survives the round trip.
+    """
+
+    model_type: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        if "rope_parameters" in {f.name for f in dataclasses.fields(cls)}:
+            d["rope_parameters"] = _rope_parameters(d)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names and k != "model_type"}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        return {**self.extra, **out, "model_type": self.model_type}
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike):
+        folder = resolve_checkpoint(path_or_repo_id, allow_patterns=[CONFIG_NAME])
+        return cls.from_dict(read_json(folder))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class CsmDepthDecoderConfig(_JsonConfig):
+    """The depth decoder: a small Llama that predicts codebooks 1..K-1 of one frame."""
+
+    model_type = "csm_depth_decoder_model"
+
+    num_codebooks: int = 32
+    backbone_hidden_size: int = 2048
+    vocab_size: int = 2051
+    hidden_size: int = 1024
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 33
+    rms_norm_eps: float = 1e-5
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA})
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported; CSM uses 'silu'")
+
+
+@dataclass
+class CsmConfig(_JsonConfig):
+    """The whole model: backbone sizes and token ids, with the depth decoder and codec configs nested."""
+
+    model_type = "csm"
+
+    num_codebooks: int = 32
+    vocab_size: int = 2051  # entries per codebook
+    text_vocab_size: int = 128256
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA})
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 128002
+    bos_token_id: int | None = 128000
+    eos_token_id: int | None = None
+    codebook_pad_token_id: int = 2050
+    codebook_eos_token_id: int = 0
+    audio_token_id: int = 128002
+    audio_eos_token_id: int = 128003
+    tie_codebooks_embeddings: bool = True
+    depth_decoder_config: CsmDepthDecoderConfig = field(default_factory=CsmDepthDecoderConfig)
+    codec_config: Any = None  # MimiConfig; built in __post_init__ so a bare CsmConfig() gets the default codec
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .mimi import MimiConfig
+
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if isinstance(self.depth_decoder_config, dict):
+            self.depth_decoder_config = CsmDepthDecoderConfig.from_dict(self.depth_decoder_config)
+        if self.codec_config is None:
+            self.codec_config = MimiConfig()
+        elif isinstance(self.codec_config, dict):
+            self.codec_config = MimiConfig.from_dict(self.codec_config)
+        if self.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported; CSM uses 'silu'")
+        if self.depth_decoder_config.num_codebooks != self.num_codebooks:
+            raise CheckpointError(
+                f"num_codebooks differs: backbone {self.num_codebooks}, depth decoder "
+                f"{self.depth_decoder_config.num_codebooks}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # The reference reads `tie_word_embeddings` as the codebook tie; keep both in step.
+        out["tie_word_embeddings"] = self.tie_codebooks_embeddings
+        return out

@@ -1,0 +1,189 @@
+"""The Llama block shared by the backbone and the depth decoder: RMSNorm, RoPE, attention with a static KV cache, MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the reference's order, which matters in bf16.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
+    """Inverse frequencies for plain RoPE or Llama-3 scaled RoPE, in fp32."""
+    theta = float(params.get("rope_theta", 500000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"rope_type {kind!r} is not supported; CSM uses 'default' or 'llama3'")
+    factor = params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, params: dict):
+        super().__init__()
+        self.head_dim, self.params = head_dim, params
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.compute_buffers(self.inv_freq.device)
+
+    def compute_buffers(self, device) -> None:
+        """Fill the non-persistent buffer; also called after loading a model built on the meta device."""
+        self.inv_freq = rope_inverse_frequencies(self.head_dim, self.params).to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `positions` (T,) or (B, T), shaped (..., T, head_dim), in `dtype`."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the angles in cos/sin (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values preallocated once, written in place at each row's positions."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at `input_pos` (T,) shared by all rows, or (B, T) per row."""
+        if input_pos.dim() == 1:
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)
+            self.k_cache.scatter_(2, index, k)
+            self.v_cache.scatter_(2, index, v)
+        return self.k_cache, self.v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Attention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias
+        )
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """A stack of decoder layers with final norm and RoPE; embeddings are the subclass's business."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters)
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+
+    def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        """Allocate a KV cache per layer, once; later calls with the same sizes keep it."""
+        dtype = dtype or self.norm.weight.dtype
+        device = device or self.norm.weight.device
+        for layer in self.layers:
+            c = layer.self_attn.kv_cache
+            if c is not None and c.k_cache.shape[0] == batch_size and c.k_cache.shape[2] == max_seq_len:
+                if c.k_cache.dtype == dtype and c.k_cache.device == torch.device(device):
+                    continue
+            layer.self_attn.kv_cache = KVCache(
+                batch_size, max_seq_len, self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, device
+            )
+
+    def remove_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    def run_layers(self, h, positions, mask=None, input_pos=None) -> torch.Tensor:
+        """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE."""
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, input_pos)
+        return self.norm(h)
+
+
+def padding_causal_mask(attention_mask: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, T) mask, causal and blind to padded keys; None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]

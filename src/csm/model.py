@@ -1,0 +1,355 @@
+"""CSM: a backbone over text and audio frames, a depth decoder for the codebooks of a frame, and the codec."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import (
+    CONFIG_NAME,
+    CheckpointError,
+    load_into,
+    load_safetensors,
+    read_json,
+    resolve_checkpoint,
+    save_safetensors,
+)
+from .config import CsmConfig, CsmDepthDecoderConfig
+from .llama import Transformer, padding_causal_mask
+from .mimi import MimiModel
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+# Tied in the reference: the backbone's audio embedding is the depth decoder's input embedding.
+TIED_AUDIO_EMBEDDING = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
+
+
+@dataclass
+class BackboneOutput:
+    last_hidden_state: torch.Tensor
+
+
+@dataclass
+class DepthDecoderOutput:
+    logits: torch.Tensor  # (N, T, V)
+    loss: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class CsmOutput:
+    logits: torch.Tensor  # (B, T, V) codebook-0 logits
+    loss: torch.Tensor | None = None
+    backbone_loss: torch.Tensor | None = None
+    depth_decoder_loss: torch.Tensor | None = None
+    depth_decoder_logits: torch.Tensor | None = None  # (N, K-1, V) for the N frames the depth decoder trained on
+    last_hidden_state: torch.Tensor | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """Mean cross entropy in fp32 ignoring -100; with `shift`, position t predicts label t+1."""
+    if shift:
+        labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class CsmBackboneModelEmbeddings(nn.Module):
+    """One table for all codebooks; a frame's embedding is the sum of its K code embeddings."""
+
+    def __init__(self, config: CsmConfig):
+        super().__init__()
+        self.num_codebooks, self.vocab_size = config.num_codebooks, config.vocab_size
+        self.embed_audio_tokens = nn.Embedding(config.num_codebooks * config.vocab_size, config.hidden_size)
+        self.register_buffer("audio_tokens_offsets", torch.empty(config.num_codebooks, dtype=torch.long), persistent=False)
+        self.compute_buffers(self.audio_tokens_offsets.device)
+
+    def compute_buffers(self, device) -> None:
+        self.audio_tokens_offsets = torch.arange(self.num_codebooks, device=device) * self.vocab_size
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, T, K) -> (B, T, D)."""
+        return self.embed_audio_tokens(codes + self.audio_tokens_offsets).sum(dim=2)
+
+
+class CsmBackboneModel(Transformer):
+    """The Llama-3.2-1B-shaped backbone over a sequence of text tokens and audio frames."""
+
+    def __init__(self, config: CsmConfig):
+        super().__init__(config)
+        self.config = config
+        self.embed_tokens = CsmBackboneModelEmbeddings(config)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> BackboneOutput:
+        """input_ids: audio codes (B, T, K); or pass inputs_embeds (B, T, D). Positions count from 0."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (audio codes, B x T x K) or inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        T = h.shape[1]
+        positions = torch.arange(T, device=h.device)
+        mask = padding_causal_mask(attention_mask, T, h.device)
+        return BackboneOutput(self.run_layers(h, positions, mask))
+
+
+class CsmDepthDecoderModel(Transformer):
+    """The depth decoder's transformer: position 0 is the backbone state, position i >= 1 is codebook i-1."""
+
+    def __init__(self, config: CsmDepthDecoderConfig):
+        super().__init__(config)
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.num_codebooks * config.vocab_size, config.backbone_hidden_size)
+        self.inputs_embeds_projector = nn.Linear(config.backbone_hidden_size, config.hidden_size, bias=False)
+
+    def embed(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embed codes (N, T) sitting at depth positions (T,): codebook index is position - 1."""
+        return self.embed_tokens(codes + (positions - 1).clamp(min=0) * self.vocab_size)
+
+    def forward(self, input_ids=None, backbone_last_hidden_state=None, inputs_embeds=None) -> BackboneOutput:
+        """input_ids (N, T) from position 0; backbone_last_hidden_state (N, D_backbone) replaces position 0."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            inputs_embeds = self.embed(input_ids, positions)
+            if backbone_last_hidden_state is not None:
+                inputs_embeds = torch.cat([backbone_last_hidden_state[:, None].to(inputs_embeds.dtype), inputs_embeds[:, 1:]], 1)
+        h = self.inputs_embeds_projector(inputs_embeds)
+        return BackboneOutput(self.run_layers(h, torch.arange(h.shape[1], device=h.device)))
+
+
+class CsmCodebooksHead(nn.Module):
+    """One linear head per codebook 1..K-1, stored as a (K-1, D, V) tensor."""
+
+    def __init__(self, hidden_size: int, num_codebooks: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_codebooks - 1, hidden_size, vocab_size))
+
+    def forward(self, h: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+        """h (N, T, D), codebooks (T,) in 1..K-1 -> logits (N, T, V)."""
+        return torch.einsum("ntd,tdv->ntv", h, self.weight[codebooks - 1])
+
+
+class CsmDepthDecoderForCausalLM(nn.Module):
+    def __init__(self, config: CsmDepthDecoderConfig):
+        super().__init__()
+        self.config = config
+        self.model = CsmDepthDecoderModel(config)
+        self.codebooks_head = CsmCodebooksHead(config.hidden_size, config.num_codebooks, config.vocab_size)
+
+    def forward(self, input_ids, backbone_last_hidden_state=None, labels=None) -> DepthDecoderOutput:
+        """input_ids (N, T): [anything, c0, c1, ...]; logits for codebooks 1..T-1 from positions 1..T-1.
+
+        labels (N, T) are codes c0..c_{T-1}; codebook i >= 1 is scored, -100 ignored.
+        """
+        h = self.model(input_ids, backbone_last_hidden_state).last_hidden_state
+        codebooks = torch.arange(1, h.shape[1], device=h.device)
+        logits = self.codebooks_head(h[:, 1:], codebooks)
+        loss = causal_lm_loss(logits, labels[:, 1:], shift=False) if labels is not None else None
+        return DepthDecoderOutput(logits=logits, loss=loss, last_hidden_state=h)
+
+
+class CsmForConditionalGeneration(nn.Module):
+    """Text and audio context in, codebook logits (and losses) out; `generate` lives in csm.generate."""
+
+    def __init__(self, config: CsmConfig):
+        super().__init__()
+        self.config = config
+        self.embed_text_tokens = nn.Embedding(config.text_vocab_size, config.hidden_size)
+        self.backbone_model = CsmBackboneModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.depth_decoder = CsmDepthDecoderForCausalLM(config.depth_decoder_config)
+        self.codec_model = MimiModel(config.codec_config)
+        self.generation_config: dict = {}
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_codebooks_embeddings:
+            self.depth_decoder.model.embed_tokens.weight = self.backbone_model.embed_tokens.embed_audio_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ---- inputs -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_audio_context(self, input_values: torch.Tensor, input_values_cutoffs: torch.Tensor):
+        """Encode every clip of every row in one codec call.
+
+        input_values (B, 1, S) holds each row's clips end to end; input_values_cutoffs (B, N) their end
+        offsets, padded with -1. Returns codes (C, F, K) for the C clips in row-major order, padded to the
+        longest, and a mask (C, F) of real frames.
+        """
+        clips = []
+        for row, cutoffs in zip(input_values, input_values_cutoffs.tolist()):
+            start = 0
+            for end in cutoffs:
+                if end < 0:
+                    break
+                if end > start:
+                    clips.append(row[0, start:end])
+                start = end
+        lengths = [len(c) for c in clips]
+        batch = torch.zeros(len(clips), 1, max(lengths), dtype=input_values.dtype, device=input_values.device)
+        padding_mask = torch.zeros(len(clips), max(lengths), dtype=torch.long, device=input_values.device)
+        for i, clip in enumerate(clips):
+            batch[i, 0, : len(clip)] = clip
+            padding_mask[i, : len(clip)] = 1
+        codes = self.codec_model.encode(batch.to(self.codec_dtype), padding_mask).transpose(1, 2)  # (C, F, K)
+        frames = torch.tensor([self.codec_model.encoded_length(n) for n in lengths], device=codes.device)
+        mask = torch.arange(codes.shape[1], device=codes.device)[None] < frames[:, None]
+        return codes, mask
+
+    @property
+    def codec_dtype(self) -> torch.dtype:
+        return next(self.codec_model.parameters()).dtype
+
+    def embed_inputs(self, input_ids, input_values=None, input_values_cutoffs=None, labels=None):
+        """Embed text ids (B, T), placing encoded audio frames at audio tokens and the end-of-audio frame
+        at audio-eos tokens. Returns (inputs_embeds, labels expanded to (B, T, K) when given)."""
+        cfg = self.config
+        h = self.embed_text_tokens(input_ids)
+        if input_values is None:
+            if labels is not None:
+                raise ValueError("labels need the audio they score: pass input_values and input_values_cutoffs too")
+            return h, None
+        if input_values_cutoffs is None:
+            raise ValueError("input_values needs input_values_cutoffs (each clip's end offset per row, -1 padded)")
+        codes, frame_mask = self.encode_audio_context(input_values, input_values_cutoffs)
+        frames = codes[frame_mask]  # (total frames, K), in sequence order
+        audio = input_ids == cfg.audio_token_id
+        audio_eos = input_ids == cfg.audio_eos_token_id
+        if int(audio.sum()) != len(frames):
+            raise ValueError(
+                f"the text has {int(audio.sum())} audio tokens but the audio encodes to {len(frames)} frames; "
+                "build inputs with CsmProcessor so the counts agree"
+            )
+        eos_frame = torch.full((1, 1, cfg.num_codebooks), cfg.codebook_eos_token_id, device=h.device)
+        embed = self.backbone_model.embed_tokens
+        h = h.clone()
+        h[audio] = embed(frames[None])[0].to(h.dtype)
+        h[audio_eos] = embed(eos_frame)[0, 0].to(h.dtype)
+        if labels is not None:
+            expanded = labels[..., None].repeat(1, 1, cfg.num_codebooks)
+            expanded[audio] = frames
+            expanded[audio_eos] = eos_frame[0, 0]
+            # -101: a frame the backbone learns but the depth decoder skips (compute amortization).
+            expanded[..., 1:][labels == -101] = -100
+            labels = expanded
+        return h, labels
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_values_cutoffs: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> CsmOutput:
+        """Codebook-0 logits for every position, and the reference's losses when `labels` are given.
+
+        input_ids are text ids (B, T) (audio merged in from input_values) or audio codes (B, T, K).
+        labels: (B, T) with -100 ignored and -101 for backbone-only frames, or (B, T, K) codes.
+        """
+        if input_ids is not None and input_ids.dim() == 2:
+            inputs_embeds, labels = self.embed_inputs(input_ids, input_values, input_values_cutoffs, labels)
+            input_ids = None
+        hidden = self.backbone_model(input_ids, attention_mask, inputs_embeds).last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        if labels is None:
+            return CsmOutput(logits=logits, last_hidden_state=hidden)
+
+        backbone_loss = causal_lm_loss(logits, labels[..., 0])
+        train = ~(labels[..., 1:] == -100).all(dim=-1)  # (B, T) frames the depth decoder learns
+        rows, cols = train.nonzero(as_tuple=True)
+        if len(rows) == 0:
+            depth_loss, depth_logits = logits.new_zeros(()), None
+        else:
+            target = labels[rows, cols]  # (N, K)
+            codes_in = F.pad(target[:, :-1], (1, 0), value=0)
+            depth = self.depth_decoder(codes_in, hidden[rows, cols - 1], labels=target)
+            depth_loss, depth_logits = depth.loss, depth.logits
+        return CsmOutput(
+            logits=logits,
+            loss=backbone_loss + depth_loss,
+            backbone_loss=backbone_loss,
+            depth_decoder_loss=depth_loss,
+            depth_decoder_logits=depth_logits,
+            last_hidden_state=hidden,
+        )
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None
+    ) -> CsmForConditionalGeneration:
+        """Load a checkpoint in the reference's layout (local folder or hub repo id)."""
+        folder = resolve_checkpoint(
+            path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        )
+        config = CsmConfig.from_dict(read_json(folder, CONFIG_NAME))
+        state = load_safetensors(folder, device or "cpu")
+        for a, b in (TIED_AUDIO_EMBEDDING, TIED_AUDIO_EMBEDDING[::-1]):
+            if a not in state and b in state and config.tie_codebooks_embeddings:
+                state[a] = state[b]
+        model = build_on_meta(cls, config, state, folder, dtype, device)
+        gen = folder / GENERATION_CONFIG_NAME
+        if gen.is_file():
+            model.generation_config = json.loads(gen.read_text())
+        return model
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json, generation_config.json and model.safetensors that the reference loads."""
+        folder = Path(folder)
+        self.config.save_pretrained(folder)
+        save_safetensors(self.state_dict(), folder)
+        if self.generation_config:
+            (folder / GENERATION_CONFIG_NAME).write_text(json.dumps(self.generation_config, indent=2) + "\n")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept torch dtypes, their names ("bfloat16", "float16", "float32") and "auto"/None (keep stored)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16, float32 or auto")
+    return value
+
+
+def build_on_meta(cls, config, state: dict, source, dtype=None, device=None) -> nn.Module:
+    """Build `cls(config)` without allocating, adopt the loaded tensors, fill computed buffers."""
+    dtype = resolve_dtype(dtype)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = cls(config)
+    load_into(model, state, str(source))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    device = torch.device(device or "cpu")
+    for module in model.modules():
+        if hasattr(module, "compute_buffers"):
+            module.compute_buffers(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: no value for {', '.join(left[:5])}")
+    return model.eval()

@@ -1,0 +1,215 @@
+"""The core model against the reference (transformers) on the same random weights."""
+
+import json
+
+import pytest
+import torch
+from reference_models import BOS, PAD, TEXT_VOCAB, write_reference_csm
+
+from csm import CsmConfig, CsmForConditionalGeneration
+from csm.checkpoint import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def pair(csm_checkpoint):
+    path, ref = csm_checkpoint
+    return CsmForConditionalGeneration.from_pretrained(path), ref
+
+
+def text_batch(lengths, T):
+    ids = torch.full((len(lengths), T), PAD)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n :] = torch.randint(4, TEXT_VOCAB, (n,))
+        ids[i, T - n] = BOS
+        mask[i, T - n :] = 1
+    return ids, mask
+
+
+def test_text_logits_match_reference_with_left_padding(pair):
+    ours, ref = pair
+    ids, mask = text_batch([12, 7, 3], 12)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+def test_audio_code_logits_match_reference(pair):
+    ours, ref = pair
+    codes = torch.randint(0, 2051, (2, 9, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4)
+
+
+def code_labels(B, T, K):
+    labels = torch.randint(0, 2051, (B, T, K))
+    labels[0, :2] = -100  # a prompt the model does not learn
+    labels[1, 3, 1:] = -100  # a frame only the backbone learns
+    labels[1, T - 1, 1:] = -100
+    return labels
+
+
+def test_losses_and_gradients_match_reference(pair):
+    ours, ref = pair
+    ours.train(), ref.train()
+    try:
+        codes = torch.randint(0, 2051, (2, 8, 8))
+        labels = code_labels(2, 8, 8)
+        a, b = ours(input_ids=codes, labels=labels), ref(input_ids=codes, labels=labels)
+        for name in ("loss", "backbone_loss", "depth_decoder_loss"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.depth_decoder_logits, b.depth_decoder_logits, atol=1e-4, rtol=1e-4)
+        a.loss.backward()
+        b.loss.backward()
+        ref_params = dict(ref.named_parameters())
+        checked = 0
+        for name, p in ours.named_parameters():
+            if p.grad is None:
+                assert ref_params[name].grad is None or not ref_params[name].grad.any(), name
+                continue
+            torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+            checked += 1
+        assert checked > 30
+    finally:
+        ours.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+        ours.eval(), ref.eval()
+
+
+def test_saved_checkpoint_loads_in_reference(pair, tmp_path):
+    from transformers import CsmForConditionalGeneration as Reference
+
+    ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    theirs = Reference.from_pretrained(tmp_path).eval()
+    codes = torch.randint(0, 2051, (1, 6, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=codes).logits, ours(input_ids=codes).logits)
+
+
+def test_bfloat16_load_matches_reference_in_bfloat16(csm_checkpoint):
+    from transformers import CsmForConditionalGeneration as Reference
+
+    path, _ = csm_checkpoint
+    ours = CsmForConditionalGeneration.from_pretrained(path, dtype="bfloat16")
+    theirs = Reference.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert ours.dtype == torch.bfloat16
+    codes = torch.randint(0, 2051, (1, 6, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=codes).logits, theirs(input_ids=codes).logits, atol=2e-2, rtol=2e-2)
+
+
+def test_config_round_trips_and_reads_rope_scaling(csm_checkpoint, tmp_path):
+    path, _ = csm_checkpoint
+    raw = json.loads((path / "config.json").read_text())
+    config = CsmConfig.from_pretrained(path)
+    assert config.rope_parameters["rope_type"] == "llama3"
+    assert config.depth_decoder_config.hidden_size == 48
+    assert config.codec_config.num_quantizers == 8
+    config.save_pretrained(tmp_path)
+    again = json.loads((tmp_path / "config.json").read_text())
+    for key, value in raw.items():
+        if key not in ("depth_decoder_config", "codec_config"):
+            assert again[key] == value, key
+    assert CsmConfig.from_pretrained(tmp_path) == config
+
+    old_style = dict(raw)
+    old_style["rope_scaling"] = {k: v for k, v in raw["rope_parameters"].items() if k != "rope_theta"}
+    old_style["rope_theta"] = 500000.0
+    del old_style["rope_parameters"]
+    assert CsmConfig.from_dict(old_style).rope_parameters == config.rope_parameters
+
+
+def test_default_config_is_csm_1b():
+    c = CsmConfig()
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (16, 2048, 32, 8)
+    assert (c.intermediate_size, c.text_vocab_size, c.num_codebooks, c.vocab_size) == (8192, 128256, 32, 2051)
+    d = c.depth_decoder_config
+    assert (d.num_hidden_layers, d.hidden_size, d.num_attention_heads, d.num_key_value_heads) == (4, 1024, 8, 2)
+    assert (d.intermediate_size, d.max_position_embeddings) == (8192, 33)
+    assert (c.codebook_pad_token_id, c.codebook_eos_token_id) == (2050, 0)
+
+
+def test_32_codebook_model_matches_reference(tmp_path):
+    ref = write_reference_csm(tmp_path, seed=3, num_codebooks=32)
+    ours = CsmForConditionalGeneration.from_pretrained(tmp_path)
+    codes = torch.randint(0, 2051, (2, 5, 32))
+    labels = code_labels(2, 5, 32)
+    with torch.no_grad():
+        a, b = ours(input_ids=codes, labels=labels), ref(input_ids=codes, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_audio_embedding_is_shared(pair):
+    ours, _ = pair
+    assert ours.depth_decoder.model.embed_tokens.weight is ours.backbone_model.embed_tokens.embed_audio_tokens.weight
+
+
+def test_sharded_checkpoint_loads(csm_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, ref = csm_checkpoint
+    state = load_file(path / "model.safetensors")
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, tmp_path / shard)
+        weight_map.update({k: shard for k in keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    ours = CsmForConditionalGeneration.from_pretrained(tmp_path)
+    codes = torch.randint(0, 2051, (1, 4, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4)
+
+
+def copy_checkpoint(src, dst, drop=None, reshape=None):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(src / "model.safetensors")
+    if drop:
+        del state[drop]
+    if reshape:
+        state[reshape] = state[reshape][:-1].clone()
+    save_file(state, dst / "model.safetensors")
+    (dst / "config.json").write_text((src / "config.json").read_text())
+
+
+def test_missing_tensor_is_named(csm_checkpoint, tmp_path):
+    path, _ = csm_checkpoint
+    copy_checkpoint(path, tmp_path, drop="lm_head.weight")
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        CsmForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_wrong_shape_is_named(csm_checkpoint, tmp_path):
+    path, _ = csm_checkpoint
+    copy_checkpoint(path, tmp_path, reshape="embed_text_tokens.weight")
+    with pytest.raises(CheckpointError, match=r"embed_text_tokens.weight has shape \(299, 64\)"):
+        CsmForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_missing_config_and_weights_are_named(csm_checkpoint, tmp_path):
+    path, _ = csm_checkpoint
+    (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        CsmForConditionalGeneration.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        CsmForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not a hub repo id"):
+        CsmForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
+
+
+def test_labels_without_audio_are_a_clear_error(pair):
+    ours, _ = pair
+    ids, _ = text_batch([5], 5)
+    with pytest.raises(ValueError, match="input_values"):
+        ours(input_ids=ids, labels=ids)
+
+
+
