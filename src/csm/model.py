@@ -213,19 +213,26 @@ class CsmForConditionalGeneration(nn.Module):
     def codec_dtype(self) -> torch.dtype:
         return next(self.codec_model.parameters()).dtype
 
-    def embed_inputs(self, input_ids, input_values=None, input_values_cutoffs=None, labels=None):
+    def embed_inputs(self, input_ids, input_values=None, input_values_cutoffs=None, labels=None, audio_codes=None):
         """Embed text ids (B, T), placing encoded audio frames at audio tokens and the end-of-audio frame
-        at audio-eos tokens. Returns (inputs_embeds, labels expanded to (B, T, K) when given)."""
+        at audio-eos tokens. Returns (inputs_embeds, labels expanded to (B, T, K) when given).
+
+        `audio_codes`, a list of per-clip codes (F_i, K) in row-major clip order, stands in for
+        input_values when the audio was encoded beforehand (fine-tuning caches codes).
+        """
         cfg = self.config
         h = self.embed_text_tokens(input_ids)
-        if input_values is None:
+        if audio_codes is not None:
+            frames = torch.cat(list(audio_codes)).to(input_ids.device)
+        elif input_values is not None:
+            if input_values_cutoffs is None:
+                raise ValueError("input_values needs input_values_cutoffs (each clip's end offset per row, -1 padded)")
+            codes, frame_mask = self.encode_audio_context(input_values, input_values_cutoffs)
+            frames = codes[frame_mask]  # (total frames, K), in sequence order
+        else:
             if labels is not None:
                 raise ValueError("labels need the audio they score: pass input_values and input_values_cutoffs too")
             return h, None
-        if input_values_cutoffs is None:
-            raise ValueError("input_values needs input_values_cutoffs (each clip's end offset per row, -1 padded)")
-        codes, frame_mask = self.encode_audio_context(input_values, input_values_cutoffs)
-        frames = codes[frame_mask]  # (total frames, K), in sequence order
         audio = input_ids == cfg.audio_token_id
         audio_eos = input_ids == cfg.audio_eos_token_id
         if int(audio.sum()) != len(frames):
@@ -258,14 +265,16 @@ class CsmForConditionalGeneration(nn.Module):
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        audio_codes: list[torch.Tensor] | None = None,
     ) -> CsmOutput:
         """Codebook-0 logits for every position, and the reference's losses when `labels` are given.
 
         input_ids are text ids (B, T) (audio merged in from input_values) or audio codes (B, T, K).
         labels: (B, T) with -100 ignored and -101 for backbone-only frames, or (B, T, K) codes.
+        audio_codes: pre-encoded clips instead of input_values (see `embed_inputs`).
         """
         if input_ids is not None and input_ids.dim() == 2:
-            inputs_embeds, labels = self.embed_inputs(input_ids, input_values, input_values_cutoffs, labels)
+            inputs_embeds, labels = self.embed_inputs(input_ids, input_values, input_values_cutoffs, labels, audio_codes)
             input_ids = None
         hidden = self.backbone_model(input_ids, attention_mask, inputs_embeds).last_hidden_state
         if logits_to_keep:
