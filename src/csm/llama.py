@@ -186,4 +186,6 @@ def padding_causal_mask(attention_mask: torch.Tensor | None, T: int, device) -> 
     if attention_mask is None or bool(attention_mask.all()):
         return None
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    # A padded query sees only itself: finite garbage instead of a fully masked row.
+    return (causal[None, None] & attention_mask.bool()[:, None, None, :]) | eye

@@ -21,6 +21,7 @@ from .checkpoint import (
     save_safetensors,
 )
 from .config import CsmConfig, CsmDepthDecoderConfig
+from .generate import generate, generate_stream
 from .llama import Transformer, padding_causal_mask
 from .mimi import MimiModel
 
@@ -301,6 +302,16 @@ class CsmForConditionalGeneration(nn.Module):
             depth_decoder_logits=depth_logits,
             last_hidden_state=hidden,
         )
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def generate(self, *args, **kwargs):
+        """Generate frames (or audio with output_audio=True); see `csm.generate.generate`."""
+        return generate(self, *args, **kwargs)
+
+    def generate_stream(self, *args, **kwargs):
+        """Yield audio chunks as they are generated; see `csm.generate.generate_stream`."""
+        return generate_stream(self, *args, **kwargs)
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

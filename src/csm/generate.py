@@ -1,0 +1,449 @@
+"""The frame loop: prefill, one-frame step (backbone + depth decoder), sampling, streaming.
+
+The engine knows nothing about text or waveforms: it sees embeddings in and codes out. Every tensor it
+touches per frame is preallocated; a frame runs without host-device synchronisation, and end-of-audio is
+checked on the host only every `sync_every` frames.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from .llama import KVCache
+
+
+@dataclass
+class Sampling:
+    """How one token is drawn: greedy, or temperature then top-k then top-p (the reference's order)."""
+
+    do_sample: bool = True
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+
+    def validate(self, who: str) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"{who}temperature must be > 0 when sampling (got {self.temperature}); use do_sample=False for greedy")
+        if self.top_k < 0:
+            raise ValueError(f"{who}top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{who}top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationConfig:
+    """Generation settings; defaults are csm-1b's `generation_config.json`."""
+
+    max_new_tokens: int = 125
+    backbone: Sampling = field(default_factory=Sampling)
+    depth_decoder: Sampling = field(default_factory=Sampling)
+
+    @classmethod
+    def from_model(cls, model, **overrides) -> GenerationConfig:
+        """The checkpoint's generation_config.json, then overrides by the reference's argument names
+        (`temperature`, `top_k`, `do_sample`, `top_p`, `depth_decoder_temperature`, ..., `max_new_tokens`)."""
+        values = {**(getattr(model, "generation_config", None) or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        names = {f.name for f in fields(Sampling)}
+        backbone = {k: values[k] for k in names if k in values}
+        depth = {k: values["depth_decoder_" + k] for k in names if "depth_decoder_" + k in values}
+        config = cls(
+            max_new_tokens=int(values.get("max_new_tokens") or cls.max_new_tokens),
+            backbone=replace(Sampling(), **backbone),
+            depth_decoder=replace(Sampling(), **depth),
+        )
+        config.backbone.validate("")
+        config.depth_decoder.validate("depth_decoder_")
+        if config.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+        return config
+
+
+class RowSampling:
+    """Per-row sampling parameters as tensors, so rows with different settings share one step."""
+
+    def __init__(self, batch_size: int, vocab_size: int, device):
+        self.vocab_size = vocab_size
+        self.do_sample = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.temperature = torch.ones(batch_size, 1, device=device)
+        self.top_k = torch.full((batch_size, 1), vocab_size, dtype=torch.long, device=device)
+        self.top_p = torch.ones(batch_size, 1, device=device)
+        self.max_top_k = 1
+        self.any_top_p = False
+        self.any_sample = False
+
+    def set(self, rows: slice | int, s: Sampling) -> None:
+        self.do_sample[rows] = s.do_sample
+        self.temperature[rows] = s.temperature if s.do_sample else 1.0
+        k = s.top_k if 0 < s.top_k < self.vocab_size else self.vocab_size
+        self.top_k[rows] = k
+        self.top_p[rows] = s.top_p
+        self.max_top_k = max(self.max_top_k, k)
+        self.any_top_p = self.any_top_p or s.top_p < 1.0
+        self.any_sample = self.any_sample or s.do_sample
+
+
+def sample(logits: torch.Tensor, p: RowSampling, noise: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from logits (B, V); noise (B, V) holds Exp(1) draws, so the step stays pure."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    if not p.any_sample:
+        return greedy
+    scaled = logits / p.temperature
+    top = torch.topk(scaled, p.max_top_k, dim=-1).values  # (B, k) descending
+    kth = top.gather(1, (p.top_k.clamp(max=p.max_top_k) - 1))
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if p.any_top_p:
+        probs, order = scaled.softmax(-1).sort(-1, descending=True)
+        drop = (probs.cumsum(-1) - probs) > p.top_p  # keep the smallest prefix reaching top_p
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race), with no host sync.
+    sampled = (scaled.softmax(-1) / noise).argmax(-1)
+    return torch.where(p.do_sample, sampled, greedy)
+
+
+class FrameEngine:
+    """Static caches and per-row state for generating audio frames for up to `batch_size` rows.
+
+    Rows have their own cache slot and RoPE position, so a row can be prefilled alone and join a batch
+    that is already generating (continuous batching), or a whole left-padded batch prefilled at once.
+    """
+
+    def __init__(self, model, batch_size: int, max_seq_len: int, compile: bool = False):
+        cfg = model.config
+        self.model, self.batch_size, self.max_seq_len = model, batch_size, max_seq_len
+        self.K, self.V = cfg.num_codebooks, cfg.vocab_size
+        device, dtype = model.device, model.dtype
+        model.backbone_model.setup_caches(batch_size, max_seq_len, dtype, device)
+        model.depth_decoder.model.setup_caches(batch_size, self.K, dtype, device)
+        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # keys a row may see
+        self.slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # next cache slot per row
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # next RoPE position per row
+        self.hidden = torch.zeros(batch_size, cfg.hidden_size, dtype=dtype, device=device)  # last backbone state
+        self.finished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.backbone_sampling = RowSampling(batch_size, self.V, device)
+        self.depth_sampling = RowSampling(batch_size, self.V, device)
+        self.depth_causal = torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril()
+        self.depth_slots = torch.arange(self.K, device=device)
+        self.unit_noise = torch.ones(batch_size, self.K, self.V, device=device)
+        self.step = self._frame
+        if compile and os.environ.get("NO_TORCH_COMPILE") != "1":
+            self.step = torch.compile(self._frame, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True)
+
+    # ---- prefill ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, rows: slice | None = None) -> None:
+        """Run the prompt embeds (b, T, D) for rows `rows` (default: all), left padding given by attention_mask."""
+        rows = rows or slice(0, embeds.shape[0])
+        b, T, _ = embeds.shape
+        device = embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(b, T, dtype=torch.long, device=device)
+        attention_mask = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # the reference's positions under padding
+        valid = self.valid[rows]
+        valid.zero_()
+        valid[:, :T] = attention_mask
+        slots, steps = torch.arange(self.max_seq_len, device=device)[None], torch.arange(T, device=device)[:, None]
+        # A padded query sees only itself: finite garbage instead of a fully masked row.
+        mask = (valid[:, None, None, :] & (slots <= steps)) | (slots == steps)
+        backbone = self.model.backbone_model
+        with kv_rows(backbone, rows):
+            h = backbone.run_layers(embeds, positions, mask, torch.arange(T, device=device))
+        self.hidden[rows] = h[:, -1]
+        self.slot[rows] = T
+        self.position[rows] = attention_mask.sum(-1)
+        self.finished[rows] = False
+
+    # ---- one frame ----------------------------------------------------------------------------------
+
+    def _frame(self, hidden, slot, position, valid, noise):
+        """One frame for every row: codebook 0 from the backbone state, 1..K-1 from the depth decoder,
+        then the backbone consumes the frame. Returns (codes (B, K), next hidden (B, D))."""
+        m = self.model
+        dd = m.depth_decoder.model
+        head = m.depth_decoder.codebooks_head.weight  # (K-1, D, V)
+        c = sample(m.lm_head(hidden), self.backbone_sampling, noise[:, 0])
+        codes = [c]
+        x = torch.stack([hidden, dd.embed_tokens(c).to(hidden.dtype)], 1)  # positions 0 and 1
+        h = dd.run_layers(dd.inputs_embeds_projector(x), self.depth_slots[:2], self.depth_causal[None, None, :2], self.depth_slots[:2])
+        for i in range(1, self.K):
+            c = sample(h[:, -1] @ head[i - 1], self.depth_sampling, noise[:, i])
+            codes.append(c)
+            if i == self.K - 1:
+                break
+            # Codebook i sits at depth position i + 1; the cache is rewound per frame, not cleared.
+            x = dd.embed_tokens(c + i * self.V)[:, None]
+            pos = self.depth_slots[i + 1 : i + 2]
+            h = dd.run_layers(dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2], pos)
+        frame = torch.stack(codes, 1)  # (B, K)
+        backbone = m.backbone_model
+        valid = valid.scatter(1, slot[:, None], True)
+        h = backbone.run_layers(backbone.embed_tokens(frame[:, None]), position[:, None], valid[:, None, None, :], slot[:, None])
+        return frame, h[:, -1], valid
+
+    @torch.inference_mode()
+    def next_frame(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Advance every row by one frame; returns the codes (B, K) (finished rows give pad frames)."""
+        noise = self.unit_noise
+        if self.backbone_sampling.any_sample or self.depth_sampling.any_sample:
+            noise = torch.empty_like(noise).exponential_(generator=generator)
+        frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid, noise)
+        cfg = self.model.config
+        frame = torch.where(self.finished[:, None], cfg.codebook_pad_token_id, frame)
+        self.hidden.copy_(hidden)
+        self.valid.copy_(valid)
+        live = ~self.finished
+        self.slot.add_(live.long()).clamp_(max=self.max_seq_len - 1)
+        self.position.add_(live.long())
+        # The reference ends a row when codebooks 0..K-2 are all end-of-audio.
+        self.finished |= (frame[:, :-1] == cfg.codebook_eos_token_id).all(-1)
+        return frame
+
+    def release(self) -> None:
+        """Free the caches."""
+        self.model.backbone_model.remove_caches()
+        self.model.depth_decoder.model.remove_caches()
+
+
+class kv_rows:
+    """Point every layer's KV cache at rows `rows` of itself for the duration of a block."""
+
+    def __init__(self, transformer, rows: slice):
+        self.transformer, self.rows, self.saved = transformer, rows, []
+
+    def __enter__(self):
+        for layer in self.transformer.layers:
+            cache = layer.self_attn.kv_cache
+            self.saved.append(cache)
+            view = KVCache.__new__(KVCache)
+            torch.nn.Module.__init__(view)
+            view.k_cache, view.v_cache = cache.k_cache[self.rows], cache.v_cache[self.rows]
+            layer.self_attn.kv_cache = view
+
+    def __exit__(self, *exc):
+        for layer, cache in zip(self.transformer.layers, self.saved):
+            layer.self_attn.kv_cache = cache
+
+
+# ---- the user-facing loop ---------------------------------------------------------------------------
+
+
+def frames_for(model, max_new_tokens: int | None, max_seconds: float | None) -> int | None:
+    if max_seconds is None:
+        return max_new_tokens
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    return math.ceil(max_seconds * model.codec_model.frame_rate)
+
+
+def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs):
+    """Validate and embed the prompt; returns (embeds, attention_mask, GenerationConfig)."""
+    if input_ids is None:
+        raise ValueError("generate needs input_ids (from CsmProcessor)")
+    input_ids = input_ids.to(model.device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    config = GenerationConfig.from_model(model, max_new_tokens=max_new_tokens, **kwargs)
+    T = input_ids.shape[1]
+    limit = model.config.max_position_embeddings
+    if T + config.max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {T} tokens and max_new_tokens is {config.max_new_tokens}: {T + config.max_new_tokens} "
+            f"positions, more than the model's {limit}. Shorten the context or ask for fewer frames."
+        )
+    with torch.inference_mode():
+        if input_ids.dim() == 3:
+            embeds = model.backbone_model.embed_tokens(input_ids)
+        else:
+            if input_values is not None:
+                input_values = input_values.to(model.device)
+                input_values_cutoffs = input_values_cutoffs.to(model.device)
+            embeds, _ = model.embed_inputs(input_ids, input_values, input_values_cutoffs)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(model.device)
+    return embeds, attention_mask, config
+
+
+SAMPLING_KWARGS = {
+    "do_sample", "temperature", "top_k", "top_p",
+    "depth_decoder_do_sample", "depth_decoder_temperature", "depth_decoder_top_k", "depth_decoder_top_p",
+}
+
+
+def check_kwargs(kwargs: dict) -> None:
+    unknown = set(kwargs) - SAMPLING_KWARGS
+    if unknown:
+        raise TypeError(f"generate got unknown arguments: {', '.join(sorted(unknown))}")
+
+
+def start(model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, seed, compile, kwargs):
+    check_kwargs(kwargs)
+    embeds, attention_mask, config = prepare(
+        model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs
+    )
+    B, T, _ = embeds.shape
+    engine = FrameEngine(model, B, T + config.max_new_tokens, compile=compile)
+    engine.backbone_sampling.set(slice(None), config.backbone)
+    engine.depth_sampling.set(slice(None), config.depth_decoder)
+    engine.prefill(embeds, attention_mask)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    return engine, config, generator
+
+
+def iterate_frames(engine: FrameEngine, max_frames: int, generator, sync_every: int) -> Iterator[torch.Tensor]:
+    """Yield blocks of frames (B, n, K); stops once every row has finished (checked every block)."""
+    done = 0
+    while done < max_frames:
+        n = min(sync_every, max_frames - done)
+        block = torch.stack([engine.next_frame(generator) for _ in range(n)], 1)
+        done += n
+        yield block
+        if bool(engine.finished.all()):
+            return
+
+
+def trim_to_reference(codes: torch.Tensor, eos: int) -> torch.Tensor:
+    """Cut codes (B, F, K) after the frame where the last row ended, as the reference's loop stops there."""
+    ended = (codes[..., :-1] == eos).all(-1)  # (B, F)
+    if not bool(ended.any(-1).all()):
+        return codes
+    last = int(ended.float().argmax(-1).max())
+    return codes[:, : last + 1]
+
+
+def audio_end(codes: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
+    """(B, F) True where a row's audio has ended: an all-zero frame (the reference's cut), or a pad frame."""
+    return (codes == eos).all(-1) | (codes == pad).any(-1)
+
+
+def audio_lengths(codes: torch.Tensor, eos: int, pad: int) -> list[int]:
+    """Frames of audio per row, up to its first ended frame."""
+    ended = audio_end(codes, eos, pad)
+    first = torch.where(ended.any(-1), ended.float().argmax(-1), torch.full_like(ended[:, 0], codes.shape[1], dtype=torch.long))
+    return first.tolist()
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    input_values: torch.Tensor | None = None,
+    input_values_cutoffs: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
+    output_audio: bool = False,
+    seed: int | None = None,
+    max_seconds: float | None = None,
+    compile: bool = False,
+    sync_every: int = 8,
+    **kwargs,
+):
+    """Generate audio frames for the last turn of each row, the reference's way.
+
+    Returns codes (B, frames, K), finished rows padded with the codebook pad id; with
+    `output_audio=True`, a list of 1-D waveforms cut at the end-of-audio frame.
+    Sampling arguments follow the reference: do_sample, temperature, top_k, top_p and the same with a
+    `depth_decoder_` prefix; defaults come from the checkpoint's generation_config.json.
+    """
+    max_new_tokens = frames_for(model, max_new_tokens, max_seconds)
+    engine, config, generator = start(
+        model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, seed, compile, kwargs
+    )
+    try:
+        blocks = list(iterate_frames(engine, config.max_new_tokens, generator, sync_every))
+    finally:
+        engine.release()
+    eos = model.config.codebook_eos_token_id
+    codes = trim_to_reference(torch.cat(blocks, 1), eos)
+    if not bool((codes[..., :-1] == eos).all(-1).any(-1).all()):
+        warnings.warn(
+            f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows; "
+            "their audio may be cut short (raise max_new_tokens or max_seconds)",
+            stacklevel=2,
+        )
+    if not output_audio:
+        return codes
+    return decode_rows(model, codes)
+
+
+def decode_rows(model, codes: torch.Tensor) -> list[torch.Tensor]:
+    """Decode each row's frames up to its end-of-audio frame, in one batched codec call."""
+    lengths = audio_lengths(codes, model.config.codebook_eos_token_id, model.config.codebook_pad_token_id)
+    longest = max(lengths)
+    if longest == 0:
+        return [codes.new_zeros(0, dtype=torch.float32) for _ in lengths]
+    frames = codes[:, :longest].clone()
+    for row, n in enumerate(lengths):
+        frames[row, n:] = 0  # audio past a row's end is cut below; the decoder is causal
+    audio = model.codec_model.decode(frames.transpose(1, 2))[:, 0]  # (B, samples)
+    per_frame = audio.shape[-1] // longest
+    return [audio[row, : n * per_frame] for row, n in enumerate(lengths)]
+
+
+@torch.inference_mode()
+def generate_stream(
+    model,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    input_values: torch.Tensor | None = None,
+    input_values_cutoffs: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
+    chunk_frames: int = 4,
+    seed: int | None = None,
+    max_seconds: float | None = None,
+    compile: bool = False,
+    **kwargs,
+) -> Iterator[list[torch.Tensor]]:
+    """Yield audio as it is generated: every `chunk_frames` frames, a list with each row's new samples.
+
+    Chunks are decoded with the streaming codec decoder; concatenated they equal
+    `generate(output_audio=True)` with the same seed. A row that has ended yields empty chunks.
+    """
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    max_new_tokens = frames_for(model, max_new_tokens, max_seconds)
+    engine, config, generator = start(
+        model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, seed, compile, kwargs
+    )
+    eos = model.config.codebook_eos_token_id
+    B = engine.batch_size
+    ended = torch.zeros(B, dtype=torch.bool)
+    decoder = model.codec_model.streaming_decoder(B)
+    reached_eos = False
+    try:
+        for block in iterate_frames(engine, config.max_new_tokens, generator, chunk_frames):
+            block = block.clone()
+            keep = []
+            ends = audio_end(block, eos, model.config.codebook_pad_token_id)
+            for row in range(B):
+                row_end = ends[row]
+                n = block.shape[1]
+                if ended[row]:
+                    n = 0
+                elif bool(row_end.any()):
+                    n = int(row_end.float().argmax())
+                    ended[row] = True
+                block[row, n:] = 0
+                keep.append(n)
+            audio = decoder.step(block.transpose(1, 2))[:, 0]
+            per_frame = audio.shape[-1] // block.shape[1]
+            yield [audio[row, : keep[row] * per_frame] for row in range(B)]
+            if bool(ended.all()):
+                reached_eos = True
+                return
+    finally:
+        engine.release()
+    if not reached_eos:
+        warnings.warn(
+            f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows",
+            stacklevel=2,
+        )
