@@ -117,7 +117,7 @@ def load_audio(
         channels, rate, name = _read_file(audio)
     else:
         channels, rate, name = _array_to_channels(audio), sampling_rate or target_rate, "audio array"
-    if channels.shape[-1] == 0:
+    if channels.size == 0:
         raise ValueError(f"{name} is empty: it has no samples")
     if not np.isfinite(channels).all():
         raise ValueError(f"{name} contains NaN or infinite samples")

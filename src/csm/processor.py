@@ -16,7 +16,7 @@ import jinja2.ext
 import numpy as np
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Tokenizer, processors
+from tokenizers import AddedToken, Tokenizer
 
 from .audio import SAMPLING_RATE, AudioLike, load_audio, save_audio
 from .checkpoint import CheckpointError, read_json, resolve_checkpoint
@@ -350,7 +350,8 @@ class CsmProcessor:
             where = f"conversation {c}" if batched else "the conversation"
             messages, sources = self._check_conversation(conv, where)
             rendered.append(self._render(template, messages, where))
-            clips.append([self._load(src, rate, f"{where}, turn {t}") for t, src, rate in sources])
+            if tokenize:
+                clips.append([self._load(src, rate, f"{where}, turn {t}") for t, src, rate in sources])
         if not tokenize:
             return rendered if batched else rendered[0]
         ids = self._tokenize(rendered, clips, add_special_tokens=False)
@@ -591,34 +592,24 @@ def _default_template(template: Any) -> str | None:
 
 
 def _complete_tokenizer(tokenizer: Tokenizer, config: dict, names: dict[str, str | None]) -> None:
-    """Apply what transformers applies from tokenizer_config.json on top of tokenizer.json."""
+    """Add the tokens tokenizer_config.json names but tokenizer.json lacks, as transformers does.
+
+    (transformers ignores the config's add_bos_token/add_eos_token when tokenizer.json exists.)
+    """
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     missing = []
     for entry in (config.get("added_tokens_decoder") or {}).values():
         if isinstance(entry, dict) and entry.get("content") not in vocab:
             keys = ("single_word", "lstrip", "rstrip", "normalized", "special")
             missing.append(AddedToken(entry["content"], **{k: entry[k] for k in keys if k in entry}))
-    for token in [*names.values(), *(config.get("additional_special_tokens") or [])]:
+    extra = config.get("extra_special_tokens") or []
+    extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+    for token in [*names.values(), *(config.get("additional_special_tokens") or []), *extra]:
         token = _token_content(token)
         if token and token not in vocab and all(token != t.content for t in missing):
             missing.append(AddedToken(token, special=True, normalized=False))
     if missing:
         tokenizer.add_tokens(missing)
-    if config.get("split_special_tokens"):
-        tokenizer.encode_special_tokens = True
-    # transformers rebuilds the post-processor when the config names add_bos/add_eos or tokenizer.json has none.
-    if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
-        bos, eos = names["bos_token"], names["eos_token"]
-        add_bos, add_eos = (
-            bool(config.get("add_bos_token")) and bos,
-            bool(config.get("add_eos_token")) and eos,
-        )
-        single = " ".join([f"{bos}:0"] * bool(add_bos) + ["$A:0"] + [f"{eos}:0"] * bool(add_eos))
-        pair = single + " " + " ".join([f"{bos}:1"] * bool(add_bos) + ["$B:1"] + [f"{eos}:1"] * bool(add_eos))
-        specials = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=specials
-        )
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,0 +1,148 @@
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from csm.audio import SAMPLING_RATE, load_audio, resample, save_audio
+
+
+def tone(seconds: float = 0.25, rate: int = SAMPLING_RATE, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
+    return wave if channels == 1 else np.stack([wave * (c + 1) / channels for c in range(channels)], axis=1)
+
+
+def test_wav_at_24khz_round_trips_within_16_bit_precision(tmp_path):
+    wave = tone()
+    save_audio(wave, tmp_path / "a.wav")
+    loaded = load_audio(tmp_path / "a.wav")
+    assert loaded.dtype == np.float32 and loaded.shape == wave.shape
+    np.testing.assert_allclose(loaded, wave, atol=1 / 32768)
+
+
+def test_stereo_16khz_file_is_downmixed_and_resampled_like_the_reference(tmp_path):
+    from transformers.audio_utils import load_audio as reference_load_audio
+
+    path = tmp_path / "stereo.flac"
+    sf.write(path, tone(0.3, 16000, channels=2), 16000)
+    with pytest.warns(UserWarning, match="2 channels"):
+        ours = load_audio(str(path))
+    expected = reference_load_audio(str(path), sampling_rate=SAMPLING_RATE, backend="soundfile")
+    assert ours.shape == (int(np.ceil(0.3 * 16000 * 1.5)),)
+    np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("ext", ["ogg", "mp3", "opus", "flac"])
+def test_compressed_formats_are_written_and_read_back(tmp_path, ext):
+    path = tmp_path / f"a.{ext}"
+    save_audio(torch.from_numpy(tone(0.5)), path)
+    loaded = load_audio(path)
+    assert loaded.ndim == 1 and loaded.dtype == np.float32
+    assert abs(len(loaded) - 12000) < 2500  # codecs add a little padding or delay
+    assert np.abs(loaded).max() > 0.2
+
+
+def test_arrays_are_taken_at_24khz_unless_a_rate_is_given():
+    wave = tone(0.1, 16000)
+    assert load_audio(wave).shape == wave.shape
+    assert load_audio(wave, sampling_rate=16000).shape == (2400,)
+    np.testing.assert_array_equal(load_audio(wave, sampling_rate=16000), resample(wave, 16000, 24000))
+
+
+def test_tensors_integers_and_channel_layouts_become_mono_float32():
+    wave = tone(0.05)
+    np.testing.assert_allclose(load_audio(torch.from_numpy(wave).to(torch.bfloat16)), wave, atol=4e-3)
+    pcm = (wave * 32767).astype(np.int16)
+    np.testing.assert_allclose(load_audio(pcm), wave, atol=1e-4)
+    assert load_audio(wave[None]).shape == wave.shape  # (1, T)
+    assert load_audio(wave[:, None]).shape == wave.shape  # (T, 1)
+    with pytest.warns(UserWarning, match="averaging"):
+        both = load_audio(np.stack([wave, -wave]))  # (C, T)
+    np.testing.assert_allclose(both, 0, atol=1e-7)
+    with pytest.warns(UserWarning):
+        assert load_audio(np.stack([wave, wave], axis=1)).shape == wave.shape  # (T, C)
+    assert load_audio([0.0, 0.5, -0.5]).tolist() == [0.0, 0.5, -0.5]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros(0), "empty"),
+        (np.array([0.0, np.nan]), "NaN"),
+        (np.zeros((2, 3, 4)), "1-D"),
+        (np.zeros((100, 200)), "ambiguous"),
+        (np.array(["a", "b"]), "numbers"),
+        (torch.zeros(3, dtype=torch.complex64), "complex"),
+    ],
+)
+def test_bad_arrays_raise_value_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        load_audio(bad)
+
+
+def test_unreadable_missing_and_empty_files_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match="not found: .*missing.wav"):
+        load_audio(tmp_path / "missing.wav")
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"this is not audio" * 10)
+    with pytest.raises(ValueError, match="could not read audio from .*junk.wav"):
+        load_audio(junk)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), SAMPLING_RATE)
+    with pytest.raises(ValueError, match="empty.wav is empty"):
+        load_audio(empty)
+
+
+def test_file_bytes_load_like_the_file(tmp_path):
+    save_audio(tone(), tmp_path / "a.flac")
+    np.testing.assert_array_equal(
+        load_audio((tmp_path / "a.flac").read_bytes()), load_audio(tmp_path / "a.flac")
+    )
+
+
+def test_save_many_audios_to_many_paths(tmp_path):
+    paths = [tmp_path / "a.wav", tmp_path / "b.flac"]
+    save_audio([torch.zeros(100), np.ones((1, 50)) * 0.5], paths)
+    assert [sf.info(p).frames for p in paths] == [100, 50]
+    save_audio(torch.zeros(2, 30), [tmp_path / "c.wav", tmp_path / "d.wav"])  # a (B, T) batch
+    assert sf.info(tmp_path / "d.wav").frames == 30
+    assert sf.info(tmp_path / "d.wav").samplerate == SAMPLING_RATE
+
+
+def test_saving_clips_instead_of_wrapping_around(tmp_path):
+    save_audio(np.array([1.5, -2.0, 0.25], dtype=np.float32), tmp_path / "loud.wav")
+    np.testing.assert_allclose(sf.read(tmp_path / "loud.wav")[0], [32767 / 32768, -1.0, 0.25], atol=1e-4)
+
+
+def test_save_errors_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="2 path"):
+        save_audio(np.zeros(10), [tmp_path / "a.wav", tmp_path / "b.wav"])
+    with pytest.raises(ValueError, match="format"):
+        save_audio(np.zeros(10), tmp_path / "a.xyz")
+    with pytest.raises(ValueError, match="does not exist"):
+        save_audio(np.zeros(10), tmp_path / "nope" / "a.wav")
+    with pytest.raises(ValueError, match="mono"):
+        save_audio(np.zeros((3, 10)), tmp_path / "a.wav")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    audio=hnp.arrays(
+        dtype=st.sampled_from([np.float32, np.float64, np.int16, np.uint8, np.float16]),
+        shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=40),
+    ),
+    rate=st.sampled_from([None, 8000, 24000, 44100]),
+)
+def test_any_array_gives_mono_float32_or_value_error(audio, rate):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = load_audio(audio, sampling_rate=rate)
+    except ValueError:
+        return
+    assert out.dtype == np.float32 and out.ndim == 1 and len(out) > 0 and np.isfinite(out).all()
