@@ -91,7 +91,13 @@ def reference_csm(seed: int = 0, num_codebooks: int = 8, **overrides):
 
     quiet_transformers()
     torch.manual_seed(seed)
-    return CsmForConditionalGeneration(CsmConfig(**tiny_csm_config(num_codebooks, **overrides))).eval()
+    model = CsmForConditionalGeneration(CsmConfig(**tiny_csm_config(num_codebooks, **overrides))).eval()
+    # Like a trained model, never pick the ids past the codec's 2048 entries: zero logits never win
+    # against 2048 random ones. (Random weights would otherwise hand the codec codes it cannot decode.)
+    with torch.no_grad():
+        model.lm_head.weight[2048:] = 0
+        model.depth_decoder.codebooks_head.weight[..., 2048:] = 0
+    return model
 
 
 def write_reference_csm(path: Path, seed: int = 0, num_codebooks: int = 8, **overrides):

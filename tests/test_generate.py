@@ -1,0 +1,182 @@
+"""The frame loop against the reference's generate, and its own promises: seeds, streaming, guards."""
+
+import pytest
+import torch
+from fixtures import write_reference_processor
+from reference_models import reference_csm
+
+from csm import CsmForConditionalGeneration
+from csm.generate import RowSampling, sample
+from csm.processor import CsmProcessor
+
+GREEDY = dict(do_sample=False, depth_decoder_do_sample=False)
+
+
+def clip(seconds, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (0.1 * torch.randn(int(24000 * seconds), generator=g)).numpy()
+
+
+def conversations():
+    """Two rows of different lengths: one with two audio context turns, one with text only."""
+    with_context = [
+        {"role": "0", "content": [{"type": "text", "text": "Hello from Sesame."}, {"type": "audio", "audio": clip(0.4, 1)}]},
+        {"role": "1", "content": [{"type": "text", "text": "How are you?"}, {"type": "audio", "audio": clip(0.25, 2)}]},
+        {"role": "0", "content": [{"type": "text", "text": "The quick brown fox."}]},
+    ]
+    plain = [{"role": "1", "content": [{"type": "text", "text": "I think so."}]}]
+    return [with_context, plain]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen")
+    ref = reference_csm(seed=5)
+    ref.save_pretrained(path)
+    write_reference_processor(path)
+    processor = CsmProcessor.from_pretrained(path)
+    inputs = processor.apply_chat_template(conversations(), tokenize=True, return_dict=True)
+    return CsmForConditionalGeneration.from_pretrained(path), ref, inputs
+
+
+def reference_inputs(inputs):
+    return {k: inputs[k] for k in ("input_ids", "attention_mask", "input_values", "input_values_cutoffs")}
+
+
+def test_greedy_codes_match_reference_with_audio_context(setup):
+    ours, ref, inputs = setup
+    expected = ref.generate(**reference_inputs(inputs), max_new_tokens=6, **GREEDY)
+    got = ours.generate(**inputs, max_new_tokens=6, **GREEDY)
+    assert got.shape == (2, 6, 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_greedy_audio_matches_reference(setup):
+    ours, ref, inputs = setup
+    expected = ref.generate(**reference_inputs(inputs), max_new_tokens=4, output_audio=True, **GREEDY)
+    got = ours.generate(**inputs, max_new_tokens=4, output_audio=True, **GREEDY)
+    assert len(got) == 2
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape == (4 * 1920,)
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def ending(tmp_path_factory):
+    """A model whose depth decoder always says 0, so a frame ends the audio when the backbone says 0."""
+    path = tmp_path_factory.mktemp("eos")
+    ref = reference_csm(seed=1)
+    with torch.no_grad():
+        ref.depth_decoder.model.norm.weight.zero_()  # all-zero logits: argmax picks code 0
+        ref.lm_head.weight[0] *= 4.0  # rows then end at frames 2, 7 and never
+    ref.save_pretrained(path)
+    return CsmForConditionalGeneration.from_pretrained(path), ref
+
+
+def padded_prompts():
+    ids = torch.full((3, 10), 2)
+    mask = torch.zeros(3, 10, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate([10, 6, 3]):
+        ids[i, 10 - n :] = torch.randint(4, 300, (n,), generator=g)
+        mask[i, 10 - n :] = 1
+    return ids, mask
+
+
+def test_rows_end_independently_and_are_padded_like_the_reference(ending):
+    ours, ref = ending
+    ids, mask = padded_prompts()
+    expected = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=0, **GREEDY)
+    with pytest.warns(UserWarning, match="without end-of-audio"):
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    ended = (got[..., :-1] == 0).all(-1)
+    assert ended[0].any() and ended[1].any() and not ended[2].any()  # the fixture covers both cases
+    first = int(ended[0].float().argmax())
+    assert (got[0, first + 1 :] == 2050).all()
+
+    audio = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, output_audio=True, **GREEDY)
+    ref_audio = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, output_audio=True, eos_token_id=0, **GREEDY)
+    for a, b in zip(audio, ref_audio):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_generation_stops_when_every_row_has_ended(ending):
+    ours, ref = ending
+    ids, mask = padded_prompts()
+    got = ours.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=40, **GREEDY)
+    expected = ref.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=40, eos_token_id=0, **GREEDY)
+    assert got.shape[1] < 40
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_seeded_sampling_is_reproducible(setup):
+    ours, _, inputs = setup
+    a = ours.generate(**inputs, max_new_tokens=5, seed=7)
+    b = ours.generate(**inputs, max_new_tokens=5, seed=7)
+    c = ours.generate(**inputs, max_new_tokens=5, seed=8)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+
+
+def test_streaming_equals_generate_for_the_same_seed(setup):
+    ours, _, inputs = setup
+    whole = ours.generate(**inputs, max_new_tokens=7, seed=3, output_audio=True)
+    chunks = list(ours.generate_stream(**inputs, max_new_tokens=7, seed=3, chunk_frames=3))
+    assert len(chunks) == 3  # 3 + 3 + 1 frames
+    for row in range(2):
+        streamed = torch.cat([c[row] for c in chunks])
+        torch.testing.assert_close(streamed, whole[row], atol=1e-4, rtol=1e-4)
+
+
+def test_streaming_cuts_each_row_at_its_end(ending):
+    ours, _ = ending
+    ids, mask = padded_prompts()
+    whole = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, output_audio=True, **GREEDY)
+    chunks = list(ours.generate_stream(input_ids=ids, attention_mask=mask, max_new_tokens=12, chunk_frames=5, **GREEDY))
+    for row in range(3):
+        streamed = torch.cat([c[row] for c in chunks])
+        assert streamed.shape == whole[row].shape
+        torch.testing.assert_close(streamed, whole[row], atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_plus_frames_beyond_context_is_refused_before_work(setup):
+    ours, _, inputs = setup
+    with pytest.raises(ValueError, match="more than the model's 2048"):
+        ours.generate(**inputs, max_new_tokens=2048)
+    with pytest.raises(ValueError, match="more than the model's 2048"):
+        ours.generate(**inputs, max_seconds=200.0)
+
+
+def test_max_seconds_sets_the_frame_budget(setup):
+    ours, _, inputs = setup
+    with pytest.warns(UserWarning, match="without end-of-audio"):
+        codes = ours.generate(**inputs, max_seconds=0.4, **GREEDY)
+    assert codes.shape[1] == 5  # 0.4 s at 12.5 frames per second
+
+
+def test_bad_sampling_arguments_are_clear(setup):
+    ours, _, inputs = setup
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ours.generate(**inputs, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        ours.generate(**inputs, depth_decoder_top_p=1.5)
+    with pytest.raises(TypeError, match="num_beams"):
+        ours.generate(**inputs, num_beams=4)
+
+
+def test_sampling_respects_top_k_and_greedy_rows():
+    logits = torch.randn(3, 100)
+    p = RowSampling(3, 100, "cpu")
+    from csm.generate import Sampling
+
+    p.set(0, Sampling(do_sample=True, temperature=1.0, top_k=1))
+    p.set(1, Sampling(do_sample=False))
+    p.set(2, Sampling(do_sample=True, temperature=1.0, top_k=5))
+    top5 = logits[2].topk(5).indices
+    for _ in range(20):
+        noise = torch.empty(3, 100).exponential_()
+        got = sample(logits, p, noise)
+        assert got[0] == logits[0].argmax() and got[1] == logits[1].argmax()
+        assert got[2] in top5
