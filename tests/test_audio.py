@@ -85,6 +85,12 @@ def test_bad_arrays_raise_value_error(bad, message):
         load_audio(bad)
 
 
+@pytest.mark.parametrize("rate", [0, -16000, "16k", True])
+def test_bad_sampling_rates_raise_value_error(rate):
+    with pytest.raises(ValueError, match="sampling_rate must be a positive integer"):
+        load_audio(np.zeros(10), sampling_rate=rate)
+
+
 def test_unreadable_missing_and_empty_files_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="not found: .*missing.wav"):
         load_audio(tmp_path / "missing.wav")
@@ -128,6 +134,8 @@ def test_save_errors_are_value_errors(tmp_path):
         save_audio(np.zeros(10), tmp_path / "nope" / "a.wav")
     with pytest.raises(ValueError, match="mono"):
         save_audio(np.zeros((3, 10)), tmp_path / "a.wav")
+    with pytest.raises(ValueError, match="audio 0 is empty"):
+        save_audio(np.zeros(0), tmp_path / "a.flac")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import urllib.request
 import warnings
@@ -113,10 +114,16 @@ def load_audio(
     sampling_rate: the rate of an array input (default: already `target_rate`); files carry their own.
     Several channels are averaged with a warning. Raises ValueError for unreadable, empty or non-finite audio.
     """
+    if sampling_rate is not None and (
+        not isinstance(sampling_rate, numbers.Integral)
+        or isinstance(sampling_rate, bool)
+        or sampling_rate <= 0
+    ):
+        raise ValueError(f"sampling_rate must be a positive integer in Hz, got {sampling_rate!r}")
     if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
         channels, rate, name = _read_file(audio)
     else:
-        channels, rate, name = _array_to_channels(audio), sampling_rate or target_rate, "audio array"
+        channels, rate, name = _array_to_channels(audio), int(sampling_rate or target_rate), "audio array"
     if channels.size == 0:
         raise ValueError(f"{name} is empty: it has no samples")
     if not np.isfinite(channels).all():
@@ -144,6 +151,8 @@ def _as_waveforms(audio, count: int) -> list[np.ndarray]:
             raise ValueError(
                 f"audio {i} has shape {item.shape}; save_audio takes mono (samples,) or (1, samples)"
             )
+        if item.size == 0:
+            raise ValueError(f"audio {i} is empty: there are no samples to write")
         out.append(item)
     return out
 
