@@ -1,0 +1,51 @@
+"""OpenAI-compatible speech server with continuous batching (`csm serve`); needs the `server` extra."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .app import ServerSettings, create_app
+
+__all__ = ["ServerSettings", "create_app", "load_app", "main"]
+
+
+def load_app(
+    model_path: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    settings: ServerSettings | None = None,
+):
+    """Load a checkpoint folder or hub id (model and processor) and build the app around it."""
+    from ..model import CsmForConditionalGeneration
+    from ..processor import CsmProcessor
+
+    model = CsmForConditionalGeneration.from_pretrained(model_path, dtype=dtype, device=device)
+    model.eval()
+    processor = CsmProcessor.from_pretrained(model_path)
+    return create_app(model, processor, settings or ServerSettings(model_name=str(model_path)))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the server: `csm serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--api-key KEY]`."""
+    try:
+        import uvicorn
+    except ImportError:
+        print("the server needs its extra: pip install 'csm-speech[server]'")
+        return 1
+    settings = ServerSettings(model_name=str(args.model), api_key=getattr(args, "api_key", None))
+    for name in ("max_batch_size", "max_queue", "max_frames", "max_input_chars", "voices_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(settings, name, value)
+    if settings.max_batch_size < 1:
+        print(f"--max-batch-size must be >= 1, got {settings.max_batch_size}")
+        return 2
+    host = getattr(args, "host", None) or "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logging.getLogger("csm.server").warning(
+            "listening on %s without --api-key: anyone who can reach it can use it", host
+        )
+    app = load_app(args.model, getattr(args, "device", None), getattr(args, "dtype", None), settings)
+    uvicorn.run(app, host=host, port=int(getattr(args, "port", None) or 8000), log_level="info")
+    return 0
