@@ -1,0 +1,7 @@
+"""`python -m csm`: the `csm` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
