@@ -1,0 +1,270 @@
+"""The speech server on a loopback port with the tiny checkpoint: endpoints, errors, streaming, batching."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import av
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import uvicorn
+
+from csm.demo import write_demo_checkpoint
+from csm.server import ServerSettings, load_app
+
+SAMPLES_PER_FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # The demo checkpoint (model and processor in one folder): its codec's audio depends on the codes.
+    return write_demo_checkpoint(tmp_path_factory.mktemp("server-ckpt") / "demo")
+
+
+@contextmanager
+def serve(checkpoint, tmp_path, **overrides):
+    """Run the app under uvicorn on 127.0.0.1, an ephemeral port; yields an httpx client for it."""
+    fields = {"max_frames": 4, "chunk_frames": 2, "voices_dir": str(tmp_path / "voices"), **overrides}
+    settings = ServerSettings(**fields)
+    app = load_app(str(checkpoint), settings=settings)  # a model per server: the engine's caches live in it
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint, tmp_path_factory):
+    with serve(checkpoint, tmp_path_factory.mktemp("srv"), max_batch_size=8, max_upload_seconds=2.0) as c:
+        yield c
+
+
+def speak(client, **fields):
+    return client.post("/v1/audio/speech", json={"model": "csm", "input": "Hello from the server.", **fields})
+
+
+def assert_error(response, status, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def wav_bytes(seconds: float) -> bytes:
+    buf = io.BytesIO()
+    t = np.arange(int(24000 * seconds)) / 24000
+    sf.write(buf, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000, format="WAV")
+    return buf.getvalue()
+
+
+# ---- endpoints ---------------------------------------------------------------------------------------
+
+
+def test_health_models_and_voices_list(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["scheduler"]["max_batch_size"] == 8
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    assert client.get("/v1/voices").json()["object"] == "list"
+
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm", "flac", "mp3", "opus", "aac"])
+def test_every_response_format_decodes_to_audio(client, fmt):
+    r = speak(client, response_format=fmt)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-accel-buffering"] == "no"
+    if fmt == "pcm":
+        audio = np.frombuffer(r.content, dtype="<i2")
+        assert audio.shape == (4 * SAMPLES_PER_FRAME,)
+    elif fmt in ("wav", "flac"):
+        audio, rate = sf.read(io.BytesIO(r.content))
+        assert rate == 24000 and audio.shape == (4 * SAMPLES_PER_FRAME,)
+    else:
+        with av.open(io.BytesIO(r.content)) as container:
+            samples = sum(frame.samples for frame in container.decode(audio=0))
+        assert samples > 0.5 * 4 * SAMPLES_PER_FRAME
+
+
+def test_sse_sends_audio_deltas_then_done_with_usage(client):
+    r = speak(client, response_format="pcm", stream_format="sse")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert len(deltas) == 2  # 4 frames in chunks of 2
+    audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert len(audio) == 4 * SAMPLES_PER_FRAME * 2
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["usage"]["output_tokens"] == 4 and events[-1]["usage"]["input_tokens"] > 0
+
+
+def test_speed_resamples_the_audio(client):
+    fast = speak(client, response_format="pcm", speed=2.0)
+    slow = speak(client, response_format="pcm", speed=0.5)
+    assert fast.headers["x-speed-method"].startswith("resample")
+    n = 4 * SAMPLES_PER_FRAME
+    assert abs(len(fast.content) // 2 - n / 2) <= 64
+    assert abs(len(slow.content) // 2 - n * 2) <= 64
+
+
+def test_a_seeded_request_alone_is_reproducible(client):
+    a = speak(client, response_format="pcm", seed=7).content
+    b = speak(client, response_format="pcm", seed=7).content
+    c = speak(client, response_format="pcm", seed=8).content
+    assert a == b and a != c
+
+
+def test_speaker_number_and_openai_voice_object(client):
+    assert speak(client, voice="3", response_format="pcm").status_code == 200
+    assert speak(client, voice=1, response_format="pcm").status_code == 200
+    assert speak(client, voice={"id": "2"}, response_format="pcm").status_code == 200
+
+
+def test_uploaded_voice_is_listed_and_speaks(client):
+    files = {"audio_file": ("clip.wav", wav_bytes(0.5), "audio/wav")}
+    r = client.post("/v1/voices", files=files, data={"name": "ana", "transcript": "The quick brown fox."})
+    assert r.status_code == 201, r.text
+    assert "ana" in [v["id"] for v in client.get("/v1/voices").json()["voices"]]
+    r = speak(client, voice="ana", response_format="wav")
+    assert r.status_code == 200 and sf.read(io.BytesIO(r.content))[0].shape == (4 * SAMPLES_PER_FRAME,)
+    again = client.post("/v1/voices", files=files, data={"name": "ana", "transcript": "Again."})
+    assert_error(again, 409, "name")
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, status, param",
+    [
+        ({"input": ""}, 400, "input"),
+        ({"input": "x" * 5000}, 400, "input"),
+        ({"response_format": "ogg"}, 400, "response_format"),
+        ({"speed": 5.0}, 400, "speed"),
+        ({"stream_format": "video"}, 400, "stream_format"),
+        ({"voice": "nobody"}, 404, "voice"),
+        ({"voice": "../etc"}, 400, "voice"),
+        ({"model": "gpt-5"}, 404, "model"),
+        ({"input": 12}, 422, "input"),
+        ({"temperature": -1.0}, 400, None),
+    ],
+)
+def test_bad_speech_requests_get_json_errors(client, fields, status, param):
+    assert_error(speak(client, **fields), status, param)
+
+
+def test_malformed_bodies_and_uploads_never_take_the_server_down(client):
+    assert_error(client.post("/v1/audio/speech", content=b"{not json"), 400)
+    assert_error(client.post("/v1/audio/speech", json={"voice": "0"}), 422, "input")
+    assert_error(client.post("/v1/audio/speech", json=[1, 2]), 422)
+    files = {"audio_file": ("clip.wav", b"not audio at all", "audio/wav")}
+    assert_error(
+        client.post("/v1/voices", files=files, data={"name": "x", "transcript": "hi"}), 400, "audio_file"
+    )
+    long = {"audio_file": ("clip.wav", wav_bytes(3.0), "audio/wav")}
+    assert_error(
+        client.post("/v1/voices", files=long, data={"name": "long", "transcript": "hi"}), 413, "audio_file"
+    )
+    assert_error(client.post("/v1/voices", files=files, data={"name": "x"}), 422)
+    ok = {"audio_file": ("clip.wav", wav_bytes(0.2), "audio/wav")}
+    assert_error(
+        client.post("/v1/voices", files=ok, data={"name": "bad/name", "transcript": "hi"}), 400, "name"
+    )
+    assert speak(client, response_format="pcm").status_code == 200
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_upload_size_limit(checkpoint, tmp_path):
+    with serve(checkpoint, tmp_path, max_batch_size=1, max_upload_bytes=1000) as c:
+        files = {"audio_file": ("clip.wav", wav_bytes(0.5), "audio/wav")}
+        assert_error(
+            c.post("/v1/voices", files=files, data={"name": "big", "transcript": "hi"}), 413, "audio_file"
+        )
+
+
+def test_api_key_guards_v1_but_not_health(checkpoint, tmp_path):
+    with serve(checkpoint, tmp_path, max_batch_size=1, api_key="secret") as c:
+        assert_error(c.get("/v1/models"), 401)
+        assert_error(speak(c), 401)
+        assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert c.get("/v1/models", headers={"Authorization": "Bearer secret"}).status_code == 200
+        assert c.get("/health").status_code == 200
+
+
+# ---- streaming, disconnects, batching, queue ---------------------------------------------------------
+
+
+def test_streaming_yields_audio_before_the_request_completes_and_disconnect_frees_the_row(
+    checkpoint, tmp_path
+):
+    with serve(checkpoint, tmp_path, max_batch_size=2, max_frames=400) as c:
+        body = {"input": "A long answer.", "response_format": "pcm"}
+        with c.stream("POST", "/v1/audio/speech", json=body) as r:
+            assert r.status_code == 200
+            first = next(r.iter_bytes())
+            assert len(first) > 0
+            stats = c.get("/health").json()["scheduler"]
+            assert stats["active"] == 1 and stats["completed"] == 0  # audio arrived while still generating
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            stats = c.get("/health").json()["scheduler"]
+            if stats["active"] == 0:
+                break
+            time.sleep(0.05)
+        assert stats["active"] == 0 and stats["cancelled"] == 1
+        assert stats["frames_generated"] < 400
+
+
+def test_queue_full_gets_429(checkpoint, tmp_path):
+    with serve(checkpoint, tmp_path, max_batch_size=1, max_queue=1, max_frames=400) as c:
+        body = {"input": "Busy.", "response_format": "pcm"}
+        with c.stream("POST", "/v1/audio/speech", json=body) as busy:
+            assert busy.status_code == 200  # holds the only row
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(c.post, "/v1/audio/speech", json={**body, "input": "Waiting."})
+                deadline = time.time() + 10
+                while c.get("/health").json()["scheduler"]["waiting"] < 1 and time.time() < deadline:
+                    time.sleep(0.02)
+                assert_error(c.post("/v1/audio/speech", json=body), 429)
+                busy.close()  # frees the row: the waiting request runs
+                assert waiting.result(timeout=60).status_code == 200
+
+
+def test_32_concurrent_requests_complete_and_are_batched(client):
+    def one(i):
+        return client.post(
+            "/v1/audio/speech", json={"input": f"Request number {i}.", "response_format": "wav"}
+        )
+
+    before = client.get("/health").json()["scheduler"]["completed"]
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(one, range(32), timeout=120))
+    for r in responses:
+        assert r.status_code == 200, r.text
+        audio, rate = sf.read(io.BytesIO(r.content))
+        assert rate == 24000 and audio.shape == (4 * SAMPLES_PER_FRAME,) and np.isfinite(audio).all()
+    stats = client.get("/health").json()["scheduler"]
+    assert stats["completed"] - before == 32
+    assert stats["max_active_rows"] > 1
