@@ -180,3 +180,13 @@ def test_sampling_respects_top_k_and_greedy_rows():
         got = sample(logits, p, noise)
         assert got[0] == logits[0].argmax() and got[1] == logits[1].argmax()
         assert got[2] in top5
+
+
+def test_precomputed_audio_codes_stand_in_for_audio(setup):
+    ours, _, inputs = setup
+    codes, mask = ours.encode_audio_context(inputs["input_values"], inputs["input_values_cutoffs"])
+    clips = [c[m] for c, m in zip(codes, mask)]
+    text_only = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    a = ours.generate(**text_only, audio_codes=clips, max_new_tokens=3, **GREEDY)
+    b = ours.generate(**inputs, max_new_tokens=3, **GREEDY)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,17 +1,29 @@
 """csm: a fast, faithful pure-PyTorch implementation of Sesame's Conversational Speech Model."""
 
+from .audio import load_audio, save_audio
 from .config import CsmConfig, CsmDepthDecoderConfig
+from .generate import GenerationConfig, Sampling
+from .mimi import MimiConfig, MimiModel
 from .model import (
     CsmBackboneModel,
     CsmDepthDecoderForCausalLM,
     CsmDepthDecoderModel,
     CsmForConditionalGeneration,
 )
+from .processor import BatchInputs, CsmProcessor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchInputs",
     "CsmBackboneModel",
+    "CsmProcessor",
+    "GenerationConfig",
+    "MimiConfig",
+    "MimiModel",
+    "Sampling",
+    "load_audio",
+    "save_audio",
     "CsmConfig",
     "CsmDepthDecoderConfig",
     "CsmDepthDecoderForCausalLM",

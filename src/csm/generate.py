@@ -244,7 +244,12 @@ def frames_for(model, max_new_tokens: int | None, max_seconds: float | None) -> 
 
 
 def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs):
-    """Validate and embed the prompt; returns (embeds, attention_mask, GenerationConfig)."""
+    """Validate and embed the prompt; returns (embeds, attention_mask, GenerationConfig).
+
+    kwargs may carry `audio_codes` (per-clip codes encoded beforehand, e.g. a saved voice) in place of
+    input_values; the rest are sampling settings.
+    """
+    audio_codes = kwargs.pop("audio_codes", None)
     if input_ids is None:
         raise ValueError("generate needs input_ids (from CsmProcessor)")
     input_ids = input_ids.to(model.device)
@@ -265,14 +270,14 @@ def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs
             if input_values is not None:
                 input_values = input_values.to(model.device)
                 input_values_cutoffs = input_values_cutoffs.to(model.device)
-            embeds, _ = model.embed_inputs(input_ids, input_values, input_values_cutoffs)
+            embeds, _ = model.embed_inputs(input_ids, input_values, input_values_cutoffs, audio_codes=audio_codes)
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
     return embeds, attention_mask, config
 
 
 SAMPLING_KWARGS = {
-    "do_sample", "temperature", "top_k", "top_p",
+    "audio_codes", "do_sample", "temperature", "top_k", "top_p",
     "depth_decoder_do_sample", "depth_decoder_temperature", "depth_decoder_top_k", "depth_decoder_top_p",
 }
 
