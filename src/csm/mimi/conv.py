@@ -1,0 +1,210 @@
+"""Padded 1-d convolutions of SEANet, each usable whole or as a stream."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .streaming import StreamingModule, StreamState
+
+
+def pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
+    """F.pad along time; 'reflect' also works on inputs shorter than the padding."""
+    if mode == "constant":
+        return F.pad(x, (left, right))
+    if mode == "replicate":
+        return F.pad(x, (left, right), mode="replicate")
+    # Reflection needs more samples than the padding: lend it zeros on the right, then cut them off.
+    short = max(left, right) - x.shape[-1] + 1
+    if short > 0:
+        return F.pad(F.pad(x, (0, short)), (left, right), mode="reflect")[..., :-short]
+    return F.pad(x, (left, right), mode="reflect")
+
+
+@dataclass
+class _ConvState:
+    previous: torch.Tensor | None  # (B, C_in, T) the input frames the next output still needs
+
+
+class Conv1d(StreamingModule):
+    """Conv1d padded as Mimi does: on the left by `kernel - stride` (causal), and on the right up to
+    a whole last stride, so T input samples give ceil(T / stride) output frames."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        causal: bool = True,
+        pad_mode: str = "constant",
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(
+            in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups, bias=bias
+        )
+        self.stride = stride
+        self.kernel = (kernel_size - 1) * dilation + 1  # span in samples, dilation included
+        self.padding_total = self.kernel - stride
+        self.causal = causal
+        self.pad_mode = pad_mode
+
+    def output_length(self, length):
+        """Output frames for `length` input samples (an int or a tensor of lengths)."""
+        return (length + self.stride - 1) // self.stride
+
+    def forward(
+        self, x: torch.Tensor, stream: StreamState | None = None, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, C_in, T). `lengths` (B,): valid samples of each row of a right-padded batch."""
+        if stream is not None:
+            return self._step(x, stream)
+        extra = -x.shape[-1] % self.stride
+        if lengths is not None and self.stride > 1:
+            # A clip's last stride window reaches past its end: alone it sees padding there, in a batch
+            # it would see activations computed from the batch padding. Give it what it sees alone.
+            x = self._pad_past(x, lengths)
+        if self.causal:
+            left, right = self.padding_total, extra
+        else:
+            right = self.padding_total // 2
+            left, right = self.padding_total - right, right + extra
+        return self.conv(pad1d(x, left, right, self.pad_mode))
+
+    def _pad_past(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        valid = torch.arange(x.shape[-1], device=x.device) < lengths[:, None]  # (B, T)
+        if self.pad_mode == "replicate":
+            last = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, x.shape[1], 1)
+            return torch.where(valid[:, None], x, x.gather(-1, last))
+        return x * valid[:, None].to(x.dtype)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> _ConvState:
+        if not self.causal:
+            raise ValueError("streaming needs causal convolutions (use_causal_conv=True)")
+        if self.pad_mode == "replicate":
+            return _ConvState(previous=None)  # filled from the first sample of the stream
+        return _ConvState(
+            previous=torch.zeros(
+                batch_size, self.conv.in_channels, self.padding_total, device=device, dtype=dtype
+            )
+        )
+
+    def _step(self, x: torch.Tensor, stream: StreamState) -> torch.Tensor:
+        state: _ConvState = stream[self]
+        previous = state.previous
+        if previous is None:
+            if x.shape[-1] == 0:
+                return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
+            previous = x[..., :1].expand(-1, -1, self.padding_total)
+        x = torch.cat([previous, x], dim=-1)
+        if stream.final:
+            x = pad1d(x, 0, -(x.shape[-1] - self.padding_total) % self.stride, self.pad_mode)
+        frames = max(0, (x.shape[-1] - self.kernel) // self.stride + 1)
+        consumed = frames * self.stride
+        state.previous = x[..., consumed:].contiguous()
+        if frames == 0:
+            return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
+        return self.conv(x[..., : consumed + self.padding_total])
+
+
+class ConvTranspose1d(StreamingModule):
+    """ConvTranspose1d trimmed as Mimi does, so T input frames give T * stride output samples.
+
+    It runs as its polyphase equivalent: output sample t * stride + r is a causal conv over input frames
+    t, t-1, ... with the kernel taps r, r + stride, ...; so one conv computes all `stride` phases. CPU
+    transposed convolutions are slow on short inputs (a streamed frame), and this also makes streaming
+    the same as for `Conv1d`: keep the last input frames.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        causal: bool = True,
+        trim_right_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not causal and trim_right_ratio != 1.0:
+            raise ValueError("trim_right_ratio != 1.0 only makes sense for causal convolutions")
+        # Holds the weights in the checkpoint's layout and names; forward uses their polyphase form.
+        self.conv = nn.ConvTranspose1d(
+            in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias
+        )
+        self.stride = stride
+        self.groups = groups
+        self.taps = math.ceil(kernel_size / stride)  # input frames that reach one output sample
+        padding_total = kernel_size - stride
+        self.padding_right = math.ceil(padding_total * trim_right_ratio) if causal else padding_total // 2
+        self.padding_left = padding_total - self.padding_right
+        self.causal = causal
+        self._polyphase: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._polyphase_of: tuple | None = None
+
+    def polyphase(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight (stride * C_out, C_in / groups, taps) and bias of the equivalent causal conv, cached per weights."""
+        weight, bias = self.conv.weight, self.conv.bias
+        key = tuple(_fingerprint(t) for t in (weight, bias) if t is not None)
+        if self._polyphase is None or self._polyphase_of != key or torch.is_grad_enabled():
+            c_in, c_out_g, k = weight.shape  # c_out_g: output channels per group
+            s, m, g = self.stride, self.taps, self.groups
+            w = F.pad(weight, (0, m * s - k)).view(g, c_in // g, c_out_g, m, s)  # tap r + i*s at [..., i, r]
+            # Output channel (group, phase r, channel o); the conv's last tap reads the newest frame (i = 0).
+            w = w.permute(0, 4, 2, 1, 3).flip(-1).reshape(g * s * c_out_g, c_in // g, m)
+            b = None if bias is None else bias.view(g, 1, c_out_g).expand(g, s, c_out_g).reshape(-1)
+            self._polyphase, self._polyphase_of = (w.contiguous(), b), key
+        return self._polyphase
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, taps - 1 + T) -> (B, C_out, T * stride)."""
+        weight, bias = self.polyphase()
+        z = F.conv1d(x, weight, bias, groups=self.groups)  # (B, groups * stride * C_out / groups, T)
+        B, _, T = z.shape
+        z = z.view(B, self.groups, self.stride, -1, T).permute(0, 1, 3, 4, 2)
+        return z.reshape(B, -1, T * self.stride)
+
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        """x: (B, C_in, T) -> (B, C_out, T * stride)."""
+        if stream is not None:
+            return self._step(x, stream)
+        T = x.shape[-1]
+        # Frames past the end reach the kept output only when the trim is not all on the right.
+        ahead = -(-self.padding_left // self.stride)
+        y = self._run(F.pad(x, (self.taps - 1, ahead)))
+        return y[..., self.padding_left : self.padding_left + T * self.stride]
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> _ConvState:
+        if not self.causal or self.padding_left:
+            raise ValueError(
+                "streaming needs causal transposed convolutions trimmed on the right (trim_right_ratio=1)"
+            )
+        return _ConvState(
+            torch.zeros(batch_size, self.conv.in_channels, self.taps - 1, device=device, dtype=dtype)
+        )
+
+    def _step(self, x: torch.Tensor, stream: StreamState) -> torch.Tensor:
+        state: _ConvState = stream[self]
+        if x.shape[-1] == 0:
+            return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
+        x = torch.cat([state.previous, x], dim=-1)
+        state.previous = x[..., x.shape[-1] - (self.taps - 1) :].contiguous()
+        return self._run(x)
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """Identifies a tensor's current values: storage, and version counter where it has one."""
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        version = None
+    return (t.data_ptr(), t.device, t.dtype, version)

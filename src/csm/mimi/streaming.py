@@ -1,0 +1,44 @@
+"""Streaming: one mechanism shared by every layer that looks back in time.
+
+A layer that needs history (causal conv, transposed conv, transformer) subclasses `StreamingModule` and
+says how to build its state. The state of one stream through a model lives in a `StreamState`, outside
+the modules, so any number of streams can run side by side over the same weights. Each state has a fixed
+size allocated once, so the cost of a step does not grow with the length of the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StreamingModule(nn.Module):
+    """A layer that can run chunk by chunk: `forward(x, stream)` reads and updates `stream[self]`."""
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+
+class StreamState:
+    """The state of one stream through some modules: one entry per `StreamingModule` inside them."""
+
+    def __init__(
+        self, modules: list[nn.Module], batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.batch_size = batch_size
+        # Set while flushing the end of a stream: strided convolutions then pad their last partial
+        # window, as the full (non-streaming) pass does at the end of a clip.
+        self.final = False
+        self._states: dict[nn.Module, Any] = {}
+        for root in modules:
+            for m in root.modules():
+                if isinstance(m, StreamingModule):
+                    self._states[m] = m.init_state(batch_size, device, dtype)
+
+    def __getitem__(self, module: nn.Module) -> Any:
+        return self._states[module]
+
+    def __setitem__(self, module: nn.Module, state: Any) -> None:
+        self._states[module] = state

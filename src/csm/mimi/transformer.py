@@ -1,0 +1,180 @@
+"""The causal sliding-window transformer that Mimi runs on its 25 Hz frames, in encoder and decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MimiConfig
+from .streaming import StreamingModule, StreamState
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def rope(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) for rotary embeddings at `positions`, computed in float32."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
+    )
+    freqs = positions[:, None].float() * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (the layout of the reference's checkpoints)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """The last `window` keys and values of every layer, in a ring indexed by position % window."""
+
+    keys: list[torch.Tensor]  # per layer (B, H_kv, window, head_dim)
+    values: list[torch.Tensor]
+    positions: torch.Tensor  # (window,) position held by each slot, -1 while empty
+    offset: int = 0  # position of the next frame
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # Attend over the window held so far plus the new frames, then keep the newest in the ring.
+            keys, values = (
+                torch.cat([cache.keys[layer], k], dim=2),
+                torch.cat([cache.values[layer], v], dim=2),
+            )
+            window = cache.positions.shape[0]
+            cache.keys[layer].index_copy_(2, slots, k[:, :, -window:])
+            cache.values[layer].index_copy_(2, slots, v[:, :, -window:])
+            k, v = keys, values
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.self_attn_layer_scale = LayerScale(config.hidden_size, config.layer_scale_initial_scale)
+        self.mlp_layer_scale = LayerScale(config.hidden_size, config.layer_scale_initial_scale)
+
+    def forward(self, x: torch.Tensor, cos, sin, mask, cache=None, layer=0, slots=None) -> torch.Tensor:
+        x = x + self.self_attn_layer_scale(
+            self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slots)
+        )
+        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(StreamingModule):
+    """Pre-norm transformer, causal with a sliding window: frame t attends to frames (t - window, t]."""
+
+    def __init__(self, config: MimiConfig) -> None:
+        super().__init__()
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.layers = nn.ModuleList([TransformerLayer(config) for _ in range(config.num_hidden_layers)])
+        self.window = config.sliding_window
+        self.head_dim = config.head_dim
+        self.num_kv_heads = config.num_key_value_heads
+        self.theta = config.rope_theta
+
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        T = x.shape[1]
+        if stream is not None:
+            return self._step(x, stream[self]) if T else x
+        positions = torch.arange(T, device=x.device)
+        cos, sin = rope(positions, self.head_dim, self.theta, x.dtype)
+        mask = None  # plain causal while the window covers everything
+        if T > self.window:
+            delta = positions[:, None] - positions[None, :]
+            mask = (delta >= 0) & (delta < self.window)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return x
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch_size, self.num_kv_heads, self.window, self.head_dim)
+        return KVCache(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            positions=torch.full((self.window,), -1, device=device, dtype=torch.long),
+        )
+
+    def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        T = x.shape[1]
+        positions = torch.arange(cache.offset, cache.offset + T, device=x.device)
+        cos, sin = rope(positions, self.head_dim, self.theta, x.dtype)
+        held = torch.cat([cache.positions, positions])  # positions of the keys attended: ring, then new
+        delta = positions[:, None] - held[None, :]
+        mask = (delta >= 0) & (delta < self.window) & (held >= 0)
+        slots = positions[-self.window :] % self.window
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, slots)
+        cache.positions[slots] = positions[-self.window :]
+        cache.offset += T
+        return x
