@@ -10,7 +10,9 @@ from .model import (
     CsmDepthDecoderModel,
     CsmForConditionalGeneration,
 )
+from .pipeline import TextToAudioPipeline, pipeline
 from .processor import BatchInputs, CsmProcessor
+from .voice import Voice, list_voices
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,10 @@ __all__ = [
     "MimiConfig",
     "MimiModel",
     "Sampling",
+    "TextToAudioPipeline",
+    "Voice",
+    "list_voices",
+    "pipeline",
     "load_audio",
     "save_audio",
     "CsmConfig",

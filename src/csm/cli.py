@@ -344,7 +344,7 @@ def cmd_serve(args) -> int:
         from . import server
     except ImportError as e:
         raise CliError(
-            f"`csm serve` needs the server extra ({e.name or e}): pip install 'csm[server]'"
+            f"`csm serve` needs the server extra ({e.name or e}): pip install 'csm-speech[server]'"
         ) from None
     return int(server.main(args) or 0)
 
