@@ -354,7 +354,7 @@ def cmd_finetune(argv: list[str]) -> int:
         from .train import add_finetune_arguments, run_finetune
     except ImportError as e:
         raise CliError(
-            f"`csm finetune` is not available in this install ({e}); pip install 'csm[train]'"
+            f"`csm finetune` is not available in this install ({e})"
         ) from None
     parser = argparse.ArgumentParser(prog="csm finetune", description="Fine-tune CSM on your recordings.")
     add_finetune_arguments(parser)
