@@ -18,9 +18,13 @@ def load_app(
 ):
     """Load a checkpoint folder or hub id (model and processor) and build the app around it."""
     from ..model import CsmForConditionalGeneration
+    from ..pipeline import pick_device, pick_dtype
     from ..processor import CsmProcessor
 
-    model = CsmForConditionalGeneration.from_pretrained(model_path, dtype=dtype, device=device)
+    device = pick_device(device)
+    model = CsmForConditionalGeneration.from_pretrained(
+        model_path, dtype=pick_dtype(dtype, device), device=device
+    )
     model.eval()
     processor = CsmProcessor.from_pretrained(model_path)
     return create_app(model, processor, settings or ServerSettings(model_name=str(model_path)))
@@ -46,6 +50,10 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("csm.server").warning(
             "listening on %s without --api-key: anyone who can reach it can use it", host
         )
-    app = load_app(args.model, getattr(args, "device", None), getattr(args, "dtype", None), settings)
+    try:
+        app = load_app(args.model, getattr(args, "device", None), getattr(args, "dtype", None), settings)
+    except (ValueError, OSError) as e:
+        print(f"cannot load {args.model}: {e}")
+        return 2
     uvicorn.run(app, host=host, port=int(getattr(args, "port", None) or 8000), log_level="info")
     return 0
