@@ -220,7 +220,7 @@ def test_streaming_yields_audio_before_the_request_completes_and_disconnect_free
     checkpoint, tmp_path
 ):
     with serve(checkpoint, tmp_path, max_batch_size=2, max_frames=400) as c:
-        body = {"input": "A long answer.", "response_format": "pcm"}
+        body = {"input": "A long answer. " * 20, "response_format": "pcm"}  # a budget of 400 frames
         with c.stream("POST", "/v1/audio/speech", json=body) as r:
             assert r.status_code == 200
             first = next(r.iter_bytes())
@@ -239,7 +239,7 @@ def test_streaming_yields_audio_before_the_request_completes_and_disconnect_free
 
 def test_queue_full_gets_429(checkpoint, tmp_path):
     with serve(checkpoint, tmp_path, max_batch_size=1, max_queue=1, max_frames=400) as c:
-        body = {"input": "Busy.", "response_format": "pcm"}
+        body = {"input": "Busy for a while. " * 20, "response_format": "pcm"}
         with c.stream("POST", "/v1/audio/speech", json=body) as busy:
             assert busy.status_code == 200  # holds the only row
             with ThreadPoolExecutor(1) as pool:
