@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps")
     serve.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto")
+    serve.add_argument("--max-frames", type=int, default=None, help="frame cap per request (12.5 frames per second)")
     serve.add_argument(
         "--max-batch-size", type=int, default=8, help="requests generated together (default: %(default)s)"
     )
