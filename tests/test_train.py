@@ -28,6 +28,15 @@ from csm.train.recipe import lr_factor, make_batch, prepare_data, weighted_loss
 TEXTS = ["Hello from Sesame!", "How are you doing today?", "The quick brown fox.", "I think that is the one."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models train faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny random checkpoint with its processor files, both written by the reference."""
@@ -238,11 +247,16 @@ def test_lora_targets_that_match_nothing_are_an_error(tiny):
 # ---- the recipe -----------------------------------------------------------------------------------------
 
 
-def test_training_lowers_the_loss_clearly(tiny, dataset, tmp_path):
-    log = run(tiny, dataset, tmp_path / "out", steps=24, batch_size=4, lr=3e-3, lora_rank=0, save_every=100)
+@pytest.mark.parametrize("lora_rank, lr, most", [(0, 3e-3, 0.5), (16, 5e-3, 0.9)], ids=["full", "lora"])
+def test_training_lowers_the_loss_clearly(tiny, dataset, tmp_path, lora_rank, lr, most):
+    """24 steps on four clips. Random init starts near 2 ln(2051) = 15.3: full fine-tuning brings it to about 6;
+    LoRA, whose random heads stay frozen, to about 13.3."""
+    log = run(
+        tiny, dataset, tmp_path / "out", steps=24, batch_size=4, lr=lr, lora_rank=lora_rank, save_every=100
+    )
     first, last = log[0]["loss"], log[-1]["loss"]
-    # Random init starts near 2 * ln(2051) = 15.3; full fine-tuning reaches about 6 in 24 steps.
-    assert first > 14.5 and last < 0.6 * first, (first, last)
+    print(f"loss {first:.3f} -> {last:.3f} ({last / first:.2f} of the start)")
+    assert first > 14.5 and last < most * first, (first, last)
 
 
 def test_output_is_a_merged_checkpoint_both_libraries_load(tiny, dataset, tmp_path):
@@ -269,11 +283,16 @@ def test_output_is_a_merged_checkpoint_both_libraries_load(tiny, dataset, tmp_pa
     assert CsmProcessor.from_pretrained(out).audio_token_id == 2
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny, dataset, tmp_path):
+def test_gradient_accumulation_and_checkpointing_match_one_big_batch(tiny, dataset, tmp_path):
     big = run(tiny, dataset, tmp_path / "big", steps=3, batch_size=4, save_every=100)
     small = run(tiny, dataset, tmp_path / "small", steps=3, batch_size=2, grad_accum=2, save_every=100)
-    for a, b in zip(big, small, strict=True):
+    recomputed = run(tiny, dataset, tmp_path / "ckpt", steps=3, batch_size=4, save_every=100,
+                     activation_checkpointing=True)  # fmt: skip
+    for a, b, c in zip(big, small, recomputed, strict=True):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+        assert math.isclose(a["loss"], c["loss"], rel_tol=1e-6) and math.isclose(
+            a["grad_norm"], c["grad_norm"], rel_tol=1e-5
+        )
 
 
 class Interrupt(Exception):
@@ -304,7 +323,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny, dataset, tmp_
     a = CsmForConditionalGeneration.from_pretrained(tmp_path / "straight").state_dict()
     b = CsmForConditionalGeneration.from_pretrained(tmp_path / "resumed").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="global_batch"):
         run(tiny, dataset, tmp_path / "resumed", resume=True, **{**kw, "batch_size": 4})
     with pytest.raises(ValueError, match="not empty"):
         run(tiny, dataset, tmp_path / "resumed", **kw)
@@ -339,16 +358,18 @@ def torchrun(tiny, data, out, *flags) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "lora_rank", [8, pytest.param(0, marks=pytest.mark.slow)], ids=["lora-ddp", "full-fsdp"]
-)
+@pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora-ddp", "full-fsdp"])
 def test_torchrun_two_processes_match_one_process(tiny, dataset, tmp_path, lora_rank):
-    common = dict(steps=4, lr=1e-3, lora_rank=lora_rank, save_every=2)
+    """Global batch 4: two processes of 2 (gloo) against one process of 2 x 2 accumulated."""
+    common = dict(steps=4, lr=1e-3, lora_rank=lora_rank, save_every=2, val=str(dataset), eval_every=2)
     one = run(tiny, dataset, tmp_path / "one", batch_size=2, grad_accum=2, **common)
     two = torchrun(tiny, dataset, tmp_path / "two", "--steps", "4", "--lr", "1e-3", "--batch-size", "2",
-                   "--lora-rank", str(lora_rank), "--save-every", "2")  # fmt: skip
+                   "--lora-rank", str(lora_rank), "--save-every", "2", "--val", str(dataset), "--eval-every", "2")  # fmt: skip
     for a, b in zip(one, two, strict=True):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+        assert a.keys() == b.keys()
+        for key in ("loss", "backbone_loss", "depth_decoder_loss", "val_loss"):
+            if key in a:
+                assert math.isclose(a[key], b[key], rel_tol=1e-5), (key, a, b)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a, b)
     a = CsmForConditionalGeneration.from_pretrained(tmp_path / "one").state_dict()
     b = CsmForConditionalGeneration.from_pretrained(tmp_path / "two").state_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .data import DataError
@@ -115,11 +116,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     """Run `csm finetune`; errors in the data or settings print one message and return 2."""
     from ..checkpoint import CheckpointError
 
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, one process speaks
     try:
         out = finetune(config_from_args(args))
     except (DataError, CheckpointError, ValueError) as e:
-        print(f"csm finetune: error: {e}", file=sys.stderr)
+        if main:
+            print(f"csm finetune: error: {e}", file=sys.stderr)
         return 2
-    if not args.no_progress:
-        print(f"done: {out}")
+    if main and not args.no_progress:
+        print(f"done: the fine-tuned checkpoint is in {out}")
     return 0

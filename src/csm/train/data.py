@@ -64,6 +64,7 @@ class Batch:
     audio_codes: list[torch.Tensor]  # per clip (F_i, K), row-major
     backbone_targets: int  # positions the backbone loss averages over
     depth_targets: int  # frames the depth-decoder loss averages over
+    num_tokens: int  # without padding
 
     def to(self, device) -> Batch:
         return Batch(
@@ -72,6 +73,7 @@ class Batch:
             [c.to(device) for c in self.audio_codes],
             self.backbone_targets,
             self.depth_targets,
+            self.num_tokens,
         )
 
 
@@ -196,7 +198,12 @@ def encode_clips(todo: dict[str, Path], codec, folder: Path, progress: bool = Fa
     """Encode each clip alone (as the reference does) and write its codes (F, K) to the cache, atomically."""
     from tqdm import tqdm
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"cannot create the code cache {folder} ({e.strerror}); choose another with --cache-dir"
+        ) from None
     for digest, path in tqdm(sorted(todo.items()), desc="encoding audio", disable=not progress or not todo):
         try:
             wav = torch.from_numpy(load_audio(path, target_rate=SAMPLING_RATE))
@@ -296,6 +303,7 @@ def collate(examples: list[Example], labels: list[torch.Tensor], pad_id: int) ->
         [c for e in examples for c in e.clips],
         backbone_targets=int((padded[:, 1:] != IGNORE).sum()),
         depth_targets=int((padded >= 0).sum()),
+        num_tokens=sum(len(e) for e in examples),
     )
 
 

@@ -31,7 +31,7 @@ OPTIMIZER_NAME = "optimizer.pt"
 LOG_NAME = "log.jsonl"
 ADAPTER_DIR = "adapter"
 # Changing these changes the data order or the loss of a step: a resumed run must keep them.
-RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "depth_decoder_ratio", "lora_rank", "lora_targets")
+RESUME_KEYS = ("data", "global_batch", "seed", "depth_decoder_ratio", "lora_rank", "lora_targets")
 
 
 @dataclass
@@ -197,9 +197,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(
-    net, optimizer, scheduler, step: int, out: Path, config: FinetuneConfig, d: dist.Dist
+    net, optimizer, step: int, out: Path, config: FinetuneConfig, d: dist.Dist, global_batch: int
 ) -> None:
-    """Trainable weights, optimizer, scheduler and step; written by the main process, atomically."""
+    """Trainable weights, optimizer state and step; written by the main process, atomically.
+
+    The learning rate, data order, labels and dropout are functions of the step, so the step restores them.
+    """
     weights = dist.full_state_dict(net, trainable_only=True)
     optim = dist.optimizer_state_dict(net, optimizer)
     if d.is_main:
@@ -212,8 +215,7 @@ def save_checkpoint(
         torch.save(optim, tmp / OPTIMIZER_NAME)
         state = {
             "step": step,
-            "scheduler": scheduler.state_dict(),
-            "world": d.world,
+            "global_batch": global_batch,
             "config": asdict(config),
         }
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
@@ -225,10 +227,11 @@ def save_checkpoint(
     dist.barrier(d)
 
 
-def load_checkpoint(folder: Path, net, optimizer, scheduler, config: FinetuneConfig) -> int:
+def load_checkpoint(folder: Path, net, optimizer, config: FinetuneConfig, global_batch: int) -> int:
     state = json.loads((folder / STATE_NAME).read_text())
-    saved = state["config"]
-    changed = [k for k in RESUME_KEYS if saved.get(k) != asdict(config).get(k)]
+    saved = {**state["config"], "global_batch": state["global_batch"]}
+    now = {**asdict(config), "global_batch": global_batch}
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if changed:
         raise ValueError(
             f"cannot resume from {folder}: {', '.join(changed)} differ from that run "
@@ -237,7 +240,6 @@ def load_checkpoint(folder: Path, net, optimizer, scheduler, config: FinetuneCon
     weights = load_file(folder / TRAINABLE_NAME)
     optim = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=False)
     dist.load_state(net, optimizer, weights, optim)
-    scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
 
 
@@ -264,6 +266,34 @@ def export(
     if model.generation_config:
         (out / GENERATION_CONFIG_NAME).write_text(json.dumps(model.generation_config, indent=2) + "\n")
     processor.save_pretrained(out)
+
+
+def trainable_model(model, config: FinetuneConfig, d: dist.Dist) -> tuple[torch.nn.Module, list]:
+    """fp32 weights in training mode, LoRA or all trainable, wrapped for several processes; and what trains."""
+    model.float().train()
+    if config.lora_rank:
+        apply_lora(model, config.lora)
+    model.backbone_model.gradient_checkpointing = config.activation_checkpointing
+    model.depth_decoder.model.gradient_checkpointing = config.activation_checkpointing
+    net = dist.wrap(model, d, shard=not config.lora_rank)
+    return net, [p for p in net.parameters() if p.requires_grad]
+
+
+def train_step(net, optimizer, params, batches, totals, config: FinetuneConfig, d: dist.Dist, autocast):
+    """Accumulate the micro-batches' gradients, clip, step. Returns the global batch's two losses and the norm."""
+    parts = [0.0, 0.0]
+    for j, batch in enumerate(batches):
+        with dist.sync_gradients(net, j == len(batches) - 1):
+            loss, backbone, depth = weighted_loss(net, batch.to(d.device), totals, autocast)
+            (loss * d.world).backward()  # processes average gradients; the weights already sum to 1
+        parts[0] += backbone
+        parts[1] += depth
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    backbone, depth = dist.all_sum(d, parts)
+    return backbone, depth, grad_norm
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -303,36 +333,22 @@ def _run(config: FinetuneConfig, d: dist.Dist) -> Path:
 
     codec, saved_dtype = model.codec_model.cpu(), model.dtype
     model.codec_model = None  # codes are cached: training never runs the codec
-    model.float().train()
-    if config.lora_rank:
-        apply_lora(model, config.lora)
-    model.backbone_model.gradient_checkpointing = config.activation_checkpointing
-    model.depth_decoder.model.gradient_checkpointing = config.activation_checkpointing
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    net = dist.wrap(model, d, shard=not config.lora_rank)
-
-    params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    net, params = trainable_model(model, config, d)
     lr = config.lr or (2e-4 if config.lora_rank else 2e-5)
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
     global_batch = config.batch_size * config.grad_accum * d.world
     per_epoch = D.steps_per_epoch(len(train), global_batch)
     total = config.steps or per_epoch * (config.epochs or 1)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total, config.min_lr_ratio)
-    )
 
     step = 0
     last = latest_checkpoint(out) if config.resume else None
     if last is not None:
-        step = load_checkpoint(last, net, optimizer, scheduler, config)
+        step = load_checkpoint(last, net, optimizer, config, global_batch)
     log_path = out / LOG_NAME
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -344,8 +360,10 @@ def _run(config: FinetuneConfig, d: dist.Dist) -> Path:
         log_path.write_text("".join(ln + "\n" for ln in kept))
         if config.progress:
             mode = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full fine-tuning"
-            print(f"{mode}: {n_trainable:,} of {n_total:,} parameters train; {len(train)} examples, global batch "
-                  f"{global_batch}, {total} steps" + (f", resuming at step {step} from {last}" if last else ""))  # fmt: skip
+            n_total = sum(p.numel() for p in dist.unwrap(net).parameters())  # DTensors count whole
+            print(f"{mode}: {sum(p.numel() for p in params):,} of {n_total:,} parameters train; {len(train)} "
+                  f"examples, global batch {global_batch}, {total} steps"
+                  + (f", resuming at step {step} from {last}" if last else ""))  # fmt: skip
     lengths = [len(e) for e in train]
     autocast = torch.autocast(
         d.device.type, dtype=torch.bfloat16, enabled=use_bf16(config.precision, d.device)
@@ -365,32 +383,23 @@ def _run(config: FinetuneConfig, d: dist.Dist) -> Path:
         local = [
             sum(b.backbone_targets for b in batches),
             sum(b.depth_targets for b in batches),
-            sum(b.input_ids.numel() for b in batches),
+            sum(b.num_tokens for b in batches),
         ]
         totals = dist.all_sum(d, local)
-        torch.manual_seed(
-            D.mix_seed(config.seed, step, d.rank)
-        )  # dropout: a function of the step, so resume is exact
-        parts = [0.0, 0.0]
-        for j, batch in enumerate(batches):
-            with dist.sync_gradients(net, j == len(batches) - 1):
-                loss, backbone, depth = weighted_loss(net, batch.to(d.device), totals, autocast)
-                (loss * d.world).backward()  # processes average gradients; the weights already sum to 1
-            parts[0] += backbone
-            parts[1] += depth
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # The learning rate and dropout are functions of the step: a resumed run takes the same path.
+        step_lr = lr * lr_factor(step, warmup, total, config.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        torch.manual_seed(D.mix_seed(config.seed, step, d.rank))
+        backbone, depth, grad_norm = train_step(net, optimizer, params, batches, totals, config, d, autocast)
         step += 1
-        parts = dist.all_sum(d, parts)
         tokens += totals[2]
-        record = {"step": step, "loss": parts[0] + parts[1], "backbone_loss": parts[0], "depth_decoder_loss": parts[1],
-                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}  # fmt: skip
+        record = {"step": step, "loss": backbone + depth, "backbone_loss": backbone, "depth_decoder_loss": depth,
+                  "lr": step_lr, "grad_norm": grad_norm}  # fmt: skip
         if val and (step % config.eval_every == 0 or step == total):
             record.update(evaluate(net, val, d, config, cfg, pad_id, autocast))
-            bar.write(f"step {step}: val loss {record['val_loss']:.4f}")
+            if d.is_main and config.progress:
+                bar.write(f"step {step}: val loss {record['val_loss']:.4f}")
         if d.is_main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -398,7 +407,7 @@ def _run(config: FinetuneConfig, d: dist.Dist) -> Path:
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{rate:.0f}")
             bar.update(1)
         if step % config.save_every == 0 or step == total:
-            save_checkpoint(net, optimizer, scheduler, step, out, config, d)
+            save_checkpoint(net, optimizer, step, out, config, d, global_batch)
     bar.close()
     export(net, codec, processor, out, config, d, saved_dtype)
     dist.barrier(d)
