@@ -51,7 +51,7 @@ class Example:
     """A tokenized sample: ids with one audio token per frame, and the codes of its clips in order."""
 
     input_ids: torch.Tensor  # (L,)
-    clips: list[torch.Tensor]  # each (F_i, K)
+    clips: list[torch.Tensor]  # each (F_i, K), int16
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -216,8 +216,8 @@ def encode_clips(todo: dict[str, Path], codec, folder: Path, progress: bool = Fa
 
 
 def load_codes(digests: dict[Path, str], folder: Path) -> dict[Path, torch.Tensor]:
-    """Cached codes (F, K) per audio file."""
-    return {path: load_file(_cache_path(folder, d))["codes"].long() for path, d in digests.items()}
+    """Cached codes (F, K) per audio file, kept as int16 (Mimi's codes are < 2048) until batched."""
+    return {path: load_file(_cache_path(folder, d))["codes"] for path, d in digests.items()}
 
 
 # ---- tokenizing ---------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def collate(examples: list[Example], labels: list[torch.Tensor], pad_id: int) ->
     return Batch(
         input_ids,
         padded,
-        [c for e in examples for c in e.clips],
+        [c.long() for e in examples for c in e.clips],
         backbone_targets=int((padded[:, 1:] != IGNORE).sum()),
         depth_targets=int((padded >= 0).sum()),
         num_tokens=sum(len(e) for e in examples),

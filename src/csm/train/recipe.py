@@ -50,7 +50,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     warmup_steps: int | None = None  # default 5% of the steps
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     lora_rank: int = 16  # 0: full fine-tuning
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -288,7 +288,7 @@ def train_step(net, optimizer, params, batches, totals, config: FinetuneConfig, 
             (loss * d.world).backward()  # processes average gradients; the weights already sum to 1
         parts[0] += backbone
         parts[1] += depth
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
