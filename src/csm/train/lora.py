@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,7 +167,3 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{folder}: the adapter does not fit this model (e.g. no weights for {missing})")
     model.load_state_dict(state, strict=False)
     return config
-
-
-def lora_config_dict(config: LoraConfig) -> dict:
-    return asdict(config)
