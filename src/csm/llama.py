@@ -18,8 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back, then scale: the reference's order, which matters in bf16.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -45,21 +44,30 @@ def rope_inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, params: dict):
+    """cos/sin tables for every position, computed once per dtype and looked up per step."""
+
+    def __init__(self, head_dim: int, params: dict, max_positions: int):
         super().__init__()
-        self.head_dim, self.params = head_dim, params
+        self.head_dim, self.params, self.max_positions = head_dim, params, max_positions
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         self.compute_buffers(self.inv_freq.device)
 
     def compute_buffers(self, device) -> None:
         """Fill the non-persistent buffer; also called after loading a model built on the meta device."""
         self.inv_freq = rope_inverse_frequencies(self.head_dim, self.params).to(device)
+        self.tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self.tables or self.tables[dtype][0].device != self.inv_freq.device:
+            freqs = torch.arange(self.max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)  # fp32 then cast, as the reference does per call
+            self.tables[dtype] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self.tables[dtype]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `positions` (T,) or (B, T), shaped (..., T, head_dim), in `dtype`."""
-        freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = self.table(dtype)
+        return cos[positions], sin[positions]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -109,10 +117,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -149,7 +156,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters, cfg.max_position_embeddings)
         self.cfg = cfg
         self.gradient_checkpointing = False
 
