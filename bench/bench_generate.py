@@ -35,8 +35,12 @@ def reference_model(size: str, dtype: torch.dtype):
     config = CsmConfig(**tiny_csm_config(32)) if size == "tiny" else CsmConfig()
     if size == "full":
         config.rope_parameters = dict(
-            rope_type="llama3", rope_theta=500000.0, factor=32.0, high_freq_factor=4.0,
-            low_freq_factor=1.0, original_max_position_embeddings=8192,
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=32.0,
+            high_freq_factor=4.0,
+            low_freq_factor=1.0,
+            original_max_position_embeddings=8192,
         )
     torch.manual_seed(0)
     with torch.device("cpu"):
@@ -110,12 +114,16 @@ def main() -> None:
     import warnings
 
     warnings.simplefilter("ignore")
-    print(f"size={args.size} dtype={args.dtype} threads={torch.get_num_threads()} frames={args.frames} repeats={args.repeats}")
+    print(
+        f"size={args.size} dtype={args.dtype} threads={torch.get_num_threads()} frames={args.frames} repeats={args.repeats}"
+    )
     if args.size == "full":
         bw = matvec_bandwidth(dtype)
         bound = 1000 * weight_bytes_per_frame(ours) / bw
-        print(f"weights read per frame: {weight_bytes_per_frame(ours) / 1e9:.2f} GB; matvec bandwidth {bw / 1e9:.1f} GB/s; "
-              f"bandwidth bound {bound:.0f} ms/frame")
+        print(
+            f"weights read per frame: {weight_bytes_per_frame(ours) / 1e9:.2f} GB; matvec bandwidth {bw / 1e9:.1f} GB/s; "
+            f"bandwidth bound {bound:.0f} ms/frame"
+        )
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
         prompt = torch.randint(4, ours.config.text_vocab_size, (batch, args.prompt), generator=g)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from reference_models import write_reference_csm
 
 

@@ -46,10 +46,14 @@ def sesame_state_dict(ref):
         if name in ORIGINAL_NAMES:
             out[ORIGINAL_NAMES[name]] = t.clone()
             continue
-        prefix, stack_cfg = ("backbone", cfg) if name.startswith("backbone_model") else ("decoder", cfg.depth_decoder_config)
+        prefix, stack_cfg = (
+            ("backbone", cfg) if name.startswith("backbone_model") else ("decoder", cfg.depth_decoder_config)
+        )
         layer = name.split(".layers.")[1]
         idx, rest = layer.split(".", 1)
-        rest = rest.replace("input_layernorm.weight", "sa_norm.scale").replace("post_attention_layernorm.weight", "mlp_norm.scale")
+        rest = rest.replace("input_layernorm.weight", "sa_norm.scale").replace(
+            "post_attention_layernorm.weight", "mlp_norm.scale"
+        )
         for ours, theirs in LAYER_PARTS.items():
             rest = rest.replace(ours, theirs)
         if rest.startswith(("attn.q_proj", "attn.k_proj")):
@@ -71,15 +75,22 @@ def test_original_checkpoint_converts_with_same_logits(tmp_path):
     ours = CsmForConditionalGeneration.from_pretrained(tmp_path / "out")
     codes = torch.randint(0, 2051, (2, 7, 8))
     with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4
+        )
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
         convert_original_checkpoint(src / "ckpt.pt", tmp_path / "out", codec=tmp_path / "mimi", config=config)
 
 
 def test_sesame_flavors_give_csm_1b_sizes():
     config = config_from_original(
-        {"audio_num_codebooks": 32, "audio_vocab_size": 2051, "backbone_flavor": "llama-1B",
-         "decoder_flavor": "llama-100M", "text_vocab_size": 128256}
+        {
+            "audio_num_codebooks": 32,
+            "audio_vocab_size": 2051,
+            "backbone_flavor": "llama-1B",
+            "decoder_flavor": "llama-100M",
+            "text_vocab_size": 128256,
+        }
     )
     default = CsmConfig()
     assert (config.hidden_size, config.num_hidden_layers) == (default.hidden_size, default.num_hidden_layers)

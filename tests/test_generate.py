@@ -20,8 +20,17 @@ def clip(seconds, seed):
 def conversations():
     """Two rows of different lengths: one with two audio context turns, one with text only."""
     with_context = [
-        {"role": "0", "content": [{"type": "text", "text": "Hello from Sesame."}, {"type": "audio", "audio": clip(0.4, 1)}]},
-        {"role": "1", "content": [{"type": "text", "text": "How are you?"}, {"type": "audio", "audio": clip(0.25, 2)}]},
+        {
+            "role": "0",
+            "content": [
+                {"type": "text", "text": "Hello from Sesame."},
+                {"type": "audio", "audio": clip(0.4, 1)},
+            ],
+        },
+        {
+            "role": "1",
+            "content": [{"type": "text", "text": "How are you?"}, {"type": "audio", "audio": clip(0.25, 2)}],
+        },
         {"role": "0", "content": [{"type": "text", "text": "The quick brown fox."}]},
     ]
     plain = [{"role": "1", "content": [{"type": "text", "text": "I think so."}]}]
@@ -96,7 +105,9 @@ def test_rows_end_independently_and_are_padded_like_the_reference(ending):
     assert (got[0, first + 1 :] == 2050).all()
 
     audio = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, output_audio=True, **GREEDY)
-    ref_audio = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, output_audio=True, eos_token_id=0, **GREEDY)
+    ref_audio = ref.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=12, output_audio=True, eos_token_id=0, **GREEDY
+    )
     for a, b in zip(audio, ref_audio):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
@@ -106,7 +117,9 @@ def test_generation_stops_when_every_row_has_ended(ending):
     ours, ref = ending
     ids, mask = padded_prompts()
     got = ours.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=40, **GREEDY)
-    expected = ref.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=40, eos_token_id=0, **GREEDY)
+    expected = ref.generate(
+        input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=40, eos_token_id=0, **GREEDY
+    )
     assert got.shape[1] < 40
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -134,7 +147,9 @@ def test_streaming_cuts_each_row_at_its_end(ending):
     ours, _ = ending
     ids, mask = padded_prompts()
     whole = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, output_audio=True, **GREEDY)
-    chunks = list(ours.generate_stream(input_ids=ids, attention_mask=mask, max_new_tokens=12, chunk_frames=5, **GREEDY))
+    chunks = list(
+        ours.generate_stream(input_ids=ids, attention_mask=mask, max_new_tokens=12, chunk_frames=5, **GREEDY)
+    )
     for row in range(3):
         streamed = torch.cat([c[row] for c in chunks])
         assert streamed.shape == whole[row].shape

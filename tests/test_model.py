@@ -40,7 +40,9 @@ def test_audio_code_logits_match_reference(pair):
     ours, ref = pair
     codes = torch.randint(0, 2051, (2, 9, 8))
     with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def code_labels(B, T, K):
@@ -100,7 +102,9 @@ def test_bfloat16_load_matches_reference_in_bfloat16(csm_checkpoint):
     assert ours.dtype == torch.bfloat16
     codes = torch.randint(0, 2051, (1, 6, 8))
     with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=codes).logits, theirs(input_ids=codes).logits, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(
+            ours(input_ids=codes).logits, theirs(input_ids=codes).logits, atol=2e-2, rtol=2e-2
+        )
 
 
 def test_config_round_trips_and_reads_rope_scaling(csm_checkpoint, tmp_path):
@@ -126,10 +130,20 @@ def test_config_round_trips_and_reads_rope_scaling(csm_checkpoint, tmp_path):
 
 def test_default_config_is_csm_1b():
     c = CsmConfig()
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (16, 2048, 32, 8)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (
+        16,
+        2048,
+        32,
+        8,
+    )
     assert (c.intermediate_size, c.text_vocab_size, c.num_codebooks, c.vocab_size) == (8192, 128256, 32, 2051)
     d = c.depth_decoder_config
-    assert (d.num_hidden_layers, d.hidden_size, d.num_attention_heads, d.num_key_value_heads) == (4, 1024, 8, 2)
+    assert (d.num_hidden_layers, d.hidden_size, d.num_attention_heads, d.num_key_value_heads) == (
+        4,
+        1024,
+        8,
+        2,
+    )
     assert (d.intermediate_size, d.max_position_embeddings) == (8192, 33)
     assert (c.codebook_pad_token_id, c.codebook_eos_token_id) == (2050, 0)
 
@@ -147,7 +161,10 @@ def test_32_codebook_model_matches_reference(tmp_path):
 
 def test_tied_audio_embedding_is_shared(pair):
     ours, _ = pair
-    assert ours.depth_decoder.model.embed_tokens.weight is ours.backbone_model.embed_tokens.embed_audio_tokens.weight
+    assert (
+        ours.depth_decoder.model.embed_tokens.weight
+        is ours.backbone_model.embed_tokens.embed_audio_tokens.weight
+    )
 
 
 def test_sharded_checkpoint_loads(csm_checkpoint, tmp_path):
@@ -166,7 +183,9 @@ def test_sharded_checkpoint_loads(csm_checkpoint, tmp_path):
     ours = CsmForConditionalGeneration.from_pretrained(tmp_path)
     codes = torch.randint(0, 2051, (1, 4, 8))
     with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4
+        )
 
 
 def copy_checkpoint(src, dst, drop=None, reshape=None):
@@ -213,6 +232,3 @@ def test_labels_without_audio_are_a_clear_error(pair):
     ids, _ = text_batch([5], 5)
     with pytest.raises(ValueError, match="input_values"):
         ours(input_ids=ids, labels=ids)
-
-
-

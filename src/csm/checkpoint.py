@@ -27,7 +27,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, allow_patterns: list[
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
     name = str(path_or_repo_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"no checkpoint folder at {name!r}, and it is not a hub repo id like 'sesame/csm-1b'")
+        raise CheckpointError(
+            f"no checkpoint folder at {name!r}, and it is not a hub repo id like 'sesame/csm-1b'"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -84,7 +86,9 @@ def save_safetensors(state: dict[str, torch.Tensor], folder: Path) -> None:
     save_file(out, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict_unexpected: bool = False) -> None:
+def load_into(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, strict_unexpected: bool = False
+) -> None:
     """Copy `state` into `module`, naming any missing tensor or shape mismatch in the error."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]

@@ -81,7 +81,9 @@ class CsmDepthDecoderConfig(_JsonConfig):
     hidden_act: str = "silu"
     max_position_embeddings: int = 33
     rms_norm_eps: float = 1e-5
-    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA})
+    rope_parameters: dict = field(
+        default_factory=lambda: {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA}
+    )
     attention_bias: bool = False
     mlp_bias: bool = False
     initializer_range: float = 0.02
@@ -113,7 +115,9 @@ class CsmConfig(_JsonConfig):
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
-    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA})
+    rope_parameters: dict = field(
+        default_factory=lambda: {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA}
+    )
     attention_bias: bool = False
     mlp_bias: bool = False
     initializer_range: float = 0.02
@@ -126,7 +130,9 @@ class CsmConfig(_JsonConfig):
     audio_eos_token_id: int = 128003
     tie_codebooks_embeddings: bool = True
     depth_decoder_config: CsmDepthDecoderConfig = field(default_factory=CsmDepthDecoderConfig)
-    codec_config: Any = None  # MimiConfig; built in __post_init__ so a bare CsmConfig() gets the default codec
+    codec_config: Any = (
+        None  # MimiConfig; built in __post_init__ so a bare CsmConfig() gets the default codec
+    )
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -13,8 +13,20 @@ from .config import CsmConfig, CsmDepthDecoderConfig
 
 # Sesame's config.json names its transformers by flavor; these are the sizes behind the names.
 FLAVORS = {
-    "llama-1B": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192),
-    "llama-100M": dict(num_hidden_layers=4, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, intermediate_size=8192),
+    "llama-1B": dict(
+        num_hidden_layers=16,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+    ),
+    "llama-100M": dict(
+        num_hidden_layers=4,
+        hidden_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=8192,
+    ),
 }
 
 RENAMES = [
@@ -51,7 +63,11 @@ def config_from_original(original: dict) -> CsmConfig:
     except KeyError as e:
         raise CheckpointError(f"unknown flavor {e}; known: {', '.join(FLAVORS)}") from None
     rope = dict(
-        rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
         original_max_position_embeddings=8192,
     )
     k = original.get("audio_num_codebooks", 32)
@@ -63,12 +79,18 @@ def config_from_original(original: dict) -> CsmConfig:
         text_vocab_size=original.get("text_vocab_size", 128256),
         rope_parameters=rope,
         depth_decoder_config=CsmDepthDecoderConfig(
-            **decoder, num_codebooks=k, vocab_size=v, backbone_hidden_size=backbone["hidden_size"], rope_parameters=dict(rope)
+            **decoder,
+            num_codebooks=k,
+            vocab_size=v,
+            backbone_hidden_size=backbone["hidden_size"],
+            rope_parameters=dict(rope),
         ),
     )
 
 
-def convert_original_state_dict(original: dict[str, torch.Tensor], config: CsmConfig) -> dict[str, torch.Tensor]:
+def convert_original_state_dict(
+    original: dict[str, torch.Tensor], config: CsmConfig
+) -> dict[str, torch.Tensor]:
     """Rename Sesame's tensors to the reference layout and permute q/k for rotate-half RoPE."""
     state = {}
     for name, tensor in original.items():
@@ -80,7 +102,9 @@ def convert_original_state_dict(original: dict[str, torch.Tensor], config: CsmCo
             heads = cfg.num_attention_heads if "q_proj" in new else cfg.num_key_value_heads
             tensor = interleaved_to_half_rope(tensor, heads)
         state[new] = tensor
-    state["depth_decoder.model.embed_tokens.weight"] = state.get("backbone_model.embed_tokens.embed_audio_tokens.weight")
+    state["depth_decoder.model.embed_tokens.weight"] = state.get(
+        "backbone_model.embed_tokens.embed_audio_tokens.weight"
+    )
     return state
 
 

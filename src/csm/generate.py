@@ -29,7 +29,9 @@ class Sampling:
 
     def validate(self, who: str) -> None:
         if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"{who}temperature must be > 0 when sampling (got {self.temperature}); use do_sample=False for greedy")
+            raise ValueError(
+                f"{who}temperature must be > 0 when sampling (got {self.temperature}); use do_sample=False for greedy"
+            )
         if self.top_k < 0:
             raise ValueError(f"{who}top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -48,7 +50,10 @@ class GenerationConfig:
     def from_model(cls, model, **overrides) -> GenerationConfig:
         """The checkpoint's generation_config.json, then overrides by the reference's argument names
         (`temperature`, `top_k`, `do_sample`, `top_p`, `depth_decoder_temperature`, ..., `max_new_tokens`)."""
-        values = {**(getattr(model, "generation_config", None) or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        values = {
+            **(getattr(model, "generation_config", None) or {}),
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
         names = {f.name for f in fields(Sampling)}
         backbone = {k: values[k] for k in names if k in values}
         depth = {k: values["depth_decoder_" + k] for k in names if "depth_decoder_" + k in values}
@@ -121,10 +126,14 @@ class FrameEngine:
         device, dtype = model.device, model.dtype
         model.backbone_model.setup_caches(batch_size, max_seq_len, dtype, device)
         model.depth_decoder.model.setup_caches(batch_size, self.K, dtype, device)
-        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)  # keys a row may see
+        self.valid = torch.zeros(
+            batch_size, max_seq_len, dtype=torch.bool, device=device
+        )  # keys a row may see
         self.slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # next cache slot per row
         self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # next RoPE position per row
-        self.hidden = torch.zeros(batch_size, cfg.hidden_size, dtype=dtype, device=device)  # last backbone state
+        self.hidden = torch.zeros(
+            batch_size, cfg.hidden_size, dtype=dtype, device=device
+        )  # last backbone state
         self.finished = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.backbone_sampling = RowSampling(batch_size, self.V, device)
         self.depth_sampling = RowSampling(batch_size, self.V, device)
@@ -133,12 +142,16 @@ class FrameEngine:
         self.unit_noise = torch.ones(batch_size, self.K, self.V, device=device)
         self.step = self._frame
         if compile and os.environ.get("NO_TORCH_COMPILE") != "1":
-            self.step = torch.compile(self._frame, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True)
+            self.step = torch.compile(
+                self._frame, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True
+            )
 
     # ---- prefill ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, rows: slice | None = None) -> None:
+    def prefill(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, rows: slice | None = None
+    ) -> None:
         """Run the prompt embeds (b, T, D) for rows `rows` (default: all), left padding given by attention_mask."""
         rows = rows or slice(0, embeds.shape[0])
         b, T, _ = embeds.shape
@@ -146,11 +159,16 @@ class FrameEngine:
         if attention_mask is None:
             attention_mask = torch.ones(b, T, dtype=torch.long, device=device)
         attention_mask = attention_mask.bool()
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # the reference's positions under padding
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(
+            min=0
+        )  # the reference's positions under padding
         valid = self.valid[rows]
         valid.zero_()
         valid[:, :T] = attention_mask
-        slots, steps = torch.arange(self.max_seq_len, device=device)[None], torch.arange(T, device=device)[:, None]
+        slots, steps = (
+            torch.arange(self.max_seq_len, device=device)[None],
+            torch.arange(T, device=device)[:, None],
+        )
         # A padded query sees only itself: finite garbage instead of a fully masked row.
         mask = (valid[:, None, None, :] & (slots <= steps)) | (slots == steps)
         backbone = self.model.backbone_model
@@ -172,7 +190,12 @@ class FrameEngine:
         c = sample(m.lm_head(hidden), self.backbone_sampling, noise[:, 0])
         codes = [c]
         x = torch.stack([hidden, dd.embed_tokens(c).to(hidden.dtype)], 1)  # positions 0 and 1
-        h = dd.run_layers(dd.inputs_embeds_projector(x), self.depth_slots[:2], self.depth_causal[None, None, :2], self.depth_slots[:2])
+        h = dd.run_layers(
+            dd.inputs_embeds_projector(x),
+            self.depth_slots[:2],
+            self.depth_causal[None, None, :2],
+            self.depth_slots[:2],
+        )
         for i in range(1, self.K):
             c = sample(h[:, -1] @ head[i - 1], self.depth_sampling, noise[:, i])
             codes.append(c)
@@ -181,11 +204,15 @@ class FrameEngine:
             # Codebook i sits at depth position i + 1; the cache is rewound per frame, not cleared.
             x = dd.embed_tokens(c + i * self.V)[:, None]
             pos = self.depth_slots[i + 1 : i + 2]
-            h = dd.run_layers(dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2], pos)
+            h = dd.run_layers(
+                dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2], pos
+            )
         frame = torch.stack(codes, 1)  # (B, K)
         backbone = m.backbone_model
         valid = valid.scatter(1, slot[:, None], True)
-        h = backbone.run_layers(backbone.embed_tokens(frame[:, None]), position[:, None], valid[:, None, None, :], slot[:, None])
+        h = backbone.run_layers(
+            backbone.embed_tokens(frame[:, None]), position[:, None], valid[:, None, None, :], slot[:, None]
+        )
         return frame, h[:, -1], valid
 
     @torch.inference_mode()
@@ -270,15 +297,24 @@ def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs
             if input_values is not None:
                 input_values = input_values.to(model.device)
                 input_values_cutoffs = input_values_cutoffs.to(model.device)
-            embeds, _ = model.embed_inputs(input_ids, input_values, input_values_cutoffs, audio_codes=audio_codes)
+            embeds, _ = model.embed_inputs(
+                input_ids, input_values, input_values_cutoffs, audio_codes=audio_codes
+            )
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
     return embeds, attention_mask, config
 
 
 SAMPLING_KWARGS = {
-    "audio_codes", "do_sample", "temperature", "top_k", "top_p",
-    "depth_decoder_do_sample", "depth_decoder_temperature", "depth_decoder_top_k", "depth_decoder_top_p",
+    "audio_codes",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "depth_decoder_do_sample",
+    "depth_decoder_temperature",
+    "depth_decoder_top_k",
+    "depth_decoder_top_p",
 }
 
 
@@ -288,8 +324,21 @@ def check_kwargs(kwargs: dict) -> None:
         raise TypeError(f"generate got unknown arguments: {', '.join(sorted(unknown))}")
 
 
-def start(model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, seed, compile, kwargs):
+def start(
+    model,
+    input_ids,
+    attention_mask,
+    input_values,
+    input_values_cutoffs,
+    max_new_tokens,
+    max_seconds,
+    seed,
+    compile,
+    kwargs,
+):
+    """Validate, embed and prefill: returns a ready engine, the settings and the seeded generator."""
     check_kwargs(kwargs)
+    max_new_tokens = frames_for(model, max_new_tokens, max_seconds)
     embeds, attention_mask, config = prepare(
         model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs
     )
@@ -304,7 +353,9 @@ def start(model, input_ids, attention_mask, input_values, input_values_cutoffs, 
     return engine, config, generator
 
 
-def iterate_frames(engine: FrameEngine, max_frames: int, generator, sync_every: int) -> Iterator[torch.Tensor]:
+def iterate_frames(
+    engine: FrameEngine, max_frames: int, generator, sync_every: int
+) -> Iterator[torch.Tensor]:
     """Yield blocks of frames (B, n, K); stops once every row has finished (checked every block)."""
     done = 0
     while done < max_frames:
@@ -333,7 +384,11 @@ def audio_end(codes: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
 def audio_lengths(codes: torch.Tensor, eos: int, pad: int) -> list[int]:
     """Frames of audio per row, up to its first ended frame."""
     ended = audio_end(codes, eos, pad)
-    first = torch.where(ended.any(-1), ended.float().argmax(-1), torch.full_like(ended[:, 0], codes.shape[1], dtype=torch.long))
+    first = torch.where(
+        ended.any(-1),
+        ended.float().argmax(-1),
+        torch.full_like(ended[:, 0], codes.shape[1], dtype=torch.long),
+    )
     return first.tolist()
 
 
@@ -359,9 +414,17 @@ def generate(
     Sampling arguments follow the reference: do_sample, temperature, top_k, top_p and the same with a
     `depth_decoder_` prefix; defaults come from the checkpoint's generation_config.json.
     """
-    max_new_tokens = frames_for(model, max_new_tokens, max_seconds)
     engine, config, generator = start(
-        model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, seed, compile, kwargs
+        model,
+        input_ids,
+        attention_mask,
+        input_values,
+        input_values_cutoffs,
+        max_new_tokens,
+        max_seconds,
+        seed,
+        compile,
+        kwargs,
     )
     try:
         blocks = list(iterate_frames(engine, config.max_new_tokens, generator, sync_every))
@@ -415,9 +478,17 @@ def generate_stream(
     """
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-    max_new_tokens = frames_for(model, max_new_tokens, max_seconds)
     engine, config, generator = start(
-        model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, seed, compile, kwargs
+        model,
+        input_ids,
+        attention_mask,
+        input_values,
+        input_values_cutoffs,
+        max_new_tokens,
+        max_seconds,
+        seed,
+        compile,
+        kwargs,
     )
     eos = model.config.codebook_eos_token_id
     B = engine.batch_size

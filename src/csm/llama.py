@@ -59,7 +59,9 @@ class RotaryEmbedding(nn.Module):
 
     def table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self.tables or self.tables[dtype][0].device != self.inv_freq.device:
-            freqs = torch.arange(self.max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq
+            freqs = (
+                torch.arange(self.max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq
+            )
             emb = torch.cat((freqs, freqs), dim=-1)  # fp32 then cast, as the reference does per call
             self.tables[dtype] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self.tables[dtype]
@@ -118,7 +120,12 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_heads != self.n_kv_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.n_heads != self.n_kv_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -138,7 +145,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.self_attn = Attention(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.attention_bias,
         )
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -27,7 +27,10 @@ from .mimi import MimiModel
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 # Tied in the reference: the backbone's audio embedding is the depth decoder's input embedding.
-TIED_AUDIO_EMBEDDING = ("backbone_model.embed_tokens.embed_audio_tokens.weight", "depth_decoder.model.embed_tokens.weight")
+TIED_AUDIO_EMBEDDING = (
+    "backbone_model.embed_tokens.embed_audio_tokens.weight",
+    "depth_decoder.model.embed_tokens.weight",
+)
 
 
 @dataclass
@@ -48,7 +51,9 @@ class CsmOutput:
     loss: torch.Tensor | None = None
     backbone_loss: torch.Tensor | None = None
     depth_decoder_loss: torch.Tensor | None = None
-    depth_decoder_logits: torch.Tensor | None = None  # (N, K-1, V) for the N frames the depth decoder trained on
+    depth_decoder_logits: torch.Tensor | None = (
+        None  # (N, K-1, V) for the N frames the depth decoder trained on
+    )
     last_hidden_state: torch.Tensor | None = None
 
 
@@ -56,7 +61,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = Tru
     """Mean cross entropy in fp32 ignoring -100; with `shift`, position t predicts label t+1."""
     if shift:
         labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
 
 
 class CsmBackboneModelEmbeddings(nn.Module):
@@ -66,7 +73,9 @@ class CsmBackboneModelEmbeddings(nn.Module):
         super().__init__()
         self.num_codebooks, self.vocab_size = config.num_codebooks, config.vocab_size
         self.embed_audio_tokens = nn.Embedding(config.num_codebooks * config.vocab_size, config.hidden_size)
-        self.register_buffer("audio_tokens_offsets", torch.empty(config.num_codebooks, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "audio_tokens_offsets", torch.empty(config.num_codebooks, dtype=torch.long), persistent=False
+        )
         self.compute_buffers(self.audio_tokens_offsets.device)
 
     def compute_buffers(self, device) -> None:
@@ -103,7 +112,9 @@ class CsmDepthDecoderModel(Transformer):
         super().__init__(config)
         self.config = config
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.num_codebooks * config.vocab_size, config.backbone_hidden_size)
+        self.embed_tokens = nn.Embedding(
+            config.num_codebooks * config.vocab_size, config.backbone_hidden_size
+        )
         self.inputs_embeds_projector = nn.Linear(config.backbone_hidden_size, config.hidden_size, bias=False)
 
     def embed(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -118,7 +129,9 @@ class CsmDepthDecoderModel(Transformer):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             inputs_embeds = self.embed(input_ids, positions)
             if backbone_last_hidden_state is not None:
-                inputs_embeds = torch.cat([backbone_last_hidden_state[:, None].to(inputs_embeds.dtype), inputs_embeds[:, 1:]], 1)
+                inputs_embeds = torch.cat(
+                    [backbone_last_hidden_state[:, None].to(inputs_embeds.dtype), inputs_embeds[:, 1:]], 1
+                )
         h = self.inputs_embeds_projector(inputs_embeds)
         return BackboneOutput(self.run_layers(h, torch.arange(h.shape[1], device=h.device)))
 
@@ -170,7 +183,9 @@ class CsmForConditionalGeneration(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_codebooks_embeddings:
-            self.depth_decoder.model.embed_tokens.weight = self.backbone_model.embed_tokens.embed_audio_tokens.weight
+            self.depth_decoder.model.embed_tokens.weight = (
+                self.backbone_model.embed_tokens.embed_audio_tokens.weight
+            )
 
     @property
     def device(self) -> torch.device:
@@ -214,7 +229,9 @@ class CsmForConditionalGeneration(nn.Module):
     def codec_dtype(self) -> torch.dtype:
         return next(self.codec_model.parameters()).dtype
 
-    def embed_inputs(self, input_ids, input_values=None, input_values_cutoffs=None, labels=None, audio_codes=None):
+    def embed_inputs(
+        self, input_ids, input_values=None, input_values_cutoffs=None, labels=None, audio_codes=None
+    ):
         """Embed text ids (B, T), placing encoded audio frames at audio tokens and the end-of-audio frame
         at audio-eos tokens. Returns (inputs_embeds, labels expanded to (B, T, K) when given).
 
@@ -227,12 +244,16 @@ class CsmForConditionalGeneration(nn.Module):
             frames = torch.cat(list(audio_codes)).to(input_ids.device)
         elif input_values is not None:
             if input_values_cutoffs is None:
-                raise ValueError("input_values needs input_values_cutoffs (each clip's end offset per row, -1 padded)")
+                raise ValueError(
+                    "input_values needs input_values_cutoffs (each clip's end offset per row, -1 padded)"
+                )
             codes, frame_mask = self.encode_audio_context(input_values, input_values_cutoffs)
             frames = codes[frame_mask]  # (total frames, K), in sequence order
         else:
             if labels is not None:
-                raise ValueError("labels need the audio they score: pass input_values and input_values_cutoffs too")
+                raise ValueError(
+                    "labels need the audio they score: pass input_values and input_values_cutoffs too"
+                )
             return h, None
         audio = input_ids == cfg.audio_token_id
         audio_eos = input_ids == cfg.audio_eos_token_id
@@ -275,7 +296,9 @@ class CsmForConditionalGeneration(nn.Module):
         audio_codes: pre-encoded clips instead of input_values (see `embed_inputs`).
         """
         if input_ids is not None and input_ids.dim() == 2:
-            inputs_embeds, labels = self.embed_inputs(input_ids, input_values, input_values_cutoffs, labels, audio_codes)
+            inputs_embeds, labels = self.embed_inputs(
+                input_ids, input_values, input_values_cutoffs, labels, audio_codes
+            )
             input_ids = None
         hidden = self.backbone_model(input_ids, attention_mask, inputs_embeds).last_hidden_state
         if logits_to_keep:
