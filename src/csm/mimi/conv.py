@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .derived import derived
 from .streaming import StreamingModule, StreamState
 
 
@@ -66,17 +67,37 @@ class Conv1d(StreamingModule):
         """x: (B, C_in, T). `lengths` (B,): valid samples of each row of a right-padded batch."""
         if stream is not None:
             return self._step(x, stream)
-        extra = -x.shape[-1] % self.stride
         if lengths is not None and self.stride > 1:
             # A clip's last stride window reaches past its end: alone it sees padding there, in a batch
             # it would see activations computed from the batch padding. Give it what it sees alone.
             x = self._pad_past(x, lengths)
+        frames = self.output_length(x.shape[-1])
+        if self.causal and self.pad_mode == "constant" and self.padding_total >= self.stride - 1:
+            # Zeros on both sides inside the conv, no padded copy of the input; the zeros on the right
+            # cover the last stride window, and the frames they add past it are dropped.
+            return self._conv(x, self.padding_total)[..., :frames]
+        extra = frames * self.stride - x.shape[-1]
         if self.causal:
             left, right = self.padding_total, extra
         else:
             right = self.padding_total // 2
             left, right = self.padding_total - right, right + extra
-        return self.conv(pad1d(x, left, right, self.pad_mode))
+        return self._conv(pad1d(x, left, right, self.pad_mode), 0)
+
+    def _conv(self, x: torch.Tensor, padding: int) -> torch.Tensor:
+        """The conv over x with `padding` zeros on both sides."""
+        conv = self.conv
+        if conv.out_channels > 1 or conv.groups > 1 or self.stride > 1:
+            return F.conv1d(x, conv.weight, conv.bias, self.stride, padding, conv.dilation, conv.groups)
+        # One output channel (SEANet's last layer): oneDNN is slow at it, while one matrix-vector
+        # product per tap on a shifted view of the input is not.
+        d, T = conv.dilation[0], x.shape[-1] + 2 * padding - self.kernel + 1
+        y = x.new_zeros(x.shape[0], 1, T) if conv.bias is None else conv.bias.expand(x.shape[0], 1, T).clone()
+        for j in range(conv.kernel_size[0]):
+            shift = j * d - padding  # output t reads input t + shift
+            lo, hi = max(0, -shift), min(T, x.shape[-1] - shift)
+            y[..., lo:hi] += torch.matmul(conv.weight[:, :, j], x[..., lo + shift : hi + shift])
+        return y
 
     def _pad_past(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         valid = torch.arange(x.shape[-1], device=x.device) < lengths[:, None]  # (B, T)
@@ -111,7 +132,7 @@ class Conv1d(StreamingModule):
         state.previous = x[..., consumed:].contiguous()
         if frames == 0:
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
-        return self.conv(x[..., : consumed + self.padding_total])
+        return self._conv(x[..., : consumed + self.padding_total], 0)
 
 
 class ConvTranspose1d(StreamingModule):
@@ -148,22 +169,20 @@ class ConvTranspose1d(StreamingModule):
         self.padding_right = math.ceil(padding_total * trim_right_ratio) if causal else padding_total // 2
         self.padding_left = padding_total - self.padding_right
         self.causal = causal
-        self._polyphase: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._polyphase_of: tuple | None = None
 
     def polyphase(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight (stride * C_out, C_in / groups, taps) and bias of the equivalent causal conv, cached per weights."""
+        """Weight (stride * C_out, C_in / groups, taps) and bias of the equivalent causal conv."""
+        return derived(self, "polyphase", [self.conv.weight, self.conv.bias], self._polyphase)
+
+    def _polyphase(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = self.conv.weight, self.conv.bias
-        key = tuple(_fingerprint(t) for t in (weight, bias) if t is not None)
-        if self._polyphase is None or self._polyphase_of != key or torch.is_grad_enabled():
-            c_in, c_out_g, k = weight.shape  # c_out_g: output channels per group
-            s, m, g = self.stride, self.taps, self.groups
-            w = F.pad(weight, (0, m * s - k)).view(g, c_in // g, c_out_g, m, s)  # tap r + i*s at [..., i, r]
-            # Output channel (group, phase r, channel o); the conv's last tap reads the newest frame (i = 0).
-            w = w.permute(0, 4, 2, 1, 3).flip(-1).reshape(g * s * c_out_g, c_in // g, m)
-            b = None if bias is None else bias.view(g, 1, c_out_g).expand(g, s, c_out_g).reshape(-1)
-            self._polyphase, self._polyphase_of = (w.contiguous(), b), key
-        return self._polyphase
+        c_in, c_out_g, k = weight.shape  # c_out_g: output channels per group
+        s, m, g = self.stride, self.taps, self.groups
+        w = F.pad(weight, (0, m * s - k)).view(g, c_in // g, c_out_g, m, s)  # tap r + i*s at [..., i, r]
+        # Output channel (group, phase r, channel o); the conv's last tap reads the newest frame (i = 0).
+        w = w.permute(0, 4, 2, 1, 3).flip(-1).reshape(g * s * c_out_g, c_in // g, m)
+        b = None if bias is None else bias.view(g, 1, c_out_g).expand(g, s, c_out_g).reshape(-1)
+        return w.contiguous(), b
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, taps - 1 + T) -> (B, C_out, T * stride)."""
@@ -199,12 +218,3 @@ class ConvTranspose1d(StreamingModule):
         x = torch.cat([state.previous, x], dim=-1)
         state.previous = x[..., x.shape[-1] - (self.taps - 1) :].contiguous()
         return self._run(x)
-
-
-def _fingerprint(t: torch.Tensor) -> tuple:
-    """Identifies a tensor's current values: storage, and version counter where it has one."""
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        version = None
-    return (t.data_ptr(), t.device, t.dtype, version)

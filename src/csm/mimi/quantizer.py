@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MimiConfig
+from .derived import derived
 
 
 class Codebook(nn.Module):
@@ -39,20 +40,18 @@ class ResidualVectorQuantizer(nn.Module):
         if dim != config.hidden_size:
             self.input_proj = nn.Conv1d(config.hidden_size, dim, 1, bias=False)
             self.output_proj = nn.Conv1d(dim, config.hidden_size, 1, bias=False)
-        self._centroids: torch.Tensor | None = None
-        self._centroids_of: tuple | None = None
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_centroids", None))
 
     def centroids(self) -> torch.Tensor:
-        """(Q, K, dim) float32 centroids, derived once per set of weights rather than on every call."""
-        sources = tuple(
+        """(Q, K, dim) float32 centroids of all codebooks."""
+        sources = [
             t for layer in self.layers for t in (layer.codebook.embed_sum, layer.codebook.cluster_usage)
+        ]
+        return derived(
+            self,
+            "centroids",
+            sources,
+            lambda: torch.stack([layer.codebook.centroids().float() for layer in self.layers]),
         )
-        key = tuple((t.data_ptr(), t.device, t.dtype) for t in sources)
-        if self._centroids is None or self._centroids_of != key:
-            self._centroids = torch.stack([layer.codebook.centroids().float() for layer in self.layers])
-            self._centroids_of = key
-        return self._centroids
 
     def encode(self, latents: torch.Tensor, num_quantizers: int) -> torch.Tensor:
         """(B, D, T) latents -> (B, num_quantizers, T) codes."""

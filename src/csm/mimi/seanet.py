@@ -24,9 +24,9 @@ class ResnetBlock(nn.Module):
         hidden = dim // config.compress
         self.block = nn.ModuleList(
             [
-                nn.ELU(),  # not in place: its input is the residual
+                nn.ELU(),
                 _conv(config, dim, hidden, config.residual_kernel_size, dilation=dilations[0]),
-                nn.ELU(inplace=True),
+                nn.ELU(),
                 _conv(config, hidden, dim, 1, dilation=dilations[1]),
             ]
         )
@@ -53,9 +53,9 @@ class SeanetEncoder(nn.Module):
                 ResnetBlock(config, dim, (config.dilation_growth_rate**j, 1))
                 for j in range(config.num_residual_layers)
             ]
-            layers += [nn.ELU(inplace=True), _conv(config, dim, dim * 2, ratio * 2, stride=ratio)]
+            layers += [nn.ELU(), _conv(config, dim, dim * 2, ratio * 2, stride=ratio)]
             dim *= 2
-        layers += [nn.ELU(inplace=True), _conv(config, dim, config.hidden_size, config.last_kernel_size)]
+        layers += [nn.ELU(), _conv(config, dim, config.hidden_size, config.last_kernel_size)]
         # Indices match the reference's `encoder.layers.{i}`, ELUs included.
         self.layers = nn.ModuleList(layers)
 
@@ -89,7 +89,7 @@ class SeanetDecoder(nn.Module):
         layers: list[nn.Module] = [_conv(config, config.hidden_size, dim, config.kernel_size)]
         for ratio in config.upsampling_ratios:
             layers += [
-                nn.ELU(inplace=True),
+                nn.ELU(),
                 ConvTranspose1d(
                     dim,
                     dim // 2,
@@ -104,7 +104,7 @@ class SeanetDecoder(nn.Module):
                 ResnetBlock(config, dim, (config.dilation_growth_rate**j, 1))
                 for j in range(config.num_residual_layers)
             ]
-        layers += [nn.ELU(inplace=True), _conv(config, dim, config.audio_channels, config.last_kernel_size)]
+        layers += [nn.ELU(), _conv(config, dim, config.audio_channels, config.last_kernel_size)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:

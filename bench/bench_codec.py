@@ -1,0 +1,113 @@
+"""Mimi encode/decode speed: ours against the reference (transformers' MimiModel) in the same run.
+
+    python bench/bench_codec.py                      # random weights, default (kyutai/mimi) config
+    python bench/bench_codec.py --checkpoint kyutai/mimi --seconds 10 --repeats 9
+
+Both models hold the same weights; ours and the reference's calls alternate, so both see the same
+machine load, and each figure is the median of the repeats. Also times our streaming decoder per frame,
+early in a stream and after it has run past the transformer's 250-step window
+(the default 300 frames are 600 transformer steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from csm.mimi import MimiModel
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(ours_fn, reference_fn, repeats: int) -> tuple[float, float]:
+    """Median seconds of ours and of the reference, calls alternating, after one warm-up each."""
+    ours_fn(), reference_fn()
+    ours, reference = [], []
+    for _ in range(repeats):
+        ours.append(timed(ours_fn))
+        reference.append(timed(reference_fn))
+    return statistics.median(ours), statistics.median(reference)
+
+
+def load_models(checkpoint: str | None):
+    import transformers
+
+    if checkpoint is None:
+        torch.manual_seed(0)
+        reference = transformers.MimiModel(transformers.MimiConfig())
+        with torch.no_grad():  # the reference's init leaves codebooks at zero: give them random centroids
+            for name, buffer in reference.named_buffers():
+                if name.endswith("embed_sum"):
+                    buffer.normal_()
+        folder = tempfile.mkdtemp()
+        reference.save_pretrained(folder)
+        checkpoint = folder
+    reference = transformers.MimiModel.from_pretrained(checkpoint).eval()
+    return MimiModel.from_pretrained(checkpoint), reference
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", help="Mimi checkpoint folder or hub id (default: random weights)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="audio length per clip")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--stream-frames", type=int, default=300, help="frames to stream through our decoder")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ours, reference = load_models(args.checkpoint)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} cores "
+        f"({platform.machine()}), load average {os.getloadavg()[0]:.2f} at start"
+    )
+    print(f"{args.seconds:g} s clips, median of {args.repeats}; speedup = reference time / our time\n")
+    print(f"{'':8} {'batch':>5} {'ours (s)':>9} {'ref (s)':>9} {'speedup':>8} {'ours x realtime':>16}")
+    samples = int(args.seconds * ours.sampling_rate)
+    with torch.inference_mode():
+        for batch in args.batch:
+            audio = torch.randn(batch, 1, samples, generator=torch.Generator().manual_seed(0)) * 0.1
+            codes = ours.encode(audio)
+            rows = {
+                "encode": compare(
+                    lambda a=audio: ours.encode(a), lambda a=audio: reference.encode(a), args.repeats
+                ),
+                "decode": compare(
+                    lambda c=codes: ours.decode(c), lambda c=codes: reference.decode(c), args.repeats
+                ),
+            }
+            for name, (mine, theirs) in rows.items():
+                realtime = batch * args.seconds / mine
+                print(
+                    f"{name:8} {batch:>5} {mine:>9.3f} {theirs:>9.3f} {theirs / mine:>7.2f}x {realtime:>15.1f}x"
+                )
+
+        codes = torch.randint(
+            0, ours.config.codebook_size, (1, ours.config.num_quantizers, args.stream_frames)
+        )
+        stream = ours.streaming_decoder(batch_size=1)
+        per_frame = [timed(lambda i=i: stream.step(codes[..., i : i + 1])) for i in range(args.stream_frames)]
+        early, late = statistics.median(per_frame[1:51]), statistics.median(per_frame[-50:])
+        print(f"\nload average {os.getloadavg()[0]:.2f} at end")
+        print(
+            f"streaming decode, batch 1, one frame (80 ms of audio) per step: median {early * 1e3:.1f} ms "
+            f"over frames 2-51, {late * 1e3:.1f} ms over the last 50 of {args.stream_frames}"
+        )
+
+
+if __name__ == "__main__":
+    main()
