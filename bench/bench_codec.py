@@ -49,11 +49,10 @@ def load_models(checkpoint: str | None):
             for name, buffer in reference.named_buffers():
                 if name.endswith("embed_sum"):
                     buffer.normal_()
-        folder = tempfile.mkdtemp()
-        reference.save_pretrained(folder)
-        checkpoint = folder
-    reference = transformers.MimiModel.from_pretrained(checkpoint).eval()
-    return MimiModel.from_pretrained(checkpoint), reference
+        with tempfile.TemporaryDirectory() as folder:
+            reference.save_pretrained(folder)
+            return MimiModel.from_pretrained(folder), reference.eval()
+    return MimiModel.from_pretrained(checkpoint), transformers.MimiModel.from_pretrained(checkpoint).eval()
 
 
 def main() -> None:

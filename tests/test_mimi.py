@@ -103,6 +103,43 @@ def test_codes_and_audio_match_reference_on_default_config(full_size):
         )
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(use_causal_conv=False, pad_mode="reflect"),
+        dict(trim_right_ratio=0.5),
+        dict(pad_mode="replicate"),
+        dict(use_conv_shortcut=True, num_residual_layers=2, compress=4),
+        dict(upsampling_ratios=[4, 3], kernel_size=5, residual_kernel_size=5, dilation_growth_rate=3),
+        dict(vector_quantization_hidden_dimension=32, codebook_dim=32, num_semantic_quantizers=2),
+        dict(hidden_act="relu", attention_bias=True, head_dim=8, num_attention_heads=4),
+    ],
+)
+def test_config_variants_match_reference(tmp_path, variant):
+    reference = reference_model(**{**SMALL, **variant})
+    ours = converted(reference, tmp_path)
+    audio = random_audio(2, 5000)
+    with torch.no_grad():
+        codes = ours.encode(audio)
+        torch.testing.assert_close(codes, reference.encode(audio).audio_codes, rtol=0, atol=0)
+        torch.testing.assert_close(
+            ours.decode(codes), reference.decode(codes).audio_values, rtol=0, atol=1e-3
+        )
+
+
+def test_config_without_resampling_runs():
+    # frame_rate equal to the SEANet rate drops downsample/upsample (the reference cannot run this one).
+    ours = MimiModel(MimiConfig.from_dict({**SMALL, "frame_rate": 25.0})).eval()
+    assert ours.downsample is None and ours.upsample is None and ours.samples_per_frame == 960
+    codes = ours.encode(random_audio(1, 3000))
+    assert codes.shape == (1, 4, 4) and ours.encoded_length(3000) == 4
+    assert ours.decode(codes).shape == (1, 1, 4 * 960)
+    stream = ours.streaming_decoder()
+    torch.testing.assert_close(
+        torch.cat([stream.step(codes[..., :1]), stream.step(codes[..., 1:])], -1), ours.decode(codes)
+    )
+
+
 def test_sliding_window_matches_reference_past_the_window(tmp_path):
     # A window of 4 transformer steps, so a short clip runs well past it in both transformers.
     reference = reference_model(**{**SMALL, "sliding_window": 4})
@@ -170,6 +207,7 @@ def test_config_round_trips_through_reference():
     assert theirs.frame_rate == ours.frame_rate and theirs.frame_size == ours.frame_size
     assert ours.to_dict()["model_type"] == "mimi"
     assert MimiConfig.from_dict(transformers.MimiConfig().to_dict()) == MimiConfig()
+    assert MimiConfig.from_dict(transformers.MimiConfig(frame_rate=25.0).to_dict()).frame_rate == 25.0
 
 
 def test_config_reads_kyutai_and_csm_layouts(tmp_path):

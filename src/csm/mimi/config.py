@@ -124,8 +124,10 @@ class MimiConfig:
         d = dict(d)
         if "rope_theta" in d and not d.get("rope_parameters"):
             d["rope_parameters"] = {"rope_theta": d["rope_theta"], "rope_type": "default"}
-        if d.get("frame_rate") is not None:
-            d["frame_rate_override"] = d["frame_rate"]
+        # kyutai/mimi says `frame_rate`; the reference saves it as `_frame_rate` (null when derived).
+        frame_rate = d.get("frame_rate", d.get("_frame_rate"))
+        if frame_rate is not None:
+            d["frame_rate_override"] = frame_rate
         names = {f.name for f in dataclasses.fields(cls)}
         # Unknown keys (transformers bookkeeping, dtype, ...) change nothing in the codec: leave them.
         return cls(**{k: v for k, v in d.items() if k in names})

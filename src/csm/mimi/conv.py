@@ -184,10 +184,10 @@ class ConvTranspose1d(StreamingModule):
         b = None if bias is None else bias.view(g, 1, c_out_g).expand(g, s, c_out_g).reshape(-1)
         return w.contiguous(), b
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C_in, taps - 1 + T) -> (B, C_out, T * stride)."""
+    def _run(self, x: torch.Tensor, padding: int) -> torch.Tensor:
+        """(B, C_in, T) -> (B, C_out, (T + 2 * padding - taps + 1) * stride), `padding` zero frames each side."""
         weight, bias = self.polyphase()
-        z = F.conv1d(x, weight, bias, groups=self.groups)  # (B, groups * stride * C_out / groups, T)
+        z = F.conv1d(x, weight, bias, padding=padding, groups=self.groups)  # (B, stride * C_out, frames)
         B, _, T = z.shape
         z = z.view(B, self.groups, self.stride, -1, T).permute(0, 1, 3, 4, 2)
         return z.reshape(B, -1, T * self.stride)
@@ -196,11 +196,13 @@ class ConvTranspose1d(StreamingModule):
         """x: (B, C_in, T) -> (B, C_out, T * stride)."""
         if stream is not None:
             return self._step(x, stream)
-        T = x.shape[-1]
-        # Frames past the end reach the kept output only when the trim is not all on the right.
-        ahead = -(-self.padding_left // self.stride)
-        y = self._run(F.pad(x, (self.taps - 1, ahead)))
-        return y[..., self.padding_left : self.padding_left + T * self.stride]
+        T, s = x.shape[-1], self.stride
+        # Zero frames on the left make it causal (taps - 1 of them). Frames past the end matter only
+        # when the trim is not all on the right; as many on the right since conv padding is symmetric.
+        padding = max(self.taps - 1, -(-self.padding_left // s))
+        y = self._run(x, padding)
+        start = (padding - self.taps + 1) * s + self.padding_left
+        return y[..., start : start + T * self.stride]
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> _ConvState:
         if not self.causal or self.padding_left:
@@ -217,4 +219,4 @@ class ConvTranspose1d(StreamingModule):
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
         x = torch.cat([state.previous, x], dim=-1)
         state.previous = x[..., x.shape[-1] - (self.taps - 1) :].contiguous()
-        return self._run(x)
+        return self._run(x, 0)
