@@ -412,3 +412,19 @@ def test_errors_name_the_problem(small):
 def test_zero_frames_decode_to_no_audio(small):
     _, ours = small
     assert ours.decode(torch.zeros(2, 4, 0, dtype=torch.long)).shape == (2, 1, 0)
+
+
+def test_bfloat16_weights_encode_and_decode(small, tmp_path):
+    _, ours = small
+    ours.save_pretrained(tmp_path)
+    half = MimiModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert (
+        half.quantizer.semantic_residual_vector_quantizer.layers[0].codebook.embed_sum.dtype == torch.float32
+    )
+    codes = random_codes(ours, 1, 5)
+    audio, expected = half.decode(codes), ours.decode(codes)
+    assert audio.dtype == torch.bfloat16
+    assert (audio.float() - expected).norm() / expected.norm() < 0.05
+    assert half.encode(random_audio(1, 4000)).shape == (1, 4, 3)
+    assert half.streaming_decoder().step(codes).dtype == torch.bfloat16

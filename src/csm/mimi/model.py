@@ -84,7 +84,7 @@ class MimiModel(nn.Module):
                 total *= m.stride
         return total
 
-    def encoded_length(self, num_samples):
+    def encoded_length(self, num_samples: int | torch.Tensor) -> int | torch.Tensor:
         """Frames that `encode` gives for `num_samples` samples (an int or a tensor of lengths)."""
         frames = self.encoder.output_length(num_samples)
         return frames if self.downsample is None else self.downsample.output_length(frames)
@@ -105,8 +105,10 @@ class MimiModel(nn.Module):
         """Audio (B, 1, T) in [-1, 1] -> codes (B, Q, ceil(T / 1920)).
 
         padding_mask: (B, T) or (B, 1, T), nonzero on samples, zero on padding at the end of each row.
-        Each clip then gets the codes it gets alone for its first `encoded_length(len_i)` frames;
-        the frames after those are padding.
+        With it, clip i gets in its first `encoded_length(len_i)` frames the codes it gets alone (for
+        causal convolutions, as in Mimi); the frames after those are padding. Without it, every row is
+        taken as T samples of audio.
+        num_quantizers: the first Q codebooks (default all 32).
         """
         audio = self._check_audio(audio)
         num_quantizers = self._check_num_quantizers(num_quantizers)
@@ -254,7 +256,11 @@ class MimiModel(nn.Module):
         # A CSM checkpoint holds the codec under `codec_model.`: read only those tensors.
         state = _read_tensors(folder, "codec_model." if "codec_config" in raw else "", device)
         if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            # Codebooks stay float32: nearest-centroid search is where low precision changes codes.
+            state = {
+                k: v.to(dtype) if v.is_floating_point() and ".codebook." not in k else v
+                for k, v in state.items()
+            }
         with torch.device("meta"):
             model = cls(config)
         load_into(model, state, source=str(folder))

@@ -46,6 +46,16 @@ class KVCache:
     values: list[torch.Tensor]
     positions: torch.Tensor  # (window,) position held by each slot, -1 while empty
     offset: int = 0  # position of the next frame
+    slots: torch.Tensor | None = None  # ring slots of the current step's newest frames
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values to attend to (the ring, then the new frames); the newest then enter the ring."""
+        keys = torch.cat([self.keys[layer], k], dim=2)
+        values = torch.cat([self.values[layer], v], dim=2)
+        window = self.positions.shape[0]
+        self.keys[layer].index_copy_(2, self.slots, k[:, :, -window:])
+        self.values[layer].index_copy_(2, self.slots, v[:, :, -window:])
+        return keys, values
 
 
 class LayerScale(nn.Module):
@@ -77,23 +87,15 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
-        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, T, D); mask (T, keys) of allowed keys, None for plain causal; `cache` when streaming."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            # Attend over the window held so far plus the new frames, then keep the newest in the ring.
-            keys, values = (
-                torch.cat([cache.keys[layer], k], dim=2),
-                torch.cat([cache.values[layer], v], dim=2),
-            )
-            window = cache.positions.shape[0]
-            cache.keys[layer].index_copy_(2, slots, k[:, :, -window:])
-            cache.values[layer].index_copy_(2, slots, v[:, :, -window:])
-            k, v = keys, values
+            k, v = cache.attend(layer, k, v)
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -122,10 +124,17 @@ class TransformerLayer(nn.Module):
         self.self_attn_layer_scale = LayerScale(config.hidden_size, config.layer_scale_initial_scale)
         self.mlp_layer_scale = LayerScale(config.hidden_size, config.layer_scale_initial_scale)
 
-    def forward(self, x: torch.Tensor, cos, sin, mask, cache=None, layer=0, slots=None) -> torch.Tensor:
-        x = x + self.self_attn_layer_scale(
-            self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slots)
-        )
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        x = x + self.self_attn_layer_scale(h)
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -172,9 +181,9 @@ class Transformer(StreamingModule):
         held = torch.cat([cache.positions, positions])  # positions of the keys attended: ring, then new
         delta = positions[:, None] - held[None, :]
         mask = (delta >= 0) & (delta < self.window) & (held >= 0)
-        slots = positions[-self.window :] % self.window
+        cache.slots = positions[-self.window :] % self.window
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, slots)
-        cache.positions[slots] = positions[-self.window :]
+            x = layer(x, cos, sin, mask, cache, i)
+        cache.positions[cache.slots] = positions[-self.window :]
         cache.offset += T
         return x
