@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from csm.mimi import MimiConfig, MimiModel
 
@@ -321,6 +323,18 @@ def test_streaming_encode_equals_full_encode(tmp_path, window):
     chunks.append(stream.flush())
     assert start >= audio.shape[-1]
     torch.testing.assert_close(torch.cat(chunks, dim=-1), ours.encode(audio), rtol=0, atol=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(samples=st.integers(1, 12_000), cuts=st.lists(st.integers(0, 12_000), max_size=6))
+def test_streaming_encode_equals_full_encode_for_any_chunking(small, samples, cuts):
+    _, ours = small
+    audio = random_audio(1, samples)
+    stream = ours.streaming_encoder()
+    bounds = [0, *sorted(c for c in cuts if c < samples), samples]
+    chunks = [stream.step(audio[..., a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    codes = torch.cat([*chunks, stream.flush()], dim=-1)
+    torch.testing.assert_close(codes, ours.encode(audio), rtol=0, atol=0)
 
 
 def test_streaming_encoder_gives_a_frame_per_frame_of_audio(small):
