@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=32, help="prompt length in text tokens")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--compile", action="store_true", help="ours with the frame step compiled (torch.compile)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +108,7 @@ def main() -> None:
         ours = CsmForConditionalGeneration.from_pretrained(tmp, dtype=dtype)
 
     def run_ours(ids, n):
-        ours.generate(input_ids=ids, max_new_tokens=n, **GREEDY)
+        ours.generate(input_ids=ids, max_new_tokens=n, compile=args.compile, **GREEDY)
 
     def run_ref(ids, n):
         with torch.no_grad():

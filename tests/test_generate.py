@@ -205,3 +205,30 @@ def test_precomputed_audio_codes_stand_in_for_audio(setup):
     a = ours.generate(**text_only, audio_codes=clips, max_new_tokens=3, **GREEDY)
     b = ours.generate(**inputs, max_new_tokens=3, **GREEDY)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_frame_step_gives_the_eager_codes_and_compiles_once(setup):
+    """torch.compile of the whole frame step (minutes on CPU; CUDA graphs on a GPU)."""
+    import torch._dynamo
+
+    ours, _, inputs = setup
+    eager = ours.generate(**inputs, max_new_tokens=4, **GREEDY)
+    torch._dynamo.reset()
+    compiled = ours.generate(**inputs, max_new_tokens=4, compile=True, **GREEDY)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    again = ours.generate(**inputs, max_new_tokens=4, compile=True, **GREEDY)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # reused, not recompiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphed_step_gives_the_eager_codes(tmp_path):
+    ref = reference_csm(seed=5)
+    ref.save_pretrained(tmp_path)
+    ours = CsmForConditionalGeneration.from_pretrained(tmp_path, device="cuda")
+    ids = torch.randint(4, 300, (2, 12), device="cuda")
+    eager = ours.generate(input_ids=ids, max_new_tokens=6, **GREEDY)
+    graphed = ours.generate(input_ids=ids, max_new_tokens=6, compile=True, **GREEDY)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)

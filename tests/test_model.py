@@ -232,3 +232,46 @@ def test_labels_without_audio_are_a_clear_error(pair):
     ids, _ = text_batch([5], 5)
     with pytest.raises(ValueError, match="input_values"):
         ours(input_ids=ids, labels=ids)
+
+
+def test_loss_with_audio_context_matches_reference(csm_checkpoint, tmp_path):
+    """Labels from the processor (output_labels=True), audio encoded by each side's own codec."""
+    from fixtures import write_reference_processor
+
+    from csm import CsmProcessor
+
+    path, ref = csm_checkpoint
+    write_reference_processor(tmp_path)
+    processor = CsmProcessor.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    clip = lambda n: (0.1 * torch.randn(n, generator=g)).numpy()  # noqa: E731
+    conversation = [
+        {
+            "role": "0",
+            "content": [{"type": "text", "text": "Hello there."}, {"type": "audio", "audio": clip(9000)}],
+        },
+        {
+            "role": "1",
+            "content": [{"type": "text", "text": "How are you?"}, {"type": "audio", "audio": clip(12000)}],
+        },
+    ]
+    inputs = processor.apply_chat_template(
+        [conversation, conversation[:1]],
+        tokenize=True,
+        return_dict=True,
+        output_labels=True,
+        depth_decoder_labels_ratio=0.5,
+    )
+    ours = CsmForConditionalGeneration.from_pretrained(path)
+    with torch.no_grad():
+        a = ours(**inputs)
+        b = ref(
+            **{
+                k: inputs[k]
+                for k in ("input_ids", "attention_mask", "input_values", "input_values_cutoffs", "labels")
+            }
+        )
+    for name in ("loss", "backbone_loss", "depth_decoder_loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+    real = inputs["attention_mask"].bool()  # padded positions hold garbage on both sides
+    torch.testing.assert_close(a.logits[real], b.logits[real], atol=1e-4, rtol=1e-4)

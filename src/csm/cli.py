@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps")
     serve.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto")
-    serve.add_argument("--max-frames", type=int, default=None, help="frame cap per request (12.5 frames per second)")
+    serve.add_argument(
+        "--max-frames", type=int, default=None, help="frame cap per request (12.5 frames per second)"
+    )
     serve.add_argument(
         "--max-batch-size", type=int, default=8, help="requests generated together (default: %(default)s)"
     )
@@ -354,9 +356,7 @@ def cmd_finetune(argv: list[str]) -> int:
     try:
         from .train import add_finetune_arguments, run_finetune
     except ImportError as e:
-        raise CliError(
-            f"`csm finetune` is not available in this install ({e})"
-        ) from None
+        raise CliError(f"`csm finetune` is not available in this install ({e})") from None
     parser = argparse.ArgumentParser(prog="csm finetune", description="Fine-tune CSM on your recordings.")
     add_finetune_arguments(parser)
     return int(run_finetune(parser.parse_args(argv)) or 0)

@@ -126,6 +126,7 @@ class FrameEngine:
         device, dtype = model.device, model.dtype
         model.backbone_model.setup_caches(batch_size, max_seq_len, dtype, device)
         model.depth_decoder.model.setup_caches(batch_size, self.K, dtype, device)
+        self.caches = [layer.self_attn.kv_cache for layer in self.layers()]
         self.valid = torch.zeros(
             batch_size, max_seq_len, dtype=torch.bool, device=device
         )  # keys a row may see
@@ -146,6 +147,14 @@ class FrameEngine:
                 self._frame, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True
             )
 
+    def layers(self):
+        return [*self.model.backbone_model.layers, *self.model.depth_decoder.model.layers]
+
+    def install(self) -> None:
+        """Point the model's layers at this engine's caches (another engine may have replaced them)."""
+        for layer, cache in zip(self.layers(), self.caches):
+            layer.self_attn.kv_cache = cache
+
     # ---- prefill ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -154,6 +163,7 @@ class FrameEngine:
     ) -> None:
         """Run the prompt embeds (b, T, D) for rows `rows` (default: all), left padding given by attention_mask."""
         rows = rows or slice(0, embeds.shape[0])
+        self.install()
         b, T, _ = embeds.shape
         device = embeds.device
         if attention_mask is None:
@@ -343,7 +353,7 @@ def start(
         model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs
     )
     B, T, _ = embeds.shape
-    engine = FrameEngine(model, B, T + config.max_new_tokens, compile=compile)
+    engine = engine_for(model, B, T + config.max_new_tokens, compile)
     engine.backbone_sampling.set(slice(None), config.backbone)
     engine.depth_sampling.set(slice(None), config.depth_decoder)
     engine.prefill(embeds, attention_mask)
@@ -351,6 +361,24 @@ def start(
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     return engine, config, generator
+
+
+def engine_for(model, batch_size: int, max_seq_len: int, compile: bool) -> FrameEngine:
+    """A fresh engine; a compiled one is sized to the whole context and kept on the model, so later
+    calls with the same batch size reuse its compiled step instead of compiling again."""
+    if not compile:
+        return FrameEngine(model, batch_size, max_seq_len)
+    size = model.config.max_position_embeddings
+    engine = getattr(model, "_compiled_engine", None)
+    if engine is None or engine.batch_size != batch_size or engine.max_seq_len != size:
+        engine = model._compiled_engine = FrameEngine(model, batch_size, size, compile=True)
+    return engine
+
+
+def finish(engine: FrameEngine) -> None:
+    """Free an engine's caches unless the model keeps it for its compiled step."""
+    if engine is not getattr(engine.model, "_compiled_engine", None):
+        engine.release()
 
 
 def iterate_frames(
@@ -429,7 +457,7 @@ def generate(
     try:
         blocks = list(iterate_frames(engine, config.max_new_tokens, generator, sync_every))
     finally:
-        engine.release()
+        finish(engine)
     eos = model.config.codebook_eos_token_id
     codes = trim_to_reference(torch.cat(blocks, 1), eos)
     if not bool((codes[..., :-1] == eos).all(-1).any(-1).all()):
@@ -517,7 +545,7 @@ def generate_stream(
                 reached_eos = True
                 return
     finally:
-        engine.release()
+        finish(engine)
     if not reached_eos:
         warnings.warn(
             f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows",
