@@ -118,7 +118,8 @@ def main() -> None:
 
     warnings.simplefilter("ignore")
     print(
-        f"size={args.size} dtype={args.dtype} threads={torch.get_num_threads()} frames={args.frames} repeats={args.repeats}"
+        f"size={args.size} dtype={args.dtype} threads={torch.get_num_threads()} frames={args.frames} "
+        f"repeats={args.repeats} compile={args.compile}"
     )
     if args.size == "full":
         bw = matvec_bandwidth(dtype)
