@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_models import quiet_transformers, tiny_csm_config  # noqa: E402
+from reference_models import LLAMA3_ROPE, quiet_transformers, tiny_csm_config  # noqa: E402
 
 from csm import CsmForConditionalGeneration  # noqa: E402
 
@@ -34,14 +34,7 @@ def reference_model(size: str, dtype: torch.dtype):
     quiet_transformers()
     config = CsmConfig(**tiny_csm_config(32)) if size == "tiny" else CsmConfig()
     if size == "full":
-        config.rope_parameters = dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=32.0,
-            high_freq_factor=4.0,
-            low_freq_factor=1.0,
-            original_max_position_embeddings=8192,
-        )
+        config.rope_parameters = dict(LLAMA3_ROPE)
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = Reference(config).to(dtype).eval()

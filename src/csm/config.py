@@ -12,6 +12,15 @@ from typing import Any
 from .checkpoint import CONFIG_NAME, CheckpointError, read_json, resolve_checkpoint
 
 DEFAULT_ROPE_THETA = 500000.0
+# csm-1b's RoPE (Llama-3.2 scaling), as its config.json states it.
+CSM_1B_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=DEFAULT_ROPE_THETA,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
 
 
 def _rope_parameters(d: dict) -> dict:

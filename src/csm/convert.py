@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_safetensors, read_json, resolve_checkpoint
-from .config import CsmConfig, CsmDepthDecoderConfig
+from .config import CSM_1B_ROPE, CsmConfig, CsmDepthDecoderConfig
 
 # Sesame's config.json names its transformers by flavor; these are the sizes behind the names.
 FLAVORS = {
@@ -62,14 +62,7 @@ def config_from_original(original: dict) -> CsmConfig:
         decoder = FLAVORS[original.get("decoder_flavor", "llama-100M")]
     except KeyError as e:
         raise CheckpointError(f"unknown flavor {e}; known: {', '.join(FLAVORS)}") from None
-    rope = dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=32.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    )
+    rope = dict(CSM_1B_ROPE)
     k = original.get("audio_num_codebooks", 32)
     v = original.get("audio_vocab_size", 2051)
     return CsmConfig(
