@@ -99,3 +99,21 @@ def test_sesame_flavors_give_csm_1b_sizes():
     with pytest.raises(CheckpointError, match="unknown flavor"):
         config_from_original({"backbone_flavor": "llama-70B"})
     json.dumps(config.to_dict())
+
+
+def test_convert_command_writes_a_loadable_checkpoint(tmp_path):
+    from csm.cli import main
+
+    ref = write_reference_csm(tmp_path / "ref")
+    ref.codec_model.save_pretrained(tmp_path / "mimi")
+    (tmp_path / "sesame").mkdir()
+    torch.save(sesame_state_dict(ref), tmp_path / "sesame" / "ckpt.pt")
+    args = ["convert", str(tmp_path / "sesame" / "ckpt.pt"), str(tmp_path / "out")]
+    assert main([*args, "--codec", str(tmp_path / "mimi"), "--config", str(tmp_path / "ref")]) == 0
+    ours = CsmForConditionalGeneration.from_pretrained(tmp_path / "out")
+    codes = torch.randint(0, 2051, (1, 5, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(input_ids=codes).logits, ref(input_ids=codes).logits, atol=1e-4, rtol=1e-4
+        )
+    assert main([*args, "--codec", str(tmp_path / "mimi")]) != 0  # refuses to overwrite
