@@ -268,3 +268,16 @@ def test_32_concurrent_requests_complete_and_are_batched(client):
     stats = client.get("/health").json()["scheduler"]
     assert stats["completed"] - before == 32
     assert stats["max_active_rows"] > 1
+
+
+def test_a_seeded_request_gives_the_same_audio_alone_and_batched(client):
+    alone = speak(client, response_format="pcm", seed=11).content
+    with ThreadPoolExecutor(6) as pool:
+        others = [
+            pool.submit(speak, client, response_format="pcm", input=f"Other request {i}.") for i in range(5)
+        ]
+        batched = pool.submit(speak, client, response_format="pcm", seed=11)
+        for f in others:
+            assert f.result(timeout=120).status_code == 200
+        assert batched.result(timeout=120).content == alone
+    assert client.get("/health").json()["scheduler"]["max_active_rows"] > 1

@@ -226,11 +226,20 @@ class FrameEngine:
         return frame, h[:, -1], valid
 
     @torch.inference_mode()
-    def next_frame(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Advance every row by one frame; returns the codes (B, K) (finished rows give pad frames)."""
+    def next_frame(self, generator: torch.Generator | list | None = None) -> torch.Tensor:
+        """Advance every row by one frame; returns the codes (B, K) (finished rows give pad frames).
+
+        `generator` draws the sampling noise: one for the whole batch, or a list with one per row, so that
+        a row's draws depend on its own generator alone, whatever else shares the batch.
+        """
         noise = self.unit_noise
         if self.backbone_sampling.any_sample or self.depth_sampling.any_sample:
-            noise = torch.empty_like(noise).exponential_(generator=generator)
+            noise = torch.empty_like(noise)
+            if isinstance(generator, (list, tuple)):
+                for row, g in enumerate(generator):
+                    noise[row].exponential_(generator=g)
+            else:
+                noise.exponential_(generator=generator)
         frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid, noise)
         cfg = self.model.config
         frame = torch.where(self.finished[:, None], cfg.codebook_pad_token_id, frame)

@@ -6,9 +6,8 @@ budget, or its client goes away, and its row is free for the next request on the
 Each request decodes its own frames with its own streaming codec decoder and receives audio chunks on
 an asyncio queue.
 
-Seeds: every step draws its sampling noise for all rows from one generator. A request that carries a
-seed and is the only live row uses its own generator for that step, so a seeded request that runs alone
-is reproducible; once it shares steps with other requests, its draws depend on theirs.
+Seeds: each row draws its sampling noise from its own generator (a seeded one for a request with a
+seed, the scheduler's shared one otherwise), so a seeded request gives the same audio alone or batched.
 """
 
 from __future__ import annotations
@@ -196,11 +195,12 @@ class Scheduler:
         live = [b for b in live if self.rows[b] is not None]
         if not live:
             return
-        generator = self.shared_generator
-        if len(live) == 1 and self.rows[live[0]].generator is not None:
-            generator = self.rows[live[0]].generator
+        generators = [
+            row.generator if row is not None and row.generator is not None else self.shared_generator
+            for row in self.rows
+        ]
         self.batch_histogram[len(live)] += 1
-        codes = engine.next_frame(generator).cpu()  # (B, K)
+        codes = engine.next_frame(generators).cpu()  # (B, K)
         for b in live:
             row = self.rows[b]
             frame = codes[b]
