@@ -111,13 +111,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv=None) -> torch.Tensor:
+        """x (B, T, D). Keys and values go through `kv(k, v) -> (k, v)` when given (a caller's own
+        cache, e.g. the codec's ring), else through this layer's KVCache at `input_pos`."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if kv is not None:
+            k, v = kv(k, v)
+        elif self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         y = F.scaled_dot_product_attention(
             q,
