@@ -66,6 +66,14 @@ class _JsonConfig:
         folder = resolve_checkpoint(path_or_repo_id, allow_patterns=[CONFIG_NAME])
         return cls.from_dict(read_json(folder))
 
+    def _complete_llama_fields(self) -> None:
+        """Derive what a Llama config may leave out, and refuse what our block does not implement."""
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported; CSM uses 'silu'")
+
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -99,11 +107,7 @@ class CsmDepthDecoderConfig(_JsonConfig):
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.hidden_act != "silu":
-            raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported; CSM uses 'silu'")
+        self._complete_llama_fields()
 
 
 @dataclass
@@ -147,17 +151,13 @@ class CsmConfig(_JsonConfig):
     def __post_init__(self):
         from .mimi import MimiConfig
 
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        self._complete_llama_fields()
         if isinstance(self.depth_decoder_config, dict):
             self.depth_decoder_config = CsmDepthDecoderConfig.from_dict(self.depth_decoder_config)
         if self.codec_config is None:
             self.codec_config = MimiConfig()
         elif isinstance(self.codec_config, dict):
             self.codec_config = MimiConfig.from_dict(self.codec_config)
-        if self.hidden_act != "silu":
-            raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported; CSM uses 'silu'")
         if self.depth_decoder_config.num_codebooks != self.num_codebooks:
             raise CheckpointError(
                 f"num_codebooks differs: backbone {self.num_codebooks}, depth decoder "
