@@ -275,3 +275,12 @@ def test_loss_with_audio_context_matches_reference(csm_checkpoint, tmp_path):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
     real = inputs["attention_mask"].bool()  # padded positions hold garbage on both sides
     torch.testing.assert_close(a.logits[real], b.logits[real], atol=1e-4, rtol=1e-4)
+
+
+def test_configs_we_cannot_run_are_refused():
+    with pytest.raises(CheckpointError, match="hidden_act 'gelu' is not supported"):
+        CsmConfig(hidden_act="gelu")
+    with pytest.raises(CheckpointError, match="num_codebooks differs"):
+        CsmConfig(num_codebooks=16)
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        CsmForConditionalGeneration(CsmConfig(num_hidden_layers=0, rope_parameters={"rope_type": "yarn"}))
