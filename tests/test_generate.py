@@ -5,8 +5,10 @@ import torch
 from fixtures import write_reference_processor
 from reference_models import reference_csm
 
+import csm.llama
 from csm import CsmForConditionalGeneration
 from csm.generate import RowSampling, sample
+from csm.llama import packable
 from csm.processor import CsmProcessor
 
 GREEDY = dict(do_sample=False, depth_decoder_do_sample=False)
@@ -68,6 +70,20 @@ def test_greedy_audio_matches_reference(setup):
     for a, b in zip(got, expected):
         assert a.shape == b.shape == (4 * 1920,)
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not packable(torch.zeros(1)), reason="oneDNN is not available")
+def test_greedy_codes_match_reference_with_every_weight_prepacked(setup, monkeypatch):
+    ours, ref, inputs = setup
+    monkeypatch.setattr(csm.llama, "PACK_MIN_NUMEL", 0)  # the tiny model's matrices are below the default
+    expected = ref.generate(**reference_inputs(inputs), max_new_tokens=6, **GREEDY)
+    try:
+        got = ours.generate(**inputs, max_new_tokens=6, **GREEDY)
+        packed = [m for m in ours.modules() if getattr(m, "packed", None) is not None]
+    finally:
+        ours.unpack()
+    assert len(packed) == 2 * 7 + 2 * 7 + 3
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

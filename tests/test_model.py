@@ -1,13 +1,16 @@
 """The core model against the reference (transformers) on the same random weights."""
 
+import copy
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference_models import BOS, PAD, TEXT_VOCAB, write_reference_csm
 
 from csm import CsmConfig, CsmForConditionalGeneration
 from csm.checkpoint import CheckpointError
+from csm.llama import Linear, one_query_attention, packable
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +287,56 @@ def test_configs_we_cannot_run_are_refused():
         CsmConfig(num_codebooks=16)
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
         CsmForConditionalGeneration(CsmConfig(num_hidden_layers=0, rope_parameters={"rope_type": "yarn"}))
+
+
+needs_onednn = pytest.mark.skipif(not packable(torch.zeros(1)), reason="oneDNN is not available")
+
+
+@needs_onednn
+def test_prepacked_linear_follows_its_weight():
+    lin, x = Linear(256, 96), torch.randn(3, 256)
+    lin.pack()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        lin.weight.mul_(2)  # in place: the pack is stale and must not be served
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
+        lin.pack()
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        lin.weight.data = torch.randn(96, 256)  # replaced
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
+    lin.pack()
+    lin(x).sum().backward()  # with autograd on the weight itself is used, so it gets its gradient
+    torch.testing.assert_close(lin.weight.grad, x.sum(0).expand(96, -1))
+    copied = copy.deepcopy(lin)  # oneDNN tensors cannot be copied: the copy comes without the pack
+    assert lin.packed is not None and copied.packed is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_model_gives_the_same_logits(pair, dtype):
+    ours = copy.deepcopy(pair[0]).to(dtype)
+    ids, mask = text_batch([5, 9], 9)
+    with torch.inference_mode():
+        plain = ours(input_ids=ids, attention_mask=mask)
+        ours.prepack(min_numel=0)
+        n_packed = sum(getattr(m, "packed", None) is not None for m in ours.modules())
+        got = ours(input_ids=ids, attention_mask=mask)
+    assert n_packed == 2 * 7 + 2 * 7 + 3  # every layer's 7 matrices, lm_head, projector, codebook heads
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    real = mask.bool()
+    torch.testing.assert_close(got.logits[real], plain.logits[real], **tol)
+    ours.unpack()
+    assert not any(getattr(m, "packed", None) is not None for m in ours.modules())
+
+
+def test_one_query_attention_matches_sdpa_with_groups_and_padding():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 1, 16, generator=g)
+    k, v = torch.randn(2, 2, 12, 16, generator=g), torch.randn(2, 2, 12, 16, generator=g)
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[0, ..., :5] = False  # a left-padded row
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = one_query_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)

@@ -136,13 +136,18 @@ class FrameEngine:
             batch_size, cfg.hidden_size, dtype=dtype, device=device
         )  # last backbone state
         self.finished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        # Cache slots in use by any row (host-side upper bound): eager steps attend over these alone.
+        self.extent = 0
+        self.compiled = compile and os.environ.get("NO_TORCH_COMPILE") != "1"
         self.backbone_sampling = RowSampling(batch_size, self.V, device)
         self.depth_sampling = RowSampling(batch_size, self.V, device)
         self.depth_causal = torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril()
         self.depth_slots = torch.arange(self.K, device=device)
         self.unit_noise = torch.ones(batch_size, self.K, self.V, device=device)
         self.step = self._frame
-        if compile and os.environ.get("NO_TORCH_COMPILE") != "1":
+        if model.prepack_weights and not compile:
+            model.prepack()
+        if self.compiled:
             self.step = torch.compile(
                 self._frame, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True
             )
@@ -175,12 +180,9 @@ class FrameEngine:
         valid = self.valid[rows]
         valid.zero_()
         valid[:, :T] = attention_mask
-        slots, steps = (
-            torch.arange(self.max_seq_len, device=device)[None],
-            torch.arange(T, device=device)[:, None],
-        )
+        slots, steps = torch.arange(T, device=device)[None], torch.arange(T, device=device)[:, None]
         # A padded query sees only itself: finite garbage instead of a fully masked row.
-        mask = (valid[:, None, None, :] & (slots <= steps)) | (slots == steps)
+        mask = (valid[:, None, None, :T] & (slots <= steps)) | (slots == steps)
         backbone = self.model.backbone_model
         with kv_rows(backbone, rows):
             h = backbone.run_layers(embeds, positions, mask, torch.arange(T, device=device))
@@ -188,6 +190,7 @@ class FrameEngine:
         self.slot[rows] = T
         self.position[rows] = attention_mask.sum(-1)
         self.finished[rows] = False
+        self.extent = max(self.extent, T)
 
     # ---- one frame ----------------------------------------------------------------------------------
 
@@ -196,18 +199,18 @@ class FrameEngine:
         then the backbone consumes the frame. Returns (codes (B, K), next hidden (B, D))."""
         m = self.model
         dd = m.depth_decoder.model
-        head = m.depth_decoder.codebooks_head.weight  # (K-1, D, V)
+        head = m.depth_decoder.codebooks_head
         c = sample(m.lm_head(hidden), self.backbone_sampling, noise[:, 0])
         codes = [c]
         x = torch.stack([hidden, dd.embed_tokens(c).to(hidden.dtype)], 1)  # positions 0 and 1
         h = dd.run_layers(
             dd.inputs_embeds_projector(x),
             self.depth_slots[:2],
-            self.depth_causal[None, None, :2],
+            self.depth_causal[None, None, :2, :2],
             self.depth_slots[:2],
         )
         for i in range(1, self.K):
-            c = sample(h[:, -1] @ head[i - 1], self.depth_sampling, noise[:, i])
+            c = sample(head.logits(h[:, -1], i), self.depth_sampling, noise[:, i])
             codes.append(c)
             if i == self.K - 1:
                 break
@@ -215,7 +218,7 @@ class FrameEngine:
             x = dd.embed_tokens(c + i * self.V)[:, None]
             pos = self.depth_slots[i + 1 : i + 2]
             h = dd.run_layers(
-                dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2], pos
+                dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2, : i + 2], pos
             )
         frame = torch.stack(codes, 1)  # (B, K)
         backbone = m.backbone_model
@@ -240,11 +243,14 @@ class FrameEngine:
                     noise[row].exponential_(generator=g)
             else:
                 noise.exponential_(generator=generator)
-        frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid, noise)
+        # Eager steps see the cache slots in use; a compiled step keeps one static shape.
+        n = self.max_seq_len if self.compiled else min(self.extent + 1, self.max_seq_len)
+        frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid[:, :n], noise)
+        self.extent = n
         cfg = self.model.config
         frame = torch.where(self.finished[:, None], cfg.codebook_pad_token_id, frame)
         self.hidden.copy_(hidden)
-        self.valid.copy_(valid)
+        self.valid[:, :n].copy_(valid)
         live = ~self.finished
         self.slot.add_(live.long()).clamp_(max=self.max_seq_len - 1)
         self.position.add_(live.long())

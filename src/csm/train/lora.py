@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..llama import Linear
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -72,9 +74,9 @@ class LoRALinear(nn.Module):
             + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         )
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + (alpha / r) B A, computed in fp32."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+    def merged(self) -> Linear:
+        """A plain Linear holding W + (alpha / r) B A, computed in fp32."""
+        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
         linear.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype), requires_grad=False)
         if self.bias is not None:
