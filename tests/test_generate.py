@@ -7,7 +7,7 @@ from reference_models import reference_csm
 
 import csm.llama
 from csm import CsmForConditionalGeneration
-from csm.generate import RowSampling, sample
+from csm.generate import FrameEngine, RowSampling, Sampling, sample
 from csm.llama import packable
 from csm.processor import CsmProcessor
 
@@ -200,8 +200,6 @@ def test_bad_sampling_arguments_are_clear(setup):
 def test_sampling_respects_top_k_and_greedy_rows():
     logits = torch.randn(3, 100)
     p = RowSampling(3, 100, "cpu")
-    from csm.generate import Sampling
-
     p.set(0, Sampling(do_sample=True, temperature=1.0, top_k=1))
     p.set(1, Sampling(do_sample=False))
     p.set(2, Sampling(do_sample=True, temperature=1.0, top_k=5))
@@ -211,6 +209,31 @@ def test_sampling_respects_top_k_and_greedy_rows():
         got = sample(logits, p, noise)
         assert got[0] == logits[0].argmax() and got[1] == logits[1].argmax()
         assert got[2] in top5
+
+
+def test_a_freed_row_leaves_the_attention_window_and_its_neighbour_unchanged(setup):
+    ours = setup[0]
+    g = torch.Generator().manual_seed(3)
+    long, short = (torch.randn(1, T, ours.config.hidden_size, generator=g) for T in (40, 5))
+
+    def greedy_engine(batch):
+        engine = FrameEngine(ours, batch, 64)
+        engine.backbone_sampling.set(slice(None), Sampling(do_sample=False))
+        engine.depth_sampling.set(slice(None), Sampling(do_sample=False))
+        return engine
+
+    alone = greedy_engine(1)
+    alone.prefill(short)
+    expected = torch.stack([alone.next_frame()[0] for _ in range(6)])
+    shared = greedy_engine(2)
+    shared.prefill(long, rows=slice(0, 1))
+    shared.prefill(short, rows=slice(1, 2))
+    got = [shared.next_frame()[1] for _ in range(3)]
+    shared.free(0)
+    assert max(shared.next_slot_bound) == 5 + 3  # the long row no longer widens the window
+    got += [shared.next_frame()[1] for _ in range(3)]
+    torch.testing.assert_close(torch.stack(got), expected, rtol=0, atol=0)
+    assert (shared.next_frame()[0] == ours.config.codebook_pad_token_id).all()
 
 
 def test_precomputed_audio_codes_stand_in_for_audio(setup):

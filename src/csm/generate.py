@@ -136,8 +136,9 @@ class FrameEngine:
             batch_size, cfg.hidden_size, dtype=dtype, device=device
         )  # last backbone state
         self.finished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        # Cache slots in use by any row (host-side upper bound): eager steps attend over these alone.
-        self.extent = 0
+        # Per row, an upper bound on its next cache slot, kept on the host: an eager step attends over
+        # the slots any row may use, not the whole cache.
+        self.next_slot_bound = [0] * batch_size
         self.compiled = compile and os.environ.get("NO_TORCH_COMPILE") != "1"
         self.backbone_sampling = RowSampling(batch_size, self.V, device)
         self.depth_sampling = RowSampling(batch_size, self.V, device)
@@ -190,7 +191,8 @@ class FrameEngine:
         self.slot[rows] = T
         self.position[rows] = attention_mask.sum(-1)
         self.finished[rows] = False
-        self.extent = max(self.extent, T)
+        for row in range(*rows.indices(self.batch_size)):
+            self.next_slot_bound[row] = T
 
     # ---- one frame ----------------------------------------------------------------------------------
 
@@ -244,9 +246,9 @@ class FrameEngine:
             else:
                 noise.exponential_(generator=generator)
         # Eager steps see the cache slots in use; a compiled step keeps one static shape.
-        n = self.max_seq_len if self.compiled else min(self.extent + 1, self.max_seq_len)
+        n = self.max_seq_len if self.compiled else min(max(self.next_slot_bound) + 1, self.max_seq_len)
         frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid[:, :n], noise)
-        self.extent = n
+        self.next_slot_bound = [min(b + 1, self.max_seq_len - 1) if b else 0 for b in self.next_slot_bound]
         cfg = self.model.config
         frame = torch.where(self.finished[:, None], cfg.codebook_pad_token_id, frame)
         self.hidden.copy_(hidden)
@@ -257,6 +259,12 @@ class FrameEngine:
         # The reference ends a row when codebooks 0..K-2 are all end-of-audio.
         self.finished |= (frame[:, :-1] == cfg.codebook_eos_token_id).all(-1)
         return frame
+
+    def free(self, row: int) -> None:
+        """End a row: it gives pad frames and takes no part in attention until prefilled again."""
+        self.finished[row] = True
+        self.slot[row] = 0  # it keeps writing (ignored) keys until then: at slot 0, inside any step's view
+        self.next_slot_bound[row] = 0
 
     def release(self) -> None:
         """Free the caches."""

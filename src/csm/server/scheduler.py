@@ -166,7 +166,7 @@ class Scheduler:
                 self.engine.backbone_sampling.set(b, job.backbone)
                 self.engine.depth_sampling.set(b, job.depth_decoder)
             except Exception as e:
-                self.engine.finished[b] = True
+                self.engine.free(b)
                 self.failed += 1
                 job.send(e)
                 continue
@@ -234,5 +234,5 @@ class Scheduler:
         self._release(b)
 
     def _release(self, b: int) -> None:
-        self.engine.finished[b] = True
+        self.engine.free(b)
         self.rows[b] = None
