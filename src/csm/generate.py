@@ -149,9 +149,10 @@ class FrameEngine:
         if model.prepack_weights and not compile:
             model.prepack()
         if self.compiled:
-            self.step = torch.compile(
-                self._frame, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True
-            )
+            # CUDA: replayed as CUDA graphs. CPU: a C++ wrapper calls the kernels, since a frame is
+            # thousands of tiny kernels and a Python wrapper costs ~1.6x the time (BENCHMARKS.md).
+            how = {"mode": "reduce-overhead"} if device.type == "cuda" else {"options": {"cpp_wrapper": True}}
+            self.step = torch.compile(self._frame, fullgraph=True, **how)
 
     def layers(self):
         return [*self.model.backbone_model.layers, *self.model.depth_decoder.model.layers]
