@@ -82,7 +82,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- prepacked weights for CPU inference ------------------------------------------------------------
 
-PACK_MIN_NUMEL = 1 << 16  # below ~256 x 256 oneDNN's call overhead outweighs the faster streaming
+PACK_MIN_NUMEL = 1 << 18  # below ~256 x 1024, oneDNN's call overhead eats what faster streaming saves
 PACK_BATCH_HINT = 8  # the layout chosen for 8 rows also serves 1 row at full speed (bench/bench_generate.py)
 
 
