@@ -157,6 +157,10 @@ def test_streaming_equals_generate_for_the_same_seed(setup):
     for row in range(2):
         streamed = torch.cat([c[row] for c in chunks])
         torch.testing.assert_close(streamed, whole[row], atol=1e-4, rtol=1e-4)
+    codes = ours.generate(**inputs, max_new_tokens=7, seed=3)
+    pairs = list(ours.generate_stream(**inputs, max_new_tokens=7, seed=3, chunk_frames=3, with_codes=True))
+    for row in range(2):
+        assert torch.equal(torch.cat([c[row] for _, c in pairs]), codes[row])
 
 
 def test_streaming_cuts_each_row_at_its_end(ending):

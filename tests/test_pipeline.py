@@ -138,6 +138,16 @@ def test_context_clips_and_stream_give_audio(pipe):
     assert chunks and all(c.dtype == np.float32 for c in chunks)
 
 
+def test_stream_gives_the_audio_of_a_call(pipe):
+    """Sentence by sentence, with each sentence carried as context and 10 ms crossfades at the joins."""
+    text = "First part is here. Second part is here. And a third."
+    options = dict(max_seconds=0.8, seed=3, max_chunk_chars=20)  # several pieces per sentence
+    expected = pipe(text, **options)["audio"]
+    streamed = np.concatenate(list(pipe.stream(text, chunk_frames=2, **options)))
+    assert streamed.shape == expected.shape
+    np.testing.assert_allclose(streamed, expected, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

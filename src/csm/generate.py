@@ -521,12 +521,14 @@ def generate_stream(
     seed: int | None = None,
     max_seconds: float | None = None,
     compile: bool = False,
+    with_codes: bool = False,
     **kwargs,
 ) -> Iterator[list[torch.Tensor]]:
     """Yield audio as it is generated: every `chunk_frames` frames, a list with each row's new samples.
 
     Chunks are decoded with the streaming codec decoder; concatenated they equal
     `generate(output_audio=True)` with the same seed. A row that has ended yields empty chunks.
+    With `with_codes`, yields (audio, codes) pairs, codes being each row's new frames (n, K).
     """
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
@@ -564,7 +566,8 @@ def generate_stream(
                 keep.append(n)
             audio = decoder.step(block.transpose(1, 2))[:, 0]
             per_frame = audio.shape[-1] // block.shape[1]
-            yield [audio[row, : keep[row] * per_frame] for row in range(B)]
+            rows = [audio[row, : keep[row] * per_frame] for row in range(B)]
+            yield (rows, [block[row, : keep[row]] for row in range(B)]) if with_codes else rows
             if bool(ended.all()):
                 reached_eos = True
                 return

@@ -344,9 +344,10 @@ class TextToAudioPipeline:
             raise ValueError("text must be a non-empty string")
         speaker, fixed = self._context_turns(opts)
         chunks = split_sentences(text, int(opts.get("max_chunk_chars") or MAX_CHUNK_CHARS))
-        fade = int(self.sampling_rate * float(opts.get("crossfade_ms", CROSSFADE_MS)) / 1000)
+        ms = float(opts.get("crossfade_ms", CROSSFADE_MS))
+        fade = int(self.sampling_rate * ms / 1000)
         carried: list[Turn] = []
-        held = np.zeros(0, dtype=np.float32)  # the tail kept back to crossfade into the next sentence
+        held = np.zeros(0, dtype=np.float32)  # the latest `fade` samples, kept back to fade into what follows
         seed = opts.get("seed")
         with torch.inference_mode():
             for i, chunk in enumerate(_progress(chunks, opts.get("progress"))):
@@ -354,43 +355,33 @@ class TextToAudioPipeline:
                 inputs, codes, frames, carried = self._inputs(
                     [chunk], speaker, fixed, carried, frames, fixed_frames
                 )
-                parts, head = [], None
-                for step in self.model.generate_stream(
+                parts, new_codes = [], []
+                for audio, frame_codes in self.model.generate_stream(
                     input_ids=inputs["input_ids"],
                     attention_mask=inputs["attention_mask"],
                     audio_codes=codes,
                     max_new_tokens=frames,
                     chunk_frames=chunk_frames,
                     seed=None if seed is None else seed + i,
+                    with_codes=True,
                     **self._sampling(opts),
                 ):
-                    piece = step[0].float().cpu().numpy()
+                    piece = audio[0].float().cpu().numpy()
                     if not len(piece):
                         continue
-                    parts.append(piece)
-                    if head is None and len(held):  # first audio of this sentence: fade the held tail into it
-                        head = crossfade_join(
-                            [held, piece], self.sampling_rate, fade * 1000 / self.sampling_rate
-                        )
-                        piece, held = head, np.zeros(0, dtype=np.float32)
-                    keep = min(fade, len(piece)) if i < len(chunks) - 1 else 0
-                    if keep:
-                        held = np.concatenate([held, piece[-keep:]])
-                        piece = piece[:-keep]
-                    if len(piece):
-                        yield piece
-                audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-                if len(audio):
-                    carried.append(Turn(speaker, chunk, audio, _encode(self.model, audio)))
+                    if not parts and len(held):  # this sentence's first audio: the last one fades into it
+                        piece, held = crossfade_join([held, piece], self.sampling_rate, ms), held[:0]
+                    parts.append(audio[0].float().cpu().numpy())
+                    new_codes.append(frame_codes[0])
+                    joined = np.concatenate([held, piece])
+                    cut = max(len(joined) - fade, 0)
+                    if cut:
+                        yield joined[:cut]
+                    held = joined[cut:]
+                if parts:  # carried as `__call__` carries it: the audio and the codes it came from
+                    carried.append(Turn(speaker, chunk, np.concatenate(parts), torch.cat(new_codes)))
         if len(held):
             yield held
-
-
-def _encode(model, audio: np.ndarray) -> torch.Tensor:
-    """Codes (F, K) of a waveform, for carrying streamed audio as context."""
-    codec = model.codec_model
-    x = torch.from_numpy(audio)[None, None].to(codec.device, codec.dtype)
-    return codec.encode(x)[0].T[: codec.encoded_length(len(audio))]
 
 
 def _progress(items: list, progress: bool | Callable | None):
