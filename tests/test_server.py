@@ -20,6 +20,7 @@ import uvicorn
 
 from csm.demo import write_demo_checkpoint
 from csm.server import ServerSettings, load_app
+from csm.server import app as server_app
 
 SAMPLES_PER_FRAME = 1920
 
@@ -281,3 +282,26 @@ def test_a_seeded_request_gives_the_same_audio_alone_and_batched(client):
             assert f.result(timeout=120).status_code == 200
         assert batched.result(timeout=120).content == alone
     assert client.get("/health").json()["scheduler"]["max_active_rows"] > 1
+
+
+def sse_audio_and_usage(response) -> tuple[bytes, dict]:
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    return b"".join(base64.b64decode(e["audio"]) for e in deltas), events[-1]["usage"]
+
+
+def test_long_input_is_spoken_sentence_by_sentence_in_context(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(server_app, "frames_for_text", lambda text, rate: 3)  # 3 frames per sentence
+    sentences = ["First part is here.", "Second part is here.", "And a third one."]
+    fields = dict(response_format="pcm", stream_format="sse", seed=5)
+    with serve(checkpoint, tmp_path, max_chunk_chars=20, max_frames=100) as c:
+        whole = c.post("/v1/audio/speech", json={"input": " ".join(sentences), **fields})
+        alone = [c.post("/v1/audio/speech", json={"input": s, **fields}) for s in sentences]
+        stats = c.get("/v1/stats").json()
+    audio, usage = sse_audio_and_usage(whole)
+    assert usage["output_tokens"] == 9  # every sentence got its own 3 frames
+    assert len(audio) == 2 * (9 * SAMPLES_PER_FRAME - 2 * 240)  # int16; two 10 ms crossfades
+    # Later sentences see the earlier ones (text and audio) in their prompt.
+    prompts_alone = sum(sse_audio_and_usage(r)[1]["input_tokens"] for r in alone)
+    assert usage["input_tokens"] > prompts_alone + 2 * 3
+    assert stats["completed"] == 3 + 3

@@ -129,6 +129,37 @@ def crossfade_join(
     return out
 
 
+class CrossfadeStream:
+    """`crossfade_join` for audio that arrives in pieces: call `start_sentence(last)` before each sentence,
+    `push` each piece and emit what it returns, and emit `finish()` at the end. Until the last sentence, the
+    latest `ms` of audio is held back to fade into the next one."""
+
+    def __init__(self, sampling_rate: int = SAMPLING_RATE, ms: float = CROSSFADE_MS):
+        self.sampling_rate, self.ms = sampling_rate, ms
+        self.fade = int(sampling_rate * ms / 1000)
+        self.held = np.zeros(0, dtype=np.float32)
+        self.fading_in = self.last = False
+
+    def start_sentence(self, last: bool = False) -> None:
+        self.fading_in, self.last = True, last
+
+    def push(self, piece: np.ndarray) -> np.ndarray:
+        piece = np.asarray(piece, dtype=np.float32)
+        if not len(piece):
+            return piece
+        if self.fading_in and len(self.held):
+            piece, self.held = crossfade_join([self.held, piece], self.sampling_rate, self.ms), self.held[:0]
+        self.fading_in = False
+        joined = np.concatenate([self.held, piece])
+        cut = len(joined) if self.last else max(len(joined) - self.fade, 0)
+        self.held = joined[cut:]
+        return joined[:cut]
+
+    def finish(self) -> np.ndarray:
+        held, self.held = self.held, self.held[:0]
+        return held
+
+
 @dataclass
 class Turn:
     """One context turn: who spoke, what they said, the audio, and its codes (F, K) for this model."""
@@ -344,10 +375,8 @@ class TextToAudioPipeline:
             raise ValueError("text must be a non-empty string")
         speaker, fixed = self._context_turns(opts)
         chunks = split_sentences(text, int(opts.get("max_chunk_chars") or MAX_CHUNK_CHARS))
-        ms = float(opts.get("crossfade_ms", CROSSFADE_MS))
-        fade = int(self.sampling_rate * ms / 1000)
+        joiner = CrossfadeStream(self.sampling_rate, float(opts.get("crossfade_ms", CROSSFADE_MS)))
         carried: list[Turn] = []
-        held = np.zeros(0, dtype=np.float32)  # the latest `fade` samples, kept back to fade into what follows
         seed = opts.get("seed")
         with torch.inference_mode():
             for i, chunk in enumerate(_progress(chunks, opts.get("progress"))):
@@ -356,6 +385,7 @@ class TextToAudioPipeline:
                     [chunk], speaker, fixed, carried, frames, fixed_frames
                 )
                 parts, new_codes = [], []
+                joiner.start_sentence(last=i == len(chunks) - 1)
                 for audio, frame_codes in self.model.generate_stream(
                     input_ids=inputs["input_ids"],
                     attention_mask=inputs["attention_mask"],
@@ -369,19 +399,16 @@ class TextToAudioPipeline:
                     piece = audio[0].float().cpu().numpy()
                     if not len(piece):
                         continue
-                    if not parts and len(held):  # this sentence's first audio: the last one fades into it
-                        piece, held = crossfade_join([held, piece], self.sampling_rate, ms), held[:0]
-                    parts.append(audio[0].float().cpu().numpy())
+                    parts.append(piece)
                     new_codes.append(frame_codes[0])
-                    joined = np.concatenate([held, piece])
-                    cut = max(len(joined) - fade, 0)
-                    if cut:
-                        yield joined[:cut]
-                    held = joined[cut:]
+                    out = joiner.push(piece)
+                    if len(out):
+                        yield out
                 if parts:  # carried as `__call__` carries it: the audio and the codes it came from
                     carried.append(Turn(speaker, chunk, np.concatenate(parts), torch.cat(new_codes)))
-        if len(held):
-            yield held
+        tail = joiner.finish()
+        if len(tail):
+            yield tail
 
 
 def _progress(items: list, progress: bool | Callable | None):

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import soxr
+import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..audio import SAMPLING_RATE, load_audio
 from ..generate import GenerationConfig
+from ..pipeline import MAX_CHUNK_CHARS, CrossfadeStream, Turn, split_sentences
 from ..voice import Voice, list_voices, voices_dir
 from .encode import FORMATS, MEDIA_TYPES, AudioEncoder
 from .scheduler import QueueFull, Scheduler, SpeechJob
@@ -39,6 +41,7 @@ class ServerSettings:
     max_seq_len: int = 2048  # positions per row: prompt tokens + frames
     max_frames: int = 1500  # per request: 2 minutes at 12.5 frames/s
     max_input_chars: int = 4096
+    max_chunk_chars: int = MAX_CHUNK_CHARS  # longer input is spoken sentence by sentence, each in context
     chunk_frames: int = 4  # frames decoded and sent together when streaming (0.32 s)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_seconds: float = 60.0
@@ -222,7 +225,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             loaded[value] = Voice.load(root / value)
         return loaded[value].speaker, loaded[value]
 
-    def build_job(body: SpeechRequest) -> SpeechJob:
+    def prepare(body: SpeechRequest) -> SpeechPlan:
+        """Check a request and cut its text into sentence-sized chunks."""
         text = body.input.strip()
         if not text:
             raise ApiError(400, "input is empty", param="input")
@@ -249,14 +253,35 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
                 param="model",
             )
         speaker, voice = resolve_voice(body.voice)
-        turns = voice.turns() if voice is not None else []
-        conversation = turns + [{"role": str(speaker), "content": [{"type": "text", "text": text}]}]
         try:
             overrides = {"temperature": body.temperature, "top_k": body.top_k}
             config = GenerationConfig.from_model(model, **overrides)
-            ids = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        chunks = split_sentences(text, settings.max_chunk_chars)
+        return SpeechPlan(chunks, speaker, voice, config, body.seed)
+
+    def job_for(plan: SpeechPlan, index: int, carried: list[Turn], frames_left: int) -> SpeechJob:
+        """The job for chunk `index`: the voice's clips and as many of the chunks before it (with the audio
+        made for them) as fit the context, then its text."""
+        text = plan.chunks[index]
+        voice_turns = plan.voice.turns() if plan.voice is not None else []
+        budget = min(frames_left, frames_for_text(text, model.codec_model.frame_rate))
+        carried = list(carried)
+        while True:
+            conversation = [*voice_turns, *(t.as_message() for t in carried)]
+            conversation.append({"role": str(plan.speaker), "content": [{"type": "text", "text": text}]})
+            try:
+                ids = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+            except ValueError as e:
+                if not carried:
+                    raise ApiError(400, str(e)) from None
+                ids = None
+            if ids is not None and (ids.shape[1] + budget <= scheduler.max_seq_len or not carried):
+                break
+            carried.pop(0)  # the oldest chunk leaves the context first
         T = ids.shape[1]
         room = scheduler.max_seq_len - T
         if room < 1:
@@ -267,17 +292,17 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             )
 
         def embed():
-            ids_ = ids.to(model.device)
-            codes = voice.codes(model) if voice is not None else None
-            return model.embed_inputs(ids_, audio_codes=codes)[0]
+            codes = plan.voice.codes(model) if plan.voice is not None else []
+            codes = [*codes, *(t.codes.to(model.device) for t in carried)]
+            return model.embed_inputs(ids.to(model.device), audio_codes=codes or None)[0]
 
         return SpeechJob(
             embed=embed,
             prompt_len=T,
-            max_frames=min(settings.max_frames, room, frames_for_text(text, model.codec_model.frame_rate)),
-            backbone=config.backbone,
-            depth_decoder=config.depth_decoder,
-            seed=body.seed,
+            max_frames=min(budget, room),
+            backbone=plan.config.backbone,
+            depth_decoder=plan.config.depth_decoder,
+            seed=None if plan.seed is None else plan.seed + index,
         )
 
     @app.post("/v1/audio/speech")
@@ -291,22 +316,15 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             raise ApiError(422, f"{loc or 'body'}: {first.get('msg')}", param=loc or None) from None
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the body must be JSON") from None
-        job = await asyncio.to_thread(build_job, body)
-        job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
-        try:
-            scheduler.submit(job)
-        except QueueFull:
-            raise ApiError(
-                429, "the server is busy: too many requests waiting; retry shortly", "rate_limit_error"
-            ) from None
-        # Wait for the first audio so that a failure at admission is still a proper error response.
-        first = await job.out.get()
-        if isinstance(first, Exception):
-            raise ApiError(400 if isinstance(first, ValueError) else 500, f"generation failed: {first}")
-        stream = audio_bytes(job, first, body.response_format, body.speed)
+        plan = await asyncio.to_thread(prepare, body)
+        speech = SpeechStream(plan, job_for, scheduler, settings.max_frames)
+        await speech.start()
+        stream = audio_bytes(speech.audio(), body.response_format, body.speed)
         headers = {"X-Accel-Buffering": "no", "X-Speed-Method": SPEED_HEADER if body.speed != 1.0 else "none"}
         if body.stream_format == "sse":
-            return StreamingResponse(sse_events(stream, job), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                sse_events(stream, speech), media_type="text/event-stream", headers=headers
+            )
         return StreamingResponse(stream, media_type=MEDIA_TYPES[body.response_format], headers=headers)
 
     return app
@@ -325,15 +343,81 @@ async def audio_chunks(job: SpeechJob, first):
         job.cancelled.set()  # no-op once the job is done; frees the row when the client went away
 
 
-async def audio_bytes(job: SpeechJob, first, fmt: str, speed: float):
-    """Encoded bytes of a job's audio; `speed` resamples (pitch follows the speed)."""
+@dataclass
+class SpeechPlan:
+    """A checked request: its text in sentence-sized chunks, and how to speak them."""
+
+    chunks: list[str]
+    speaker: int
+    voice: Voice | None
+    config: GenerationConfig
+    seed: int | None
+
+
+class SpeechStream:
+    """One request's audio, chunk after chunk: each chunk is a scheduler job whose context holds the chunks
+    before it and the audio made for them (as `csm.pipeline` does for long text), joined with crossfades."""
+
+    def __init__(self, plan: SpeechPlan, job_for, scheduler: Scheduler, max_frames: int):
+        self.plan, self.job_for, self.scheduler, self.max_frames = plan, job_for, scheduler, max_frames
+        self.prompt_len = self.frames = 0  # usage, over every chunk
+        self.first: tuple[SpeechJob, Any] | None = None
+
+    async def start(self) -> None:
+        """Queue the first chunk and wait for its first audio, so that a failure is still an error response."""
+        self.first = await self._run(0, [], wait=False)
+
+    async def _run(self, index: int, carried: list[Turn], wait: bool) -> tuple[SpeechJob, Any]:
+        job = await asyncio.to_thread(self.job_for, self.plan, index, carried, self.max_frames - self.frames)
+        job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
+        while True:
+            try:
+                self.scheduler.submit(job)
+                break
+            except QueueFull:
+                if not wait:  # a new request is turned away; one already speaking waits its turn
+                    raise ApiError(
+                        429,
+                        "the server is busy: too many requests waiting; retry shortly",
+                        "rate_limit_error",
+                    ) from None
+                await asyncio.sleep(0.05)
+        first = await job.out.get()
+        if isinstance(first, Exception):
+            raise ApiError(400 if isinstance(first, ValueError) else 500, f"generation failed: {first}")
+        return job, first
+
+    async def audio(self):
+        """Float32 pieces of the whole request's audio."""
+        joiner, carried = CrossfadeStream(SAMPLING_RATE), []
+        for index, text in enumerate(self.plan.chunks):
+            if index and self.frames >= self.max_frames:
+                break
+            job, first = self.first if index == 0 else await self._run(index, carried, wait=True)
+            joiner.start_sentence(last=index == len(self.plan.chunks) - 1)
+            parts = []
+            async for piece in audio_chunks(job, first):
+                parts.append(piece)
+                out = joiner.push(piece)
+                if len(out):
+                    yield out
+            self.prompt_len, self.frames = self.prompt_len + job.prompt_len, self.frames + job.frames
+            if job.codes:
+                carried.append(Turn(self.plan.speaker, text, np.concatenate(parts), torch.stack(job.codes)))
+        tail = joiner.finish()
+        if len(tail):
+            yield tail
+
+
+async def audio_bytes(chunks, fmt: str, speed: float):
+    """Encoded bytes of float32 audio chunks; `speed` resamples (pitch follows the speed)."""
     encoder = AudioEncoder(fmt, SAMPLING_RATE)
     stretch = (
         soxr.ResampleStream(SAMPLING_RATE * speed, SAMPLING_RATE, 1, dtype="float32")
         if speed != 1.0
         else None
     )
-    async for chunk in audio_chunks(job, first):
+    async for chunk in chunks:
         if stretch is not None:
             chunk = stretch.resample_chunk(chunk)
         data = encoder.push(chunk)
@@ -349,7 +433,7 @@ async def audio_bytes(job: SpeechJob, first, fmt: str, speed: float):
         yield data
 
 
-async def sse_events(stream, job: SpeechJob):
+async def sse_events(stream, job: SpeechStream):
     """OpenAI's speech SSE: `speech.audio.delta` events with base64 audio, then `speech.audio.done`."""
     async for data in stream:
         yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"

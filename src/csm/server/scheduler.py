@@ -43,6 +43,7 @@ class SpeechJob:
     out: asyncio.Queue | None = None  # np.ndarray chunks, then None at the end, or an Exception
     cancelled: threading.Event = field(default_factory=threading.Event)
     frames: int = 0
+    codes: list = field(default_factory=list)  # the frames (K,) generated, kept as context for what follows
     submitted: float = field(default_factory=time.perf_counter)
 
     def send(self, item) -> None:
@@ -207,6 +208,7 @@ class Scheduler:
             ended = bool((frame[:-1] == self.eos).all())
             if not ended:
                 row.pending.append(frame)
+                row.job.codes.append(frame)
                 row.job.frames += 1
                 self.frames_generated += 1
             done = ended or row.job.frames >= row.job.max_frames
