@@ -88,7 +88,7 @@ PACK_BATCH_HINT = 8  # the layout chosen for 8 rows also serves 1 row at full sp
 
 def packable(weight: torch.Tensor) -> bool:
     """Whether oneDNN can run this weight prepacked: a CPU fp32 weight, or bf16 where the CPU has bf16."""
-    if weight.device.type != "cpu" or weight.is_inference() or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -104,7 +104,9 @@ class PackedWeight:
         self.tensors = [torch.ops.mkldnn._reorder_linear_weight(m, PACK_BATCH_HINT) for m in matrices]
 
     @staticmethod
-    def version(source: torch.Tensor) -> tuple[int, int]:
+    def version(source: torch.Tensor) -> tuple[int, int | None]:
+        if source.is_inference():  # no version counter: made under inference_mode, changed only there
+            return source.data_ptr(), None
         return source.data_ptr(), source._version
 
     def usable(self, source: torch.Tensor, x: torch.Tensor) -> bool:

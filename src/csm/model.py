@@ -345,14 +345,14 @@ class CsmForConditionalGeneration(nn.Module):
         """Yield audio chunks as they are generated; see `csm.generate.generate_stream`."""
         return generate_stream(self, *args, **kwargs)
 
-    # Generation on CPU keeps oneDNN-prepacked copies of the backbone's and depth decoder's large weights
-    # (2-3x faster matrix-vector products, at the cost of those weights' memory once more). Set this to
-    # False, or call `unpack()`, to give the memory back.
+    # Generation on CPU keeps oneDNN-prepacked copies of the large weights of the backbone, the depth
+    # decoder and the codec's transformers (2-3x faster matrix-vector products, at the cost of those
+    # weights' memory once more). Set this to False, or call `unpack()`, to give the memory back.
     prepack_weights: bool = True
 
     def prepack(self, min_numel: int | None = None) -> None:
         """Prepack the weights the frame loop reads (CPU, fp32 or bf16; elsewhere a no-op)."""
-        for part in (self.backbone_model, self.lm_head, self.depth_decoder):
+        for part in (self.backbone_model, self.lm_head, self.depth_decoder, self.codec_model):
             prepack(part, min_numel)
 
     def unpack(self) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..llama import PACK_MIN_NUMEL, PackedWeight, packable, packed_linear
 from .derived import derived
 from .streaming import StreamingModule, StreamState
 
@@ -24,6 +25,27 @@ def pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     if short > 0:
         return F.pad(F.pad(x, (0, short)), (left, right), mode="reflect")[..., :-short]
     return F.pad(x, (left, right), mode="reflect")
+
+
+SHORT_FRAMES = 32  # up to this many output frames (a streamed step), a large conv runs as one product
+
+
+def short_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, stride: int = 1):
+    """The conv of unpadded x (B, C, T) with weight (O, C, K) (one group, no dilation) as the product of
+    x's windows with the oneDNN-prepacked (O, C * K) weight; None where that is not the faster way.
+
+    For a few output frames PyTorch's CPU conv takes its slow path (~4x the time to read the weight);
+    the product streams the weight at memory speed.
+    """
+    n_out, C, K = weight.shape
+    frames = (x.shape[-1] - K) // stride + 1
+    if not 0 < frames <= SHORT_FRAMES or weight.numel() < PACK_MIN_NUMEL or torch.is_grad_enabled():
+        return None
+    if not packable(weight):
+        return None
+    packed = derived(module, "packed", [weight], lambda: PackedWeight(weight, [weight.reshape(n_out, C * K)]))
+    windows = x.unfold(-1, K, stride).transpose(1, 2).reshape(x.shape[0], frames, C * K)
+    return packed_linear(windows, packed.tensors[0], bias).transpose(1, 2)
 
 
 @dataclass
@@ -87,6 +109,10 @@ class Conv1d(StreamingModule):
     def _conv(self, x: torch.Tensor, padding: int) -> torch.Tensor:
         """The conv over x with `padding` zeros on both sides."""
         conv = self.conv
+        if padding == 0 and conv.groups == 1 and conv.dilation[0] == 1:
+            y = short_conv(self, x, conv.weight, conv.bias, self.stride)
+            if y is not None:
+                return y
         if conv.out_channels > 1 or conv.groups > 1 or self.stride > 1:
             return F.conv1d(x, conv.weight, conv.bias, self.stride, padding, conv.dilation, conv.groups)
         # One output channel (SEANet's last layer): oneDNN is slow at it, while one matrix-vector
@@ -187,7 +213,9 @@ class ConvTranspose1d(StreamingModule):
     def _run(self, x: torch.Tensor, padding: int) -> torch.Tensor:
         """(B, C_in, T) -> (B, C_out, (T + 2 * padding - taps + 1) * stride), `padding` zero frames each side."""
         weight, bias = self.polyphase()
-        z = F.conv1d(x, weight, bias, padding=padding, groups=self.groups)  # (B, stride * C_out, frames)
+        z = short_conv(self, x, weight, bias) if padding == 0 and self.groups == 1 else None
+        if z is None:
+            z = F.conv1d(x, weight, bias, padding=padding, groups=self.groups)  # (B, stride * C_out, frames)
         B, _, T = z.shape
         z = z.view(B, self.groups, self.stride, -1, T).permute(0, 1, 3, 4, 2)
         return z.reshape(B, -1, T * self.stride)

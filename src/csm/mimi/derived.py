@@ -8,6 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+# Kept beside the modules, not in them: copies and pickles of a module never carry (or choke on) a cache.
+_CACHES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
 
 def _version(t: torch.Tensor) -> int | None:
     try:
@@ -24,7 +27,7 @@ def derived(module: nn.Module, name: str, sources: list[torch.Tensor | None], bu
     sources = [t for t in sources if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return build()
-    cache = module.__dict__.setdefault("_derived", {})
+    cache = _CACHES.setdefault(module, {})
     versions = [_version(t) for t in sources]
     hit = cache.get(name)
     if (

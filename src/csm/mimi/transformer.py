@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..llama import Attention
+from ..llama import Attention, Linear
 from .config import MimiConfig
 from .streaming import StreamingModule, StreamState
 
@@ -66,8 +66,8 @@ class LayerScale(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: MimiConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
