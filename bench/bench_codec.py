@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from csm.llama import prepack, unpack
 from csm.mimi import MimiModel
 
 
@@ -98,14 +99,19 @@ def main() -> None:
         codes = torch.randint(
             0, ours.config.codebook_size, (1, ours.config.num_quantizers, args.stream_frames)
         )
-        stream = ours.streaming_decoder(batch_size=1)
-        per_frame = [timed(lambda i=i: stream.step(codes[..., i : i + 1])) for i in range(args.stream_frames)]
-        early, late = statistics.median(per_frame[1:51]), statistics.median(per_frame[-50:])
+        for packed in (False, True):  # generate prepacks the transformer's weights (csm.llama.prepack)
+            prepack(ours) if packed else unpack(ours)
+            stream = ours.streaming_decoder(batch_size=1)
+            per_frame = [
+                timed(lambda i=i, s=stream: s.step(codes[..., i : i + 1])) for i in range(args.stream_frames)
+            ]
+            early, late = statistics.median(per_frame[1:51]), statistics.median(per_frame[-50:])
+            print(
+                f"\nstreaming decode{' (prepacked)' if packed else ''}, batch 1, one frame (80 ms of audio) "
+                f"per step: median {early * 1e3:.1f} ms over frames 2-51, {late * 1e3:.1f} ms over the last "
+                f"50 of {args.stream_frames}"
+            )
         print(f"\nload average {os.getloadavg()[0]:.2f} at end")
-        print(
-            f"streaming decode, batch 1, one frame (80 ms of audio) per step: median {early * 1e3:.1f} ms "
-            f"over frames 2-51, {late * 1e3:.1f} ms over the last 50 of {args.stream_frames}"
-        )
 
 
 if __name__ == "__main__":
