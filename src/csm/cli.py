@@ -89,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(say)
     _add_generation_args(say)
-    say.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
+    say.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar, seed or summary line (warnings still print)",
+    )
 
     voice = sub.add_parser("voice", help="create and list saved voices")
     vsub = voice.add_subparsers(dest="voice_command", metavar="ACTION")
