@@ -406,6 +406,9 @@ def build_on_meta(cls, config, state: dict, source, dtype=None, device=None) -> 
     dtype = resolve_dtype(dtype)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # safetensors hands out views of its file buffer at any byte offset; CPU GEMMs on weights that are not
+    # 64-byte aligned run ~8% slower, so such a tensor gets an allocation of its own.
+    state = {k: v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v for k, v in state.items()}
     with torch.device("meta"):
         model = cls(config)
     load_into(model, state, str(source))
