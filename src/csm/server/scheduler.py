@@ -42,9 +42,12 @@ class SpeechJob:
     loop: asyncio.AbstractEventLoop | None = None
     out: asyncio.Queue | None = None  # np.ndarray chunks, then None at the end, or an Exception
     cancelled: threading.Event = field(default_factory=threading.Event)
-    frames: int = 0
     codes: list = field(default_factory=list)  # the frames (K,) generated, kept as context for what follows
     submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def frames(self) -> int:
+        return len(self.codes)
 
     def send(self, item) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -209,7 +212,6 @@ class Scheduler:
             if not ended:
                 row.pending.append(frame)
                 row.job.codes.append(frame)
-                row.job.frames += 1
                 self.frames_generated += 1
             done = ended or row.job.frames >= row.job.max_frames
             if done or len(row.pending) >= self.chunk_frames:
