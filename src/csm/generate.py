@@ -146,7 +146,7 @@ class FrameEngine:
         self.depth_slots = torch.arange(self.K, device=device)
         self.unit_noise = torch.ones(batch_size, self.K, self.V, device=device)
         self.step = self._frame
-        if model.prepack_weights and not compile:
+        if model.prepack_weights and not self.compiled:
             model.prepack()
         if self.compiled:
             # CUDA: replayed as CUDA graphs. CPU: a C++ wrapper calls the kernels, since a frame is
