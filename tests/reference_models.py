@@ -85,23 +85,30 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def reference_csm(seed: int = 0, num_codebooks: int = 8, **overrides):
-    """A random-weight reference CsmForConditionalGeneration in eval mode."""
+def reference_csm(seed: int = 0, num_codebooks: int = 8, decodable_heads: bool = True, **overrides):
+    """A random-weight reference CsmForConditionalGeneration in eval mode.
+
+    With `decodable_heads=False` the heads keep random scores for the ids past the codec's entries too, as a
+    user's randomly initialised or badly trained model would: sampling can then reach them."""
     from transformers import CsmConfig, CsmForConditionalGeneration
 
     quiet_transformers()
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(CsmConfig(**tiny_csm_config(num_codebooks, **overrides))).eval()
+    if not decodable_heads:
+        return model
     # Like a trained model, never pick the ids past the codec's 2048 entries: zero logits never win
-    # against 2048 random ones. (Random weights would otherwise hand the codec codes it cannot decode.)
+    # against 2048 random ones, so the reference's greedy codes stay decodable for parity tests.
     with torch.no_grad():
         model.lm_head.weight[2048:] = 0
         model.depth_decoder.codebooks_head.weight[..., 2048:] = 0
     return model
 
 
-def write_reference_csm(path: Path, seed: int = 0, num_codebooks: int = 8, **overrides):
+def write_reference_csm(
+    path: Path, seed: int = 0, num_codebooks: int = 8, decodable_heads: bool = True, **overrides
+):
     """Save a random reference CSM checkpoint to `path` and return the reference model."""
-    model = reference_csm(seed, num_codebooks, **overrides)
+    model = reference_csm(seed, num_codebooks, decodable_heads, **overrides)
     model.save_pretrained(path)
     return model

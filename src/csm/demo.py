@@ -21,7 +21,7 @@ from .processor import CsmProcessor
 DEMO_VERSION = 1  # bump when the demo checkpoint changes, so stale caches are not reused
 TEXT_VOCAB = 300
 SPECIAL_TOKENS = ["<|end_of_text|>", "<|begin_of_text|>", "<|AUDIO|>", "<|audio_eos|>"]  # ids 0..3
-CODEC_ENTRIES = 2048  # Mimi's codebook size; ids 2048.. (eos/pad slots) must never be sampled as audio
+CODEC_ENTRIES = 2048  # Mimi's codebook size
 
 # The csm-1b chat template, in short: each turn is `<bos>[speaker]text<eos>`, then its audio if any.
 CHAT_TEMPLATE = (
@@ -96,7 +96,7 @@ def demo_config() -> CsmConfig:
 
 
 def demo_model(seed: int = 0) -> CsmForConditionalGeneration:
-    """A random-weight tiny CSM whose sampled codes the codec can always decode."""
+    """A random-weight tiny CSM."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the codec's default conv init
     model = CsmForConditionalGeneration(demo_config()).eval()
@@ -107,9 +107,6 @@ def demo_model(seed: int = 0) -> CsmForConditionalGeneration:
         for name, b in model.codec_model.named_buffers():
             if name.endswith("embed_sum"):
                 b.copy_(torch.randn(b.shape, generator=generator))
-        # A trained model never picks the ids past the codec's entries; zero logits never win here either.
-        model.lm_head.weight[CODEC_ENTRIES:] = 0
-        model.depth_decoder.codebooks_head.weight[..., CODEC_ENTRIES:] = 0
     model.generation_config = {"max_new_tokens": 125, "do_sample": True, "temperature": 0.9, "top_k": 50}
     return model
 

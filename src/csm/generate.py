@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from .frames import FrameRule
 from .llama import KVCache
 
 
@@ -123,6 +124,8 @@ class FrameEngine:
         cfg = model.config
         self.model, self.batch_size, self.max_seq_len = model, batch_size, max_seq_len
         self.K, self.V = cfg.num_codebooks, cfg.vocab_size
+        self.rule = FrameRule.of(model)
+        ids = self.rule.codebook_size  # what sampling may draw
         device, dtype = model.device, model.dtype
         model.backbone_model.setup_caches(batch_size, max_seq_len, dtype, device)
         model.depth_decoder.model.setup_caches(batch_size, self.K, dtype, device)
@@ -140,11 +143,11 @@ class FrameEngine:
         # the slots any row may use, not the whole cache.
         self.next_slot_bound = [0] * batch_size
         self.compiled = compile and os.environ.get("NO_TORCH_COMPILE") != "1"
-        self.backbone_sampling = RowSampling(batch_size, self.V, device)
-        self.depth_sampling = RowSampling(batch_size, self.V, device)
+        self.backbone_sampling = RowSampling(batch_size, ids, device)
+        self.depth_sampling = RowSampling(batch_size, ids, device)
         self.depth_causal = torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril()
         self.depth_slots = torch.arange(self.K, device=device)
-        self.unit_noise = torch.ones(batch_size, self.K, self.V, device=device)
+        self.unit_noise = torch.ones(batch_size, self.K, ids, device=device)
         self.step = self._frame
         if model.prepack_weights and not self.compiled:
             model.prepack()
@@ -203,7 +206,8 @@ class FrameEngine:
         m = self.model
         dd = m.depth_decoder.model
         head = m.depth_decoder.codebooks_head
-        c = sample(m.lm_head(hidden), self.backbone_sampling, noise[:, 0])
+        decodable = self.rule.decodable_logits
+        c = sample(decodable(m.lm_head(hidden)), self.backbone_sampling, noise[:, 0])
         codes = [c]
         x = torch.stack([hidden, dd.embed_tokens(c).to(hidden.dtype)], 1)  # positions 0 and 1
         h = dd.run_layers(
@@ -213,7 +217,7 @@ class FrameEngine:
             self.depth_slots[:2],
         )
         for i in range(1, self.K):
-            c = sample(head.logits(h[:, -1], i), self.depth_sampling, noise[:, i])
+            c = sample(decodable(head.logits(h[:, -1], i)), self.depth_sampling, noise[:, i])
             codes.append(c)
             if i == self.K - 1:
                 break
@@ -250,15 +254,13 @@ class FrameEngine:
         n = self.max_seq_len if self.compiled else min(max(self.next_slot_bound) + 1, self.max_seq_len)
         frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid[:, :n], noise)
         self.next_slot_bound = [min(b + 1, self.max_seq_len - 1) if b else 0 for b in self.next_slot_bound]
-        cfg = self.model.config
-        frame = torch.where(self.finished[:, None], cfg.codebook_pad_token_id, frame)
+        frame = torch.where(self.finished[:, None], self.rule.pad, frame)
         self.hidden.copy_(hidden)
         self.valid[:, :n].copy_(valid)
         live = ~self.finished
         self.slot.add_(live.long()).clamp_(max=self.max_seq_len - 1)
         self.position.add_(live.long())
-        # The reference ends a row when codebooks 0..K-2 are all end-of-audio.
-        self.finished |= (frame[:, :-1] == cfg.codebook_eos_token_id).all(-1)
+        self.finished |= self.rule.is_end_of_audio(frame)
         return frame
 
     def free(self, row: int) -> None:
@@ -419,29 +421,13 @@ def iterate_frames(
             return
 
 
-def trim_to_reference(codes: torch.Tensor, eos: int) -> torch.Tensor:
+def trim_to_reference(codes: torch.Tensor, rule: FrameRule) -> torch.Tensor:
     """Cut codes (B, F, K) after the frame where the last row ended, as the reference's loop stops there."""
-    ended = (codes[..., :-1] == eos).all(-1)  # (B, F)
+    ended = rule.is_end_of_audio(codes)  # (B, F)
     if not bool(ended.any(-1).all()):
         return codes
     last = int(ended.float().argmax(-1).max())
     return codes[:, : last + 1]
-
-
-def audio_end(codes: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
-    """(B, F) True where a row's audio has ended: an all-zero frame (the reference's cut), or a pad frame."""
-    return (codes == eos).all(-1) | (codes == pad).any(-1)
-
-
-def audio_lengths(codes: torch.Tensor, eos: int, pad: int) -> list[int]:
-    """Frames of audio per row, up to its first ended frame."""
-    ended = audio_end(codes, eos, pad)
-    first = torch.where(
-        ended.any(-1),
-        ended.float().argmax(-1),
-        torch.full_like(ended[:, 0], codes.shape[1], dtype=torch.long),
-    )
-    return first.tolist()
 
 
 @torch.inference_mode()
@@ -482,9 +468,9 @@ def generate(
         blocks = list(iterate_frames(engine, config.max_new_tokens, generator, sync_every))
     finally:
         finish(engine)
-    eos = model.config.codebook_eos_token_id
-    codes = trim_to_reference(torch.cat(blocks, 1), eos)
-    if not bool((codes[..., :-1] == eos).all(-1).any(-1).all()):
+    rule = engine.rule
+    codes = trim_to_reference(torch.cat(blocks, 1), rule)
+    if not bool(rule.is_end_of_audio(codes).any(-1).all()):
         warnings.warn(
             f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows; "
             "their audio may be cut short (raise max_new_tokens or max_seconds)",
@@ -497,7 +483,7 @@ def generate(
 
 def decode_rows(model, codes: torch.Tensor) -> list[torch.Tensor]:
     """Decode each row's frames up to its end-of-audio frame, in one batched codec call."""
-    lengths = audio_lengths(codes, model.config.codebook_eos_token_id, model.config.codebook_pad_token_id)
+    lengths = FrameRule.of(model).lengths(codes)
     longest = max(lengths)
     if longest == 0:
         return [codes.new_zeros(0, dtype=torch.float32) for _ in lengths]
@@ -544,7 +530,6 @@ def generate_stream(
         compile,
         kwargs,
     )
-    eos = model.config.codebook_eos_token_id
     B = engine.batch_size
     ended = torch.zeros(B, dtype=torch.bool)
     decoder = model.codec_model.streaming_decoder(B)
@@ -553,7 +538,7 @@ def generate_stream(
         for block in iterate_frames(engine, config.max_new_tokens, generator, chunk_frames):
             block = block.clone()
             keep = []
-            ends = audio_end(block, eos, model.config.codebook_pad_token_id)
+            ends = engine.rule.ends(block)
             for row in range(B):
                 row_end = ends[row]
                 n = block.shape[1]

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .audio import SAMPLING_RATE
-from .generate import GenerationConfig, audio_lengths, decode_rows
+from .frames import FrameRule
+from .generate import GenerationConfig, decode_rows
 from .model import CsmForConditionalGeneration, resolve_dtype
 from .processor import CsmProcessor
 from .voice import Voice
@@ -309,8 +310,7 @@ class TextToAudioPipeline:
             seed=seed,
             **self._sampling(opts),
         )  # (B, F, K)
-        cfg = self.model.config
-        lengths = audio_lengths(out, cfg.codebook_eos_token_id, cfg.codebook_pad_token_id)
+        lengths = FrameRule.of(self.model).lengths(out)
         waves = decode_rows(self.model, out)
         rows = [
             (w.float().cpu().numpy(), out[b, :n].clone())

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..frames import FrameRule
 from ..generate import FrameEngine, Sampling
 
 
@@ -89,7 +90,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self.eos = model.config.codebook_eos_token_id
+        self.rule = FrameRule.of(model)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class Scheduler:
         for b in live:
             row = self.rows[b]
             frame = codes[b]
-            ended = bool((frame[:-1] == self.eos).all())
+            ended = bool(self.rule.ends(frame))
             if not ended:
                 row.pending.append(frame)
                 row.job.codes.append(frame)
