@@ -338,7 +338,7 @@ async def audio_chunks(job: SpeechJob, first):
             if isinstance(item, Exception):
                 raise item
             yield item
-            item = await job.out.get()
+            item = await job.take()
     finally:
         job.cancelled.set()  # no-op once the job is done; frees the row when the client went away
 
@@ -382,7 +382,7 @@ class SpeechStream:
                         "rate_limit_error",
                     ) from None
                 await asyncio.sleep(0.05)
-        first = await job.out.get()
+        first = await job.take()
         if isinstance(first, Exception):
             raise ApiError(400 if isinstance(first, ValueError) else 500, f"generation failed: {first}")
         return job, first
