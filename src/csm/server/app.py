@@ -80,7 +80,7 @@ class ClientStalled(Exception):
 
 class RequestContext:
     """ASGI middleware around the whole app: an X-Request-ID on every response (the client's, or a new one),
-    503 for new requests while draining, a time limit on each write to a client that stopped reading, and a
+    the API key check, 503 for new requests while draining, a time limit on each write to a client that stopped reading, and a
     500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers."""
 
     def __init__(self, app, settings: ServerSettings, scheduler: Scheduler):
@@ -111,6 +111,14 @@ class RequestContext:
             await send(message)
 
         try:
+            key = self.settings.api_key
+            if key and scope["path"].startswith("/v1/"):
+                if dict(scope["headers"]).get(b"authorization", b"") != f"Bearer {key}".encode():
+                    raise ApiError(
+                        401,
+                        "missing or wrong API key: send `Authorization: Bearer <key>`",
+                        "authentication_error",
+                    )
             if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
                 raise ApiError(503, "the server is shutting down; retry on another instance", "server_error")
             await self.app(scope, receive, send_with_id)
@@ -185,17 +193,6 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     async def _http(request, e: StarletteHTTPException):
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
-                return error_response(
-                    401,
-                    "missing or wrong API key: send `Authorization: Bearer <key>`",
-                    "authentication_error",
-                )
-        return await call_next(request)
 
     # ---- plain endpoints ---------------------------------------------------------------------------
 

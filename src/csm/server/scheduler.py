@@ -80,7 +80,7 @@ class Scheduler:
         self.waiting: queue.Queue[SpeechJob] = queue.Queue(maxsize=max_queue)
         self.core: BatchCore | None = None
         self.completed = self.failed = self.cancelled = 0
-        self.draining = False  # no new jobs (SIGTERM); jobs admitted already finish
+        self.draining = False  # set on SIGTERM: the app admits no new requests; those in flight finish
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,10 +109,8 @@ class Scheduler:
 
     def submit(self, job: SpeechJob) -> None:
         """Queue a job; raises Unavailable when the scheduler is not running, QueueFull when the line is full."""
-        if not self.alive or self.draining:
-            raise Unavailable(
-                "the server is shutting down" if self.draining else "the scheduler is not running"
-            )
+        if not self.alive:
+            raise Unavailable("the scheduler is not running; the server cannot make audio")
         try:
             self.waiting.put_nowait(job)
         except queue.Full:
