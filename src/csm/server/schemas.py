@@ -145,7 +145,14 @@ SPEECH_RESPONSES = {
         "with stream_format=sse, `speech.audio.delta` events then `speech.audio.done` (or `error`)",
         "content": {
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in set(MEDIA_TYPES.values())},
-            "text/event-stream": {"schema": {"type": "string"}},
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "one event; `data` holds JSON: speech.audio.delta, speech.audio.done or error",
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            },
         },
     },
     **errors(400, 401, 404, 429, 500, 503),
