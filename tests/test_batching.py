@@ -135,3 +135,22 @@ def test_a_failing_prefill_leaves_the_row_free_and_the_batch_running(setup):
     results = run(core, [good])
     core.close()
     assert_same_as_solo(setup, results, [0])
+
+
+def test_a_row_whose_consumer_is_behind_waits_as_codes_then_decodes_all_at_its_end(setup):
+    core = BatchCore(setup[0], max_batch_size=1, chunk_frames=2)
+    job = job_for(setup, TEXTS[3], seed=3, frames=10)
+    core.eos = -1  # never ends early: all 10 frames
+    taken = []
+    job.wants_audio = lambda: len(taken) < 2  # the consumer holds at most two chunks, never takes them
+    run_events = []
+    core.add(job)
+    while core.live_rows():
+        for event in core.step():
+            run_events.append(event)
+            if event.kind == "audio":
+                taken.append(event)
+    core.close()
+    sizes = [e.codes.shape[1] for e in run_events if e.kind == "audio"]
+    assert sizes == [2, 2, 6] and run_events[-1].kind == "done"
+    assert sum(len(e.audio) for e in taken) == 10 * 1920
