@@ -154,3 +154,21 @@ def test_a_row_whose_consumer_is_behind_waits_as_codes_then_decodes_all_at_its_e
     sizes = [e.codes.shape[1] for e in run_events if e.kind == "audio"]
     assert sizes == [2, 2, 6] and run_events[-1].kind == "done"
     assert sum(len(e.audio) for e in taken) == 10 * 1920
+
+
+def test_a_passing_step_fault_is_retried_and_fails_no_row(setup, monkeypatch):
+    core = BatchCore(setup[0], max_batch_size=4, chunk_frames=2)
+    jobs = [job_for(setup, t, seed=i) for i, t in enumerate(TEXTS)]
+    step, calls = core.engine.step, {"n": 0}
+
+    def flaky_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # one bad step (e.g. a transient device error), not tied to a row
+            raise RuntimeError("transient")
+        return step(*args)
+
+    monkeypatch.setattr(core.engine, "step", flaky_step)
+    results = run(core, jobs)
+    core.close()
+    assert calls["n"] > 3
+    assert_same_as_solo(setup, results, [0, 1, 2, 3])

@@ -14,7 +14,8 @@ time. A row ends at its end-of-audio frame, at `max_frames`, or when `remove(row
 
 Faults: a job whose embed or prefill raises is not added (`add` raises, the row stays free); a row whose decode
 raises ends with an "error" event; when the shared step raises, each live row is stepped alone (without
-committing anything) to find the rows at fault, those end with "error", and the step runs again for the rest.
+committing anything) to find the rows at fault, those end with "error", and the step runs again for the rest
+(should it raise again, every live row ends with "error": not one row's fault).
 Per-row random generators are rewound before that retry, so a seeded row's audio is the same as alone.
 """
 
@@ -182,43 +183,55 @@ class BatchCore:
     def _next_frame(self, live: list[int], events: list[RowEvent]) -> torch.Tensor | None:
         """The shared step; when it raises, the rows at fault end with "error" and it runs again for the rest."""
         generators = self._generators()
-        saved = {id(g): (g, g.get_state()) for g in generators}
+        saved = [(g, g.get_state()) for g in {id(g): g for g in generators}.values()]
+        state = self._engine_state()
         try:
             return self.engine.next_frame(generators).cpu()  # (B, K)
         except Exception as e:
             first = e
-        for g, state in saved.values():  # the retry draws the same noise as the failed step did
-            g.set_state(state)
-        faulty = [b for b in live if self._fails_alone(b)] or live
-        for b in faulty:
+        for b in [b for b in live if self._fails_alone(b, state, saved)]:  # none: a passing fault, retried
             events.append(RowEvent(b, self.rows[b].job, "error", error=first))
             self.remove(b)
         if not self.live_rows():
             return None
-        try:
+        try:  # the rewound generators draw the same noise as the failed step did
             return self.engine.next_frame(self._generators()).cpu()
         except Exception as e:  # not one row's fault: every live row fails, the engine is left consistent
+            self._restore(state, saved)
             for b in self.live_rows():
                 events.append(RowEvent(b, self.rows[b].job, "error", error=e))
                 self.remove(b)
             return None
 
-    @torch.inference_mode()
-    def _fails_alone(self, b: int) -> bool:
-        """Whether the engine's step raises on row b's state with every other row blanked. Nothing is committed:
-        the step's only writes are keys at each row's next slot, which the real step overwrites."""
+    _STATE = ("hidden", "valid", "slot", "position", "finished")
+
+    def _engine_state(self) -> dict:
+        """The engine's per-row state a step commits (its keys are written at each row's next slot, which the
+        next real step overwrites, so they need no copy)."""
         engine = self.engine
-        hidden = torch.zeros_like(engine.hidden)
-        hidden[b] = engine.hidden[b]
-        n = (
-            engine.max_seq_len
-            if engine.compiled
-            else min(max(engine.next_slot_bound) + 1, engine.max_seq_len)
-        )
+        state = {name: getattr(engine, name).clone() for name in self._STATE}
+        state["next_slot_bound"] = list(engine.next_slot_bound)
+        return state
+
+    def _restore(self, state: dict, saved: list) -> None:
+        engine = self.engine
+        for name in self._STATE:
+            getattr(engine, name).copy_(state[name])
+        engine.next_slot_bound = list(state["next_slot_bound"])
+        for g, s in saved:
+            g.set_state(s)
+
+    def _fails_alone(self, b: int, state: dict, saved: list) -> bool:
+        """Whether a step raises on row b's state with every other row's state blanked; commits nothing."""
+        self._restore(state, saved)
+        others = [r for r in range(self.max_batch_size) if r != b]
+        self.engine.hidden[others] = 0
         try:
-            engine.step(hidden, engine.slot, engine.position, engine.valid[:, :n], engine.unit_noise)
+            self.engine.next_frame(self._generators())
         except Exception:
             return True
+        finally:
+            self._restore(state, saved)
         return False
 
     def _flush(self, b: int, row: _Row) -> RowEvent:
