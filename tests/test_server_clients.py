@@ -71,7 +71,13 @@ def test_schemathesis_finds_no_server_error_or_undocumented_status(server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(
+            max_examples=25,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+            derandomize=True,
+        )
         def check(case):
             case.call_and_validate(base_url=base, checks=checks, timeout=30)
 
