@@ -79,9 +79,9 @@ class ClientStalled(Exception):
 
 
 class RequestContext:
-    """ASGI middleware around the whole app: an X-Request-ID on every response (the client's, or a new one),
-    the API key check, 503 for new requests while draining, a time limit on each write to a client that stopped reading, and a
-    500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers."""
+    """ASGI middleware around the whole app: an X-Request-ID on every response (the client's, or a new one), the
+    API key check, 503 for new requests while draining, a time limit on each write to a client that stopped
+    reading, and a 500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers."""
 
     def __init__(self, app, settings: ServerSettings, scheduler: Scheduler):
         self.app, self.settings, self.scheduler = app, settings, scheduler
