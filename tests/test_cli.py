@@ -159,3 +159,11 @@ def test_serve_parser_takes_the_server_flags():
         4,
         "auto",
     )
+
+
+def test_serve_parser_takes_the_shutdown_and_stall_flags():
+    from csm.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--shutdown-grace", "5", "--stall-timeout", "2.5"])
+    assert (args.shutdown_grace, args.stall_timeout) == (5.0, 2.5)
+    assert build_parser().parse_args(["serve"]).shutdown_grace == 30.0

@@ -164,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-batch-size", type=int, default=8, help="requests generated together (default: %(default)s)"
     )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests get to finish; new ones get 503 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=None,
+        help="seconds a client may stop reading before it is dropped and its row freed (default: 30)",
+    )
 
     sub.add_parser(
         "finetune", help="fine-tune on your recordings (see `csm finetune --help`)", add_help=False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from .app import ServerSettings, create_app
 
@@ -31,14 +32,22 @@ def load_app(
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the server: `csm serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--api-key KEY]`."""
+    """Run the server: `csm serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--api-key KEY]`; on SIGTERM
+    it stops admitting (503), lets in-flight requests finish within `--shutdown-grace` seconds, and exits 0."""
     try:
         import uvicorn
     except ImportError:
         print("the server needs its extra: pip install 'csm-speech[server]'")
         return 1
     settings = ServerSettings(model_name=str(args.model), api_key=getattr(args, "api_key", None))
-    for name in ("max_batch_size", "max_queue", "max_frames", "max_input_chars", "voices_dir"):
+    for name in (
+        "max_batch_size",
+        "max_queue",
+        "max_frames",
+        "max_input_chars",
+        "voices_dir",
+        "stall_timeout",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
@@ -55,5 +64,19 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"cannot load {args.model}: {e}")
         return 2
-    uvicorn.run(app, host=host, port=int(getattr(args, "port", None) or 8000), log_level="info")
+    port = int(getattr(args, "port", None) or 8000)
+    grace = getattr(args, "shutdown_grace", None)
+    grace = 30.0 if grace is None else float(grace)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
+    server = uvicorn.Server(config)
+    exit_now = server.handle_exit
+
+    def drain(sig, frame):  # stop admitting at once; uvicorn waits up to `grace` for in-flight requests
+        app.state.scheduler.draining = True
+        exit_now(sig, frame)
+
+    server.handle_exit = drain
+    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
     return 0

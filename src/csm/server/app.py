@@ -1,33 +1,46 @@
-"""The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health."""
+"""The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health (and /docs)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
+import logging
 import re
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
-import soxr
-import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..audio import SAMPLING_RATE, load_audio
 from ..generate import GenerationConfig
-from ..pipeline import MAX_CHUNK_CHARS, CrossfadeStream, Turn, split_sentences
+from ..pipeline import MAX_CHUNK_CHARS, Turn, split_sentences
 from ..voice import Voice, list_voices, voices_dir
-from .encode import FORMATS, MEDIA_TYPES, AudioEncoder
-from .scheduler import QueueFull, Scheduler, SpeechJob
+from .encode import MEDIA_TYPES
+from .scheduler import Scheduler, SpeechJob
+from .schemas import (
+    OPENAI_MODELS,
+    SPEECH_RESPONSES,
+    Health,
+    ModelCard,
+    ModelList,
+    SchedulerStats,
+    SpeechRequest,
+    VoiceCard,
+    VoiceCreated,
+    VoiceList,
+    VoiceRef,
+    errors,
+)
+from .speech import ApiError, SpeechPlan, SpeechStream, audio_bytes, sse_events
 
+log = logging.getLogger("csm.server")
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 SPEED_HEADER = "resample: speed > 1 plays faster and higher, < 1 slower and lower (pitch follows)"
 
 
@@ -43,39 +56,98 @@ class ServerSettings:
     max_input_chars: int = 4096
     max_chunk_chars: int = MAX_CHUNK_CHARS  # longer input is spoken sentence by sentence, each in context
     chunk_frames: int = 4  # frames decoded and sent together when streaming (0.32 s)
+    max_buffered_chunks: int = 16  # audio chunks made but not yet sent, per request; beyond, decoding waits
+    stall_timeout: float = 30.0  # seconds a client may stop reading before it is dropped and its row freed
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_seconds: float = 60.0
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
 
 
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type, param
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None):
+def error_response(
+    status: int, message: str, type: str = "invalid_request_error", param: str | None = None, headers=None
+):
     return JSONResponse(
-        {"error": {"message": message, "type": type, "param": param, "code": None}}, status_code=status
+        {"error": {"message": message, "type": type, "param": param, "code": None}},
+        status_code=status,
+        headers=headers,
     )
 
 
-class SpeechRequest(BaseModel):
-    """OpenAI's fields, plus `seed`, `temperature` and `top_k`."""
+class ClientStalled(Exception):
+    """The client read nothing for `stall_timeout` seconds."""
 
-    model: str | None = None
-    input: str
-    voice: str | int | dict = "0"
-    instructions: str | None = None  # accepted for compatibility; CSM takes no instructions
-    response_format: str = "mp3"
-    speed: float = 1.0
-    stream_format: str = "audio"
-    seed: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
+
+class RequestContext:
+    """ASGI middleware around the whole app: an X-Request-ID on every response (the client's, or a new one), the
+    API key check, 503 for new requests while draining, a time limit on each write to a client that stopped
+    reading, and a 500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers."""
+
+    def __init__(self, app, settings: ServerSettings, scheduler: Scheduler):
+        self.app, self.settings, self.scheduler = app, settings, scheduler
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["cleanup"] = rid, []
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                }
+            elif message["type"] == "http.response.body" and message.get("more_body"):
+                try:
+                    return await asyncio.wait_for(send(message), self.settings.stall_timeout)
+                except asyncio.TimeoutError:
+                    raise ClientStalled from None
+            await send(message)
+
+        try:
+            key = self.settings.api_key
+            if key and scope["path"].startswith("/v1/"):
+                if dict(scope["headers"]).get(b"authorization", b"") != f"Bearer {key}".encode():
+                    raise ApiError(
+                        401,
+                        "missing or wrong API key: send `Authorization: Bearer <key>`",
+                        "authentication_error",
+                    )
+            if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
+                raise ApiError(503, "the server is shutting down; retry on another instance", "server_error")
+            await self.app(scope, receive, send_with_id)
+        except ClientStalled:
+            log.warning(
+                "request %s: the client read nothing for %g s; dropped", rid, self.settings.stall_timeout
+            )
+        except Exception as e:
+            if started:  # the client sees an incomplete response, never a clean short file
+                log.error("request %s failed after audio was sent, transfer aborted: %s", rid, e)
+            else:
+                if not isinstance(e, ApiError):
+                    log.exception("request %s failed", rid)
+                    e = ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+                elif e.status >= 500:
+                    log.error("request %s failed: %s", rid, e.message)
+                await error_response(e.status, e.message, e.type, e.param)(scope, receive, send_with_id)
+        finally:
+            for cleanup in state["cleanup"]:
+                cleanup()
+
+
+def validation_message(e: RequestValidationError) -> tuple[str, str | None]:
+    first = e.errors()[0] if e.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return f"the body must be JSON ({first.get('ctx', {}).get('error', 'invalid')})", None
+    return f"{param or 'body'}: {first.get('msg', 'invalid request')}", param
 
 
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
@@ -95,78 +167,66 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         finally:
             scheduler.stop()
 
-    app = FastAPI(title="csm", lifespan=lifespan)
+    app = FastAPI(
+        title="csm",
+        summary="OpenAI-compatible text-to-speech with Sesame's CSM",
+        lifespan=lifespan,
+        responses=errors(400, 500),
+    )
     app.state.scheduler, app.state.settings = scheduler, settings
+    app.add_middleware(RequestContext, settings=settings, scheduler=scheduler)
 
     # ---- errors ------------------------------------------------------------------------------------
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
+        if e.status >= 500:
+            log.error("request %s failed: %s", request.state.request_id, e.message)
         return error_response(e.status, e.message, e.type, e.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        return error_response(
-            422,
-            f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}",
-            param=".".join(loc) or None,
-        )
+        message, param = validation_message(e)
+        return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
-        return error_response(
-            e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error"
-        )
-
-    @app.exception_handler(Exception)
-    async def _crash(request, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
-                return error_response(
-                    401,
-                    "missing or wrong API key: send `Authorization: Bearer <key>`",
-                    "authentication_error",
-                )
-        return await call_next(request)
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
 
     # ---- plain endpoints ---------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get(
+        "/health", response_model=Health, responses={503: {"model": Health, "description": "not serving"}}
+    )
     async def health():
-        return {"status": "ok", "model": settings.model_name, "scheduler": scheduler.stats()}
+        status = "draining" if scheduler.draining else "ok" if scheduler.alive else "unavailable"
+        body = {"status": status, "model": settings.model_name, "scheduler": scheduler.stats()}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
-    @app.get("/v1/stats")
+    @app.get("/v1/stats", response_model=SchedulerStats, responses=errors(401))
     async def stats():
         return scheduler.stats()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=errors(401))
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "csm"}],
-        }
+        return ModelList(data=[ModelCard(id=settings.model_name)])
 
-    @app.get("/v1/voices")
+    @app.get("/v1/voices", response_model=VoiceList, responses=errors(401))
     async def voices():
-        saved = [{"id": name, "name": name, "type": "saved"} for name in list_voices(root)]
-        return {
-            "object": "list",
-            "voices": saved,
-            "speakers": 'any speaker number, e.g. "0", without reference audio',
-        }
+        return VoiceList(
+            voices=[VoiceCard(id=name, name=name) for name in list_voices(root)],
+            speakers='any speaker number, e.g. "0", without reference audio',
+        )
 
-    @app.post("/v1/voices", status_code=201)
+    @app.post(
+        "/v1/voices", status_code=201, response_model=VoiceCreated, responses=errors(400, 401, 409, 413, 500)
+    )
     async def create_voice(
-        audio_file: Annotated[UploadFile, File()],
-        name: Annotated[str, Form()],
-        transcript: Annotated[str, Form()],
-        speaker: Annotated[int, Form()] = 0,
+        audio_file: Annotated[UploadFile, File(description="a clip of the voice (wav, flac, mp3, ...)")],
+        name: Annotated[str, Form(description="1-64 letters, digits, '_', '-' or '.', not only digits")],
+        transcript: Annotated[str, Form(description="the words spoken in the clip")],
+        speaker: Annotated[int, Form(ge=0, le=999, description="the speaker number it speaks as")] = 0,
     ):
         if not VOICE_NAME.match(name) or name.isdigit():
             raise ApiError(
@@ -174,8 +234,6 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             )
         if not transcript.strip():
             raise ApiError(400, "transcript must hold the words spoken in the clip", param="transcript")
-        if not 0 <= speaker < 1000:
-            raise ApiError(400, "speaker must be between 0 and 999", param="speaker")
         data = await audio_file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise ApiError(
@@ -200,13 +258,13 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         loaded[name] = voice
-        return {"id": name, "name": name, "speaker": speaker, "seconds": round(seconds, 3)}
+        return VoiceCreated(id=name, name=name, speaker=speaker, seconds=round(seconds, 3))
 
     # ---- speech ------------------------------------------------------------------------------------
 
     def resolve_voice(value: Any) -> tuple[int, Voice | None]:
-        if isinstance(value, dict):
-            value = value.get("id")
+        if isinstance(value, VoiceRef):
+            value = value.id
         if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
             speaker = int(value)
             if not 0 <= speaker < 1000:
@@ -236,17 +294,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
                 f"input is {len(body.input)} characters; the limit is {settings.max_input_chars}",
                 param="input",
             )
-        if body.response_format not in FORMATS:
-            raise ApiError(
-                400,
-                f"unsupported response_format {body.response_format!r}; use one of {', '.join(FORMATS)}",
-                param="response_format",
-            )
-        if body.stream_format not in ("audio", "sse"):
-            raise ApiError(400, "stream_format must be 'audio' or 'sse'", param="stream_format")
-        if not 0.25 <= body.speed <= 4.0:
-            raise ApiError(400, "speed must be between 0.25 and 4.0", param="speed")
-        if body.model not in (None, "", settings.model_name, "csm", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"):
+        if body.model not in (None, "", settings.model_name, "csm", *OPENAI_MODELS):
             raise ApiError(
                 404,
                 f"unknown model {body.model!r}; this server serves {settings.model_name!r}",
@@ -305,144 +353,29 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             seed=None if plan.seed is None else plan.seed + index,
         )
 
-    @app.post("/v1/audio/speech")
-    async def speech(request: Request):
-        try:
-            raw = await request.json()
-            body = SpeechRequest.model_validate(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
-            raise ApiError(422, f"{loc or 'body'}: {first.get('msg')}", param=loc or None) from None
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the body must be JSON") from None
+    @app.post("/v1/audio/speech", response_class=Response, responses=SPEECH_RESPONSES)
+    async def speech(body: SpeechRequest, request: Request):
+        """Speak `input`; the audio streams back as it is made (OpenAI's `audio.speech.create`)."""
         plan = await asyncio.to_thread(prepare, body)
-        speech = SpeechStream(plan, job_for, scheduler, settings.max_frames)
-        await speech.start()
+        rid = request.state.request_id
+        speech = SpeechStream(
+            plan, job_for, scheduler, settings.max_frames, rid, settings.max_buffered_chunks
+        )
+        request.state.cleanup.append(speech.cancel)
+        await speech.start()  # a failure before the first audio is still an error status
         stream = audio_bytes(speech.audio(), body.response_format, body.speed)
         headers = {"X-Accel-Buffering": "no", "X-Speed-Method": SPEED_HEADER if body.speed != 1.0 else "none"}
         if body.stream_format == "sse":
             return StreamingResponse(
                 sse_events(stream, speech), media_type="text/event-stream", headers=headers
             )
-        return StreamingResponse(stream, media_type=MEDIA_TYPES[body.response_format], headers=headers)
+        media_type = MEDIA_TYPES[body.response_format]
+        if body.response_format == "flac":  # written only at the end: buffered, so a failure is a status
+            data = b"".join([part async for part in stream])
+            return Response(data, media_type=media_type, headers=headers)
+        return StreamingResponse(stream, media_type=media_type, headers=headers)
 
     return app
-
-
-async def audio_chunks(job: SpeechJob, first):
-    """Float32 chunks of a job as the scheduler sends them; a client that leaves cancels the job."""
-    item = first
-    try:
-        while item is not None:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            item = await job.out.get()
-    finally:
-        job.cancelled.set()  # no-op once the job is done; frees the row when the client went away
-
-
-@dataclass
-class SpeechPlan:
-    """A checked request: its text in sentence-sized chunks, and how to speak them."""
-
-    chunks: list[str]
-    speaker: int
-    voice: Voice | None
-    config: GenerationConfig
-    seed: int | None
-
-
-class SpeechStream:
-    """One request's audio, chunk after chunk: each chunk is a scheduler job whose context holds the chunks
-    before it and the audio made for them (as `csm.pipeline` does for long text), joined with crossfades."""
-
-    def __init__(self, plan: SpeechPlan, job_for, scheduler: Scheduler, max_frames: int):
-        self.plan, self.job_for, self.scheduler, self.max_frames = plan, job_for, scheduler, max_frames
-        self.prompt_len = self.frames = 0  # usage, over every chunk
-        self.first: tuple[SpeechJob, Any] | None = None
-
-    async def start(self) -> None:
-        """Queue the first chunk and wait for its first audio, so that a failure is still an error response."""
-        self.first = await self._run(0, [], wait=False)
-
-    async def _run(self, index: int, carried: list[Turn], wait: bool) -> tuple[SpeechJob, Any]:
-        job = await asyncio.to_thread(self.job_for, self.plan, index, carried, self.max_frames - self.frames)
-        job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
-        while True:
-            try:
-                self.scheduler.submit(job)
-                break
-            except QueueFull:
-                if not wait:  # a new request is turned away; one already speaking waits its turn
-                    raise ApiError(
-                        429,
-                        "the server is busy: too many requests waiting; retry shortly",
-                        "rate_limit_error",
-                    ) from None
-                await asyncio.sleep(0.05)
-        first = await job.out.get()
-        if isinstance(first, Exception):
-            raise ApiError(400 if isinstance(first, ValueError) else 500, f"generation failed: {first}")
-        return job, first
-
-    async def audio(self):
-        """Float32 pieces of the whole request's audio."""
-        joiner, carried = CrossfadeStream(SAMPLING_RATE), []
-        for index, text in enumerate(self.plan.chunks):
-            if index and self.frames >= self.max_frames:
-                break
-            job, first = self.first if index == 0 else await self._run(index, carried, wait=True)
-            joiner.start_sentence(last=index == len(self.plan.chunks) - 1)
-            parts = []
-            async for piece in audio_chunks(job, first):
-                parts.append(piece)
-                out = joiner.push(piece)
-                if len(out):
-                    yield out
-            self.prompt_len, self.frames = self.prompt_len + job.prompt_len, self.frames + job.frames
-            if job.codes:
-                carried.append(Turn(self.plan.speaker, text, np.concatenate(parts), torch.stack(job.codes)))
-        tail = joiner.finish()
-        if len(tail):
-            yield tail
-
-
-async def audio_bytes(chunks, fmt: str, speed: float):
-    """Encoded bytes of float32 audio chunks; `speed` resamples (pitch follows the speed)."""
-    encoder = AudioEncoder(fmt, SAMPLING_RATE)
-    stretch = (
-        soxr.ResampleStream(SAMPLING_RATE * speed, SAMPLING_RATE, 1, dtype="float32")
-        if speed != 1.0
-        else None
-    )
-    async for chunk in chunks:
-        if stretch is not None:
-            chunk = stretch.resample_chunk(chunk)
-        data = encoder.push(chunk)
-        if data:
-            yield data
-    tail = (
-        encoder.push(stretch.resample_chunk(np.zeros(0, np.float32), last=True))
-        if stretch is not None
-        else b""
-    )
-    data = tail + encoder.finish()
-    if data:
-        yield data
-
-
-async def sse_events(stream, job: SpeechStream):
-    """OpenAI's speech SSE: `speech.audio.delta` events with base64 audio, then `speech.audio.done`."""
-    async for data in stream:
-        yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
-    usage = {
-        "input_tokens": job.prompt_len,
-        "output_tokens": job.frames,
-        "total_tokens": job.prompt_len + job.frames,
-    }
-    yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
 
 
 def frames_for_text(text: str, frame_rate: float) -> int:

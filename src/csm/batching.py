@@ -1,0 +1,244 @@
+"""Continuous batching without threads: a FrameEngine's rows filled with jobs, stepped together, each row's
+faults kept to that row.
+
+    core = BatchCore(model, max_batch_size=8)
+    row = core.add(RowJob(embed=lambda: embeds, max_frames=200, backbone=..., depth_decoder=..., seed=1))
+    while core.live_rows():
+        for event in core.step():          # RowEvent: "audio" (a decoded chunk and its codes), "done", "error"
+            ...
+    core.close()
+
+A job's prompt is embedded and prefilled when it is added (alone, into a free row); `step()` advances every
+live row by one frame and decodes each row's frames with its own streaming codec decoder, `chunk_frames` at a
+time. A row ends at its end-of-audio frame, at `max_frames`, or when `remove(row)` frees it.
+
+Faults: a job whose embed or prefill raises is not added (`add` raises, the row stays free); a row whose decode
+raises ends with an "error" event; when the shared step raises, each live row is stepped alone (without
+committing anything) to find the rows at fault, those end with "error", and the step runs again for the rest
+(should it raise again, every live row ends with "error": not one row's fault).
+Per-row random generators are rewound before that retry, so a seeded row's audio is the same as alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .generate import FrameEngine, Sampling
+
+
+@dataclass
+class RowJob:
+    """One prompt to speak and how: `embed()` returns its prompt embeds (1, T, D) and runs when it is added."""
+
+    embed: callable
+    max_frames: int
+    backbone: Sampling
+    depth_decoder: Sampling
+    seed: int | None = None  # None: the core's shared generator draws its noise
+    decode: bool = True  # False: "audio" events carry codes only (audio is None)
+    prompt_len: int = 0
+    codes: list = field(default_factory=list)  # its frames (K,), filled in as they are generated
+
+    @property
+    def frames(self) -> int:
+        return len(self.codes)
+
+    def wants_audio(self) -> bool:
+        """Whether to decode a full chunk now; a consumer that is behind returns False and its frames wait
+        as codes (its end still decodes everything)."""
+        return True
+
+
+@dataclass
+class RowEvent:
+    """What happened to one row in a step: a decoded chunk ("audio"), its end ("done"), or its failure ("error").
+
+    "audio" carries `codes` (K, n) and `audio` (samples,) float32 (None when the job does not decode); "done"
+    follows the last "audio" of a row with `reason` "end" (end-of-audio frame) or "max_frames"; "error" carries
+    the exception. After "done" or "error" the row is free.
+    """
+
+    row: int
+    job: RowJob
+    kind: str
+    codes: torch.Tensor | None = None
+    audio: np.ndarray | None = None
+    reason: str | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class _Row:
+    job: RowJob
+    decoder: object | None
+    generator: torch.Generator | None
+    pending: list = field(default_factory=list)  # frames (K,) not yet decoded
+
+
+class BatchCore:
+    """Rows of a FrameEngine filled with jobs; `step()` advances them together and reports per-row events."""
+
+    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 2048, chunk_frames: int = 4):
+        self.model, self.max_batch_size, self.chunk_frames = model, max_batch_size, chunk_frames
+        self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+        self.engine = FrameEngine(model, max_batch_size, self.max_seq_len)
+        self.rows: list[_Row | None] = [None] * max_batch_size
+        self.shared_generator = torch.Generator(device=model.device).manual_seed(time.time_ns() % 2**31)
+        self.batch_histogram: collections.Counter[int] = collections.Counter()  # live rows per step -> steps
+        self.frames_generated = 0
+
+    def free_rows(self) -> list[int]:
+        return [b for b, r in enumerate(self.rows) if r is None]
+
+    def live_rows(self) -> list[int]:
+        return [b for b, r in enumerate(self.rows) if r is not None]
+
+    def job(self, row: int) -> RowJob | None:
+        return None if self.rows[row] is None else self.rows[row].job
+
+    def add(self, job: RowJob) -> int:
+        """Embed and prefill `job` into a free row; returns the row. Raises what embed/prefill raised (the row
+        stays free), or RuntimeError when no row is free."""
+        free = self.free_rows()
+        if not free:
+            raise RuntimeError("no free row: step or remove a row first")
+        b = free[0]
+        try:
+            with torch.inference_mode():
+                embeds = job.embed()
+                self.engine.prefill(embeds, None, rows=slice(b, b + 1))
+            self.engine.backbone_sampling.set(b, job.backbone)
+            self.engine.depth_sampling.set(b, job.depth_decoder)
+        except Exception:
+            self.engine.free(b)
+            raise
+        generator = None
+        if job.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
+        decoder = self.model.codec_model.streaming_decoder(1) if job.decode else None
+        self.rows[b] = _Row(job, decoder, generator)
+        return b
+
+    def remove(self, row: int) -> None:
+        """Free a row now (e.g. its client went away); no event follows for it."""
+        self.engine.free(row)
+        self.rows[row] = None
+
+    def close(self) -> None:
+        """Free every row and the engine's caches."""
+        self.rows = [None] * self.max_batch_size
+        self.engine.release()
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RowEvent]:
+        """Advance every live row by one frame; returns the rows' events (empty when nothing happened)."""
+        live = self.live_rows()
+        if not live:
+            return []
+        events: list[RowEvent] = []
+        codes = self._next_frame(live, events)
+        if codes is None:
+            return events
+        live = self.live_rows()
+        self.batch_histogram[len(live)] += 1
+        for b in live:
+            row = self.rows[b]
+            frame = codes[b]
+            ended = self._ended(frame)
+            if not ended:
+                row.pending.append(frame)
+                row.job.codes.append(frame)
+                self.frames_generated += 1
+            done = ended or row.job.frames >= row.job.max_frames
+            try:
+                if row.pending and (
+                    done or (len(row.pending) >= self.chunk_frames and row.job.wants_audio())
+                ):
+                    events.append(self._flush(b, row))
+            except Exception as e:  # this row's decode: the others go on
+                events.append(RowEvent(b, row.job, "error", error=e))
+                self.remove(b)
+                continue
+            if done:
+                events.append(RowEvent(b, row.job, "done", reason="end" if ended else "max_frames"))
+                self.remove(b)
+        return events
+
+    def _ended(self, frame: torch.Tensor) -> bool:
+        return bool(self.engine.rule.ends(frame))
+
+    def _generators(self) -> list[torch.Generator]:
+        return [
+            r.generator if r is not None and r.generator is not None else self.shared_generator
+            for r in self.rows
+        ]
+
+    def _next_frame(self, live: list[int], events: list[RowEvent]) -> torch.Tensor | None:
+        """The shared step; when it raises, the rows at fault end with "error" and it runs again for the rest."""
+        generators = self._generators()
+        saved = [(g, g.get_state()) for g in {id(g): g for g in generators}.values()]
+        state = self._engine_state()
+        try:
+            return self.engine.next_frame(generators).cpu()  # (B, K)
+        except Exception as e:
+            first = e
+        for b in [b for b in live if self._fails_alone(b, state, saved)]:  # none: a passing fault, retried
+            events.append(RowEvent(b, self.rows[b].job, "error", error=first))
+            self.remove(b)
+        if not self.live_rows():
+            return None
+        try:  # the rewound generators draw the same noise as the failed step did
+            return self.engine.next_frame(self._generators()).cpu()
+        except Exception as e:  # not one row's fault: every live row fails, the engine is left consistent
+            self._restore(state, saved)
+            for b in self.live_rows():
+                events.append(RowEvent(b, self.rows[b].job, "error", error=e))
+                self.remove(b)
+            return None
+
+    _STATE = ("hidden", "valid", "slot", "position", "finished")
+
+    def _engine_state(self) -> dict:
+        """The engine's per-row state a step commits (its keys are written at each row's next slot, which the
+        next real step overwrites, so they need no copy)."""
+        engine = self.engine
+        state = {name: getattr(engine, name).clone() for name in self._STATE}
+        state["next_slot_bound"] = list(engine.next_slot_bound)
+        return state
+
+    def _restore(self, state: dict, saved: list) -> None:
+        engine = self.engine
+        for name in self._STATE:
+            getattr(engine, name).copy_(state[name])
+        engine.next_slot_bound = list(state["next_slot_bound"])
+        for g, s in saved:
+            g.set_state(s)
+
+    def _fails_alone(self, b: int, state: dict, saved: list) -> bool:
+        """Whether a step raises on row b's state with every other row's state blanked; commits nothing."""
+        self._restore(state, saved)
+        others = [r for r in range(self.max_batch_size) if r != b]
+        self.engine.hidden[others] = 0
+        try:
+            self.engine.next_frame(self._generators())
+        except Exception:
+            return True
+        finally:
+            self._restore(state, saved)
+        return False
+
+    def _flush(self, b: int, row: _Row) -> RowEvent:
+        codes = torch.stack(row.pending, 1)  # (K, n)
+        row.pending = []
+        audio = None
+        if row.decoder is not None:
+            with torch.inference_mode():
+                decoded = row.decoder.step(codes[None].to(self.model.device))
+            audio = np.ascontiguousarray(decoded[0, 0].float().cpu().numpy(), dtype=np.float32)
+        return RowEvent(b, row.job, "audio", codes=codes, audio=audio)
