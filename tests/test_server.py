@@ -175,7 +175,8 @@ def test_streaming_yields_audio_before_the_request_completes_and_disconnect_free
     checkpoint, tmp_path
 ):
     with serve(checkpoint, tmp_path, max_batch_size=2, max_frames=400) as c:
-        body = {"input": "A long answer. " * 20, "response_format": "pcm"}  # a budget of 400 frames
+        # One chunk (no sentence end, under 200 characters): no earlier job can complete before we look.
+        body = {"input": "a long answer " * 14, "response_format": "pcm"}  # a budget of 400 frames
         with c.stream("POST", "/v1/audio/speech", json=body) as r:
             assert r.status_code == 200
             first = next(r.iter_bytes())
