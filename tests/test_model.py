@@ -312,7 +312,18 @@ def test_prepacked_linear_follows_its_weight():
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(
+                not packable(torch.zeros(1, dtype=torch.bfloat16)), reason="this CPU has no oneDNN bf16"
+            ),
+        ),
+    ],
+)
 def test_prepacked_model_gives_the_same_logits(pair, dtype):
     ours = copy.deepcopy(pair[0]).to(dtype)
     ids, mask = text_batch([5, 9], 9)
