@@ -29,6 +29,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .voice import encode_audio
+
 FramePolicy = Literal["fit", "keep", "exact"]
 POLICIES = ("fit", "keep", "exact")
 
@@ -53,10 +55,19 @@ class Turn:
         }
 
 
-def voice_turns(voice, codes: list[torch.Tensor] | None = None) -> list[Turn]:
-    """A voice's reference clips as context turns; `codes` from `voice.codes(model)`, or None to encode later."""
+def voice_turns(voice, codes: list[torch.Tensor] | None = None, speaker: int | None = None) -> list[Turn]:
+    """A voice's reference clips as context turns, spoken by `speaker` (default: the voice's own); `codes`
+    from `voice.codes(model)`, or None to encode later."""
+    speaker = voice.speaker if speaker is None else speaker
     codes = codes if codes is not None else [None] * len(voice.clips)
-    return [Turn(voice.speaker, text, audio, c) for (audio, text), c in zip(voice.clips, codes, strict=True)]
+    return [Turn(speaker, text, audio, c) for (audio, text), c in zip(voice.clips, codes, strict=True)]
+
+
+def encode_turns(model, turns: list[Turn]) -> None:
+    """Encode the audio of the turns that have no codes yet (given clips), once: their codes are kept."""
+    for turn in turns:
+        if turn.codes is None:
+            turn.codes = encode_audio(model, turn.audio)
 
 
 @dataclass
