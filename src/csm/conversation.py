@@ -29,7 +29,7 @@ from .pipeline import (
     progress_bar,
     split_sentences,
 )
-from .planner import Turn, voice_turns
+from .planner import Turn, TurnError, voice_turns
 from .voice import Voice, encode_audio
 
 PAUSE_SECONDS = 0.3
@@ -128,7 +128,7 @@ class Conversation:
         try:
             clip = load_audio(audio)
         except (ValueError, OSError) as e:
-            raise ValueError(f"turn {len(self.turns)}: cannot read its audio: {e}") from None
+            raise TurnError(len(self.turns), f"cannot read its audio: {e}") from None
         codes = encode_audio(self.tts.model, clip)  # once: the clip stays in the context as these codes
         self.history.append(Turn(speaker, text, clip, codes))
         self.turns.append(SpokenTurn(len(self.turns), speaker, text, clip, given=True))
@@ -158,12 +158,15 @@ class Conversation:
             yield tail
 
     def _check(self, speaker, text) -> tuple[int, str]:
-        where = f"turn {len(self.turns)}"
-        speaker = speaker_id(speaker, f"{where}: speaker")
+        index = len(self.turns)
+        try:
+            speaker = speaker_id(speaker)
+        except ValueError as e:
+            raise TurnError(index, str(e)) from None
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: the text is empty: there is nothing to say")
+            raise TurnError(index, "the text is empty: there is nothing to say")
         if len(text) > MAX_TEXT_CHARS:
-            raise ValueError(f"{where}: the text has {len(text)} characters, more than {MAX_TEXT_CHARS}")
+            raise TurnError(index, f"the text has {len(text)} characters, more than {MAX_TEXT_CHARS}")
         return speaker, " ".join(text.split())
 
     def _speak(self, speaker, text, seed, chunk_frames: int | None):
@@ -183,7 +186,10 @@ class Conversation:
                 for j, chunk in enumerate(progress_bar(chunks, opts.get("progress"))):
                     parts, codes = [], []
                     carried = [*self.history, *done]
-                    prompt = tts._prompt([chunk], speaker, self.fixed, carried, opts)
+                    try:
+                        prompt = tts._prompt([chunk], speaker, self.fixed, carried, opts)
+                    except ValueError as e:  # no room in the context even without history
+                        raise TurnError(index, str(e)) from None
                     dropped, older = len(carried) - len(prompt.carried), len(self.history)
                     self.history, done = self.history[dropped:], done[max(0, dropped - older) :]
                     sentence_seed = None if seed is None else seed + j

@@ -19,7 +19,7 @@ from .audio import SAMPLING_RATE
 from .frames import FrameRule
 from .generate import GenerationConfig, decode_rows
 from .model import CsmForConditionalGeneration, resolve_dtype
-from .planner import Prompt, Turn, plan_prompt, voice_turns
+from .planner import Prompt, Turn, TurnError, plan_prompt, voice_turns
 from .processor import CsmProcessor
 from .voice import Voice
 
@@ -306,13 +306,17 @@ class TextToAudioPipeline:
                 prompt = self._prompt([c[0] for c in chunked], speaker, fixed, [], opts)
                 results = [self._result(w) for w, _ in self._generate(prompt, opts, opts.get("seed"))]
         else:  # long text: sentence by sentence, each in the context of those before it
-            results = [self._result(self._monologue(fixed, opts).say(speaker, t)) for t in texts]
+            try:
+                results = [self._result(self._monologue(fixed, opts).say(speaker, t)) for t in texts]
+            except TurnError as e:  # one turn: no turn number to name
+                raise ValueError(e.message) from None
         return results if isinstance(text, (list, tuple)) else results[0]
 
     def _result(self, audio: np.ndarray) -> dict:
         return {"audio": np.ascontiguousarray(audio, dtype=np.float32), "sampling_rate": self.sampling_rate}
 
     def _monologue(self, fixed: list[Turn], opts: dict):
+        """Long text is a one-turn conversation (sentence by sentence, each in the context of those before)."""
         from .conversation import Conversation
 
         options = {k: v for k, v in opts.items() if k not in ("speaker", "voice", "context", "seed")}
@@ -324,7 +328,10 @@ class TextToAudioPipeline:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text must be a non-empty string")
         speaker, fixed = self._context_turns(opts)
-        yield from self._monologue(fixed, opts).stream(speaker, text, chunk_frames)
+        try:
+            yield from self._monologue(fixed, opts).stream(speaker, text, chunk_frames)
+        except TurnError as e:
+            raise ValueError(e.message) from None
 
     # ---- conversations ----------------------------------------------------------------------------
 

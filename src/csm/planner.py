@@ -55,6 +55,14 @@ class Turn:
         }
 
 
+class TurnError(ValueError):
+    """A turn that cannot be spoken or added; `index` is its place in the conversation."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"turn {index}: {message}")
+        self.index, self.message = index, message
+
+
 def voice_turns(voice, codes: list[torch.Tensor] | None = None, speaker: int | None = None) -> list[Turn]:
     """A voice's reference clips as context turns, spoken by `speaker` (default: the voice's own); `codes`
     from `voice.codes(model)`, or None to encode later."""
