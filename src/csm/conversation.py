@@ -244,31 +244,47 @@ class Conversation:
             pieces.append(turn.audio)
             at += len(turn.audio)
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        manifest = {
-            "sampling_rate": rate,
-            "seconds": round(len(audio) / rate, 6),
-            "pause": pause,
-            "seed": self.seed,
-            "voices": {str(s): v.name for s, v in self.voices.items()},
-            "turns": entries,
-        }
+        voices = {s: v.name for s, v in self.voices.items()}
+        manifest = dialogue_manifest(entries, len(audio), rate, pause, self.seed, voices)
         return DialogueAudio(audio, rate, list(self.turns), manifest)
 
 
 def turn_entry(turn: SpokenTurn, start: int, rate: int) -> dict:
     """A turn's manifest entry; `start` in samples of the mix."""
-    entry = {
-        "index": turn.index,
-        "speaker": turn.speaker,
-        "text": turn.text,
-        "start": round(start / rate, 6),
-        "end": round((start + len(turn.audio)) / rate, 6),
-        "seed": turn.seed,
-        "frames": turn.frames,
-    }
+    entry = manifest_entry(
+        turn.index, turn.speaker, turn.text, start, start + len(turn.audio), rate, turn.seed
+    )
+    entry["frames"] = turn.frames
     if turn.given:
         entry["given"] = True
     return entry
+
+
+def manifest_entry(
+    index: int, speaker: int, text: str, start: int, end: int, rate: int, seed: int | None, frames: int = 0
+) -> dict:
+    """One turn of a dialogue manifest: start and end in seconds of the mix (from samples), seed, frames."""
+    return {
+        "index": index,
+        "speaker": speaker,
+        "text": text,
+        "start": round(start / rate, 6),
+        "end": round(end / rate, 6),
+        "seed": seed,
+        "frames": frames,
+    }
+
+
+def dialogue_manifest(entries: list[dict], samples: int, rate: int, pause: float, seed, voices: dict) -> dict:
+    """A dialogue's manifest: the mix's length and how it was made, and its turns' entries."""
+    return {
+        "sampling_rate": rate,
+        "seconds": round(samples / rate, 6),
+        "pause": pause,
+        "seed": seed,
+        "voices": {str(s): name for s, name in voices.items()},
+        "turns": entries,
+    }
 
 
 def dialogue_turns(turns) -> list[tuple[int, str, object]]:
