@@ -228,3 +228,24 @@ def test_a_turn_too_long_for_the_context_names_the_turn(tts, monkeypatch):
     with pytest.raises(TurnError, match="turn 1: .*context") as e:
         conv.say(1, "This turn has far too many words to fit in a context of thirty positions at all.")
     assert e.value.index == 1
+
+
+def test_a_turn_keeps_its_whole_frame_budget_when_the_window_fills(tts, monkeypatch):
+    """Dialogues drop old turns rather than cut a turn short; the pipeline's long text shrinks the budget."""
+    asked, generate = [], tts.model.generate
+
+    def three_frames(**kw):  # record the budget, generate only 3 frames (fast)
+        asked.append((kw["input_ids"].shape[1], kw["max_new_tokens"], len(kw["audio_codes"] or [])))
+        return generate(**{**kw, "max_new_tokens": 3})
+
+    monkeypatch.setattr(tts.model, "generate", three_frames)
+    monkeypatch.setattr(tts.model.config, "max_position_embeddings", 300)
+    turns = [{"speaker": i % 2, "text": f"Turn {i} is short."} for i in range(8)]
+    tts.converse(turns, seed=0)
+    budget = asked[0][1]
+    assert budget > 100 and all(frames == budget for _, frames, _ in asked)  # never shrunk
+    assert all(length + frames <= 300 for length, frames, _ in asked)
+    assert max(n for *_, n in asked) < 7  # old turns left instead
+    asked.clear()
+    tts(" ".join(t["text"] for t in turns), seed=0, max_chunk_chars=20)
+    assert min(frames for _, frames, _ in asked) < budget  # long text keeps its sentences, shrinks the budget

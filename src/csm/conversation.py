@@ -83,17 +83,20 @@ class Conversation:
         voices: dict | None = None,
         seed: int | None = None,
         fixed: list[Turn] | None = None,
+        frame_policy: str = "keep",
         **options,
     ):
         """voices: {speaker: Voice, saved voice name or folder}; seed: see the module; fixed: more turns kept
-        in every prompt; options: temperature, top_k, top_p, do_sample, max_seconds, max_new_tokens,
-        max_chunk_chars, crossfade_ms, progress (a bar over each turn's sentences)."""
+        in every prompt; frame_policy: "keep" drops old turns so that a sentence's whole frame budget fits (a
+        turn is never cut short by a long history), "fit" keeps history and shrinks the budget (the pipeline's
+        long text; see csm.planner); options: temperature, top_k, top_p, do_sample, max_seconds,
+        max_new_tokens, max_chunk_chars, crossfade_ms, progress (a bar over each turn's sentences)."""
         for name in ("speaker", "voice", "context", "seed"):
             if name in options:
                 raise TypeError(
                     f"a conversation takes no {name!r} option: bind voices with voices={{0: ...}}"
                 )
-        self.tts, self.opts = tts, tts._options(options)
+        self.tts, self.opts, self.frame_policy = tts, tts._options(options), frame_policy
         self.seed = None if seed is None else int(seed)
         self.voices: dict[int, Voice] = {}
         self.fixed: list[Turn] = []
@@ -187,7 +190,7 @@ class Conversation:
                     parts, codes = [], []
                     carried = [*self.history, *done]
                     try:
-                        prompt = tts._prompt([chunk], speaker, self.fixed, carried, opts)
+                        prompt = tts._prompt([chunk], speaker, self.fixed, carried, opts, self.frame_policy)
                     except ValueError as e:  # no room in the context even without history
                         raise TurnError(index, str(e)) from None
                     dropped, older = len(carried) - len(prompt.carried), len(self.history)

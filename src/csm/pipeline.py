@@ -237,11 +237,21 @@ class TextToAudioPipeline:
 
     # ---- one model call ---------------------------------------------------------------------------
 
-    def _prompt(self, texts: list[str], speaker: int, fixed: list[Turn], carried: list[Turn], opts: dict):
-        """The planned prompt for `texts` (one row each) after the context, oldest carried turns dropped to fit."""
+    def _prompt(
+        self,
+        texts: list[str],
+        speaker: int,
+        fixed: list[Turn],
+        carried: list[Turn],
+        opts: dict,
+        policy: str = "fit",
+    ) -> Prompt:
+        """The planned prompt for `texts` (one row each) after the context, oldest carried turns dropped to fit;
+        `policy` for a frame budget guessed from the text ("fit" or "keep": see csm.planner), a budget the user
+        fixed (max_seconds, max_new_tokens) must fit whole."""
         frames, fixed_frames = self._frames(opts, max(texts, key=len))
         limit = self.model.config.max_position_embeddings
-        policy = "exact" if fixed_frames else "fit"
+        policy = "exact" if fixed_frames else policy
         return plan_prompt(self.processor, fixed, carried, speaker, texts, frames, limit, policy)
 
     def _generate(
@@ -320,7 +330,7 @@ class TextToAudioPipeline:
         from .conversation import Conversation
 
         options = {k: v for k, v in opts.items() if k not in ("speaker", "voice", "context", "seed")}
-        return Conversation(self, seed=opts.get("seed"), fixed=fixed, **options)
+        return Conversation(self, seed=opts.get("seed"), fixed=fixed, frame_policy="fit", **options)
 
     def stream(self, text: str, chunk_frames: int = 4, **options) -> Iterator[np.ndarray]:
         """Yield float32 audio as it is generated, sentence after sentence (joins crossfaded as in `__call__`)."""
