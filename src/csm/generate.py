@@ -19,8 +19,9 @@ from .cuda_graph import CUDAGraphed, graphs_enabled
 from .frames import FrameRule
 from .llama import KVCache
 
-# CUDA graphs (csm.cuda_graph) replay the eager frame step on CUDA when a caller asks (cuda_graph=True);
-# this turns them on for every caller once bench/gpu_suite.sh has shown graphed codes == eager on a GPU.
+# CUDA graphs (csm.cuda_graph) replay the eager frame step on CUDA when a caller asks (cuda_graph=True, or
+# CSM_CUDA_GRAPH=1 for every caller); this turns them on by default once bench/gpu_suite.sh has shown
+# graphed codes == eager codes on a GPU.
 CUDA_GRAPH_DEFAULT = False
 # A graphed engine steps its rows in use in the smallest of these that holds them, one graph each.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -470,9 +471,11 @@ def start(
 
 
 def use_cuda_graph(device: torch.device, cuda_graph: bool | None) -> bool:
-    """Whether a step on `device` replays as a CUDA graph: `cuda_graph`, else CUDA_GRAPH_DEFAULT; never off
-    CUDA or under NO_CUDA_GRAPH=1."""
-    return (CUDA_GRAPH_DEFAULT if cuda_graph is None else cuda_graph) and graphs_enabled(device)
+    """Whether a step on `device` replays as a CUDA graph: `cuda_graph`, else CUDA_GRAPH_DEFAULT or
+    CSM_CUDA_GRAPH=1; never off CUDA or under NO_CUDA_GRAPH=1."""
+    if cuda_graph is None:
+        cuda_graph = CUDA_GRAPH_DEFAULT or os.environ.get("CSM_CUDA_GRAPH") == "1"
+    return cuda_graph and graphs_enabled(device)
 
 
 def engine_for(
