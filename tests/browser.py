@@ -3,6 +3,7 @@ the tests that need it skip cleanly where either is missing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -25,10 +26,10 @@ CHROMIUM_FLAGS = [
 
 
 def find_chromium() -> tuple[str, str]:
-    """Paths of chromium and chromedriver, or skip the test."""
+    """Paths of chromium and chromedriver (or $CSM_CHROMIUM and $CSM_CHROMEDRIVER), or skip the test."""
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
+    browser = os.environ.get("CSM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = os.environ.get("CSM_CHROMEDRIVER") or shutil.which("chromedriver")
     if not browser or not driver:
         pytest.skip("no Chromium here: apt-get install chromium chromium-driver")
     return browser, driver

@@ -295,16 +295,22 @@ def test_page_fits_a_phone_screen(browser, server):
 
 def test_screenshot_of_the_page(browser, server, tmp_path):
     """Writes the README's picture when CSM_SCREENSHOT names a file (`CSM_SCREENSHOT=docs/page.png pytest
-    tests/test_web.py -k screenshot`); else only checks that one can be taken."""
-    browser.set_window_size(1000, 820)
+    tests/test_web.py -k screenshot`); else only checks that one can be taken. Taken while audio plays."""
+    open_page(browser, server)
+    settings = server.app.state.settings
+    settings.max_frames = 60
     try:
-        open_page(browser, server)
         set_text(browser, "text", "Hello! This is CSM speaking in your browser, sentence by sentence.")
         by_id(browser, "speak").click()
-        wait_for(lambda: player(browser)["state"] == "idle" and player(browser)["received"] > 0)
+        wait_for(lambda: player(browser)["played"] > 1.0, message="a second of playback")
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        metrics = {"width": 960, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)  # the whole page, no scrollbar
         target = Path(os.environ.get("CSM_SCREENSHOT") or tmp_path / "page.png")
         target.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(target))
     finally:
-        browser.set_window_size(1100, 900)
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        by_id(browser, "stop").click()
+        settings.max_frames = FRAMES
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
