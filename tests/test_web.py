@@ -204,13 +204,21 @@ def test_stop_during_generation_cancels_it_on_the_server(browser, server):
     assert console(browser) == []
 
 
-def test_over_long_input_shows_the_servers_message(browser, server):
+def test_over_long_input_and_unknown_voice_show_the_servers_message(browser, server):
     open_page(browser, server)
     set_text(browser, "text", "x" * 350)
     by_id(browser, "speak").click()
     error = wait_for(lambda: by_id(browser, "error").is_displayed() and by_id(browser, "error").text)
     assert error == "Input is 350 characters; the limit is 300."
     assert player(browser)["state"] == "idle" and by_id(browser, "speak").is_enabled()
+
+    set_text(browser, "text", "Hello.")  # a voice deleted since the list was loaded
+    browser.execute_script(
+        "const s = document.getElementById('voice'); s.add(new Option('gone', 'gone')); s.value = 'gone'"
+    )
+    by_id(browser, "speak").click()
+    wait_for(lambda: "gone" in by_id(browser, "error").text, message="the unknown voice's message")
+    assert by_id(browser, "error").text.startswith("Unknown voice 'gone' (saved voices: ")
 
 
 def add_voice(driver, name: str, transcript: str, clip: Path | None = None):

@@ -79,13 +79,13 @@ async function speak() {
     return showError(e.message);
   }
   request = new AbortController();
-  await player.begin();
   last = body;
   started = performance.now();
   setState("waiting");
   setStatus("Waiting for the server…");
   requestAnimationFrame(tick);
   try {
+    await player.begin();
     const response = await api("/v1/audio/speech", {
       method: "POST",
       headers: { "Content-Type": "application/json" },

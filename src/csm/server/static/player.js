@@ -71,7 +71,10 @@ export class StreamPlayer {
     this.next = at + buffer.duration;
     this.segments.push([at, buffer.duration]);
     this.sources.push(source);
-    source.onended = () => this.sources.splice(this.sources.indexOf(source), 1);
+    source.onended = () => {
+      const index = this.sources.indexOf(source);
+      if (index >= 0) this.sources.splice(index, 1);
+    };
   }
 
   // Seconds of audio received so far.
