@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .generate import FrameEngine, Sampling
+from .generate import FrameEngine, Sampling, use_cuda_graph
 
 
 @dataclass
@@ -83,10 +83,20 @@ class _Row:
 class BatchCore:
     """Rows of a FrameEngine filled with jobs; `step()` advances them together and reports per-row events."""
 
-    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 2048, chunk_frames: int = 4):
+    def __init__(
+        self,
+        model,
+        max_batch_size: int = 8,
+        max_seq_len: int = 2048,
+        chunk_frames: int = 4,
+        cuda_graph: bool | None = None,
+    ):
+        """`cuda_graph`: on CUDA, replay the frame step as CUDA graphs, the live rows in the smallest bucket
+        that holds them (None: csm.generate.CUDA_GRAPH_DEFAULT)."""
         self.model, self.max_batch_size, self.chunk_frames = model, max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
-        self.engine = FrameEngine(model, max_batch_size, self.max_seq_len)
+        graphed = use_cuda_graph(model.device, cuda_graph)
+        self.engine = FrameEngine(model, max_batch_size, self.max_seq_len, cuda_graph=graphed)
         self.rows: list[_Row | None] = [None] * max_batch_size
         self.shared_generator = torch.Generator(device=model.device).manual_seed(time.time_ns() % 2**31)
         self.batch_histogram: collections.Counter[int] = collections.Counter()  # live rows per step -> steps

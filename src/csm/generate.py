@@ -15,8 +15,16 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from .cuda_graph import CUDAGraphed, graphs_enabled
 from .frames import FrameRule
 from .llama import KVCache
+
+# CUDA graphs (csm.cuda_graph) replay the eager frame step on CUDA when a caller asks (cuda_graph=True, or
+# CSM_CUDA_GRAPH=1 for every caller); this turns them on by default once bench/gpu_suite.sh has shown
+# graphed codes == eager codes on a GPU.
+CUDA_GRAPH_DEFAULT = False
+# A graphed engine steps its rows in use in the smallest of these that holds them, one graph each.
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -93,6 +101,20 @@ class RowSampling:
         self.any_top_p = self.any_top_p or s.top_p < 1.0
         self.any_sample = self.any_sample or s.do_sample
 
+    def rows(self, n: int) -> RowSampling:
+        """The first n rows, sharing this object's tensors (so `set` still reaches them), with the largest
+        top-k rounded up to a power of two: a graph captured for it serves every smaller top-k."""
+        view = RowSampling.__new__(RowSampling)
+        view.vocab_size, view.any_top_p, view.any_sample = self.vocab_size, self.any_top_p, self.any_sample
+        view.do_sample, view.temperature = self.do_sample[:n], self.temperature[:n]
+        view.top_k, view.top_p = self.top_k[:n], self.top_p[:n]
+        view.max_top_k = min(1 << (self.max_top_k - 1).bit_length(), self.vocab_size)
+        return view
+
+    def key(self) -> tuple:
+        """What a captured step bakes in besides tensors."""
+        return (self.max_top_k, self.any_top_p, self.any_sample)
+
 
 def sample(logits: torch.Tensor, p: RowSampling, noise: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from logits (B, V); noise (B, V) holds Exp(1) draws, so the step stays pure."""
@@ -118,9 +140,15 @@ class FrameEngine:
 
     Rows have their own cache slot and RoPE position, so a row can be prefilled alone and join a batch
     that is already generating (continuous batching), or a whole left-padded batch prefilled at once.
+
+    `cuda_graph=True` on CUDA replays the eager step as CUDA graphs: the step then sees static shapes (the
+    whole cache, a fixed noise buffer) and runs the rows in use (up to the last one prefilled and not
+    freed) in the smallest of GRAPH_BUCKETS that holds them, one graph per bucket, captured at first use.
     """
 
-    def __init__(self, model, batch_size: int, max_seq_len: int, compile: bool = False):
+    def __init__(
+        self, model, batch_size: int, max_seq_len: int, compile: bool = False, cuda_graph: bool = False
+    ):
         cfg = model.config
         self.model, self.batch_size, self.max_seq_len = model, batch_size, max_seq_len
         self.K, self.V = cfg.num_codebooks, cfg.vocab_size
@@ -149,6 +177,9 @@ class FrameEngine:
         self.depth_slots = torch.arange(self.K, device=device)
         self.unit_noise = torch.ones(batch_size, self.K, ids, device=device)
         self.step = self._frame
+        self.graphed = cuda_graph and not self.compiled and graphs_enabled(device)
+        self.graphs: dict[tuple, CUDAGraphed] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphed and device.type == "cuda" else None
         if model.prepack_weights and not self.compiled:
             model.prepack()
         if self.compiled:
@@ -200,14 +231,16 @@ class FrameEngine:
 
     # ---- one frame ----------------------------------------------------------------------------------
 
-    def _frame(self, hidden, slot, position, valid, noise):
+    def _frame(self, hidden, slot, position, valid, noise, backbone_sampling=None, depth_sampling=None):
         """One frame for every row: codebook 0 from the backbone state, 1..K-1 from the depth decoder,
-        then the backbone consumes the frame. Returns (codes (B, K), next hidden (B, D))."""
+        then the backbone consumes the frame. Returns (codes (B, K), next hidden (B, D), valid keys)."""
+        backbone_sampling = backbone_sampling or self.backbone_sampling
+        depth_sampling = depth_sampling or self.depth_sampling
         m = self.model
         dd = m.depth_decoder.model
         head = m.depth_decoder.codebooks_head
         decodable = self.rule.decodable_logits
-        c = sample(decodable(m.lm_head(hidden)), self.backbone_sampling, noise[:, 0])
+        c = sample(decodable(m.lm_head(hidden)), backbone_sampling, noise[:, 0])
         codes = [c]
         x = torch.stack([hidden, dd.embed_tokens(c).to(hidden.dtype)], 1)  # positions 0 and 1
         h = dd.run_layers(
@@ -217,7 +250,7 @@ class FrameEngine:
             self.depth_slots[:2],
         )
         for i in range(1, self.K):
-            c = sample(decodable(head.logits(h[:, -1], i)), self.depth_sampling, noise[:, i])
+            c = sample(decodable(head.logits(h[:, -1], i)), depth_sampling, noise[:, i])
             codes.append(c)
             if i == self.K - 1:
                 break
@@ -250,18 +283,65 @@ class FrameEngine:
                     noise[row].exponential_(generator=g)
             else:
                 noise.exponential_(generator=generator)
-        # Eager steps see the cache slots in use; a compiled step keeps one static shape.
-        n = self.max_seq_len if self.compiled else min(max(self.next_slot_bound) + 1, self.max_seq_len)
-        frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid[:, :n], noise)
-        self.next_slot_bound = [min(b + 1, self.max_seq_len - 1) if b else 0 for b in self.next_slot_bound]
+        b = self.batch_size
+        if self.graphed:
+            b = self.rows_bucket()
+            n = self.max_seq_len
+            step = self._graph_for(b)
+            frame, hidden, valid = step(
+                self.hidden[:b], self.slot[:b], self.position[:b], self.valid[:b], noise[:b]
+            )
+        else:
+            # Eager steps see the cache slots in use; a compiled step keeps one static shape.
+            n = self.max_seq_len if self.compiled else min(max(self.next_slot_bound) + 1, self.max_seq_len)
+            frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid[:, :n], noise)
+        self.next_slot_bound = [min(s + 1, self.max_seq_len - 1) if s else 0 for s in self.next_slot_bound]
+        if b < self.batch_size:  # rows past the bucket are free: they give pad frames
+            frame = torch.cat([frame, frame.new_full((self.batch_size - b, self.K), self.rule.pad)])
         frame = torch.where(self.finished[:, None], self.rule.pad, frame)
-        self.hidden.copy_(hidden)
-        self.valid[:, :n].copy_(valid)
+        self.hidden[:b].copy_(hidden)
+        self.valid[:b, :n].copy_(valid)
         live = ~self.finished
         self.slot.add_(live.long()).clamp_(max=self.max_seq_len - 1)
         self.position.add_(live.long())
         self.finished |= self.rule.is_end_of_audio(frame)
         return frame
+
+    def rows_bucket(self) -> int:
+        """The smallest graph bucket holding every row in use (prefilled and not freed), known on the host."""
+        used = max((row + 1 for row, s in enumerate(self.next_slot_bound) if s), default=1)
+        return min([n for n in GRAPH_BUCKETS if n >= used] + [self.batch_size])
+
+    @torch.inference_mode()
+    def capture_graphs(self, backbone: Sampling, depth_decoder: Sampling) -> list[int]:
+        """Capture the step of every bucket up to batch_size for rows sampled this way, before any row is
+        prefilled (a server's start), so that no request waits for a capture; returns the buckets."""
+        if not self.graphed:
+            return []
+        if any(self.next_slot_bound):
+            raise RuntimeError("capture_graphs runs before any row is prefilled")
+        self.backbone_sampling.set(slice(None), backbone)
+        self.depth_sampling.set(slice(None), depth_decoder)
+        buckets = sorted({min(n, self.batch_size) for n in GRAPH_BUCKETS})
+        for b in buckets:  # free rows compute pad frames; their writes land at slot 0, which prefill resets
+            self._graph_for(b)(
+                self.hidden[:b], self.slot[:b], self.position[:b], self.valid[:b], self.unit_noise[:b]
+            )
+        return buckets
+
+    def _graph_for(self, b: int) -> CUDAGraphed:
+        """The captured step for the first b rows and the current sampling statics."""
+        backbone, depth = self.backbone_sampling.rows(b), self.depth_sampling.rows(b)
+        key = (b, backbone.key(), depth.key())
+        if key not in self.graphs:
+            rows = slice(0, b)
+
+            def step(hidden, slot, position, valid, noise):
+                with kv_rows(self.model.backbone_model, rows), kv_rows(self.model.depth_decoder.model, rows):
+                    return self._frame(hidden, slot, position, valid, noise, backbone, depth)
+
+            self.graphs[key] = CUDAGraphed(step, name=f"frame step for {b} rows", pool=self.graph_pool)
+        return self.graphs[key]
 
     def free(self, row: int) -> None:
         """End a row: it gives pad frames and takes no part in attention until prefilled again."""
@@ -370,6 +450,7 @@ def start(
     max_seconds,
     seed,
     compile,
+    cuda_graph,
     kwargs,
 ):
     """Validate, embed and prefill: returns a ready engine, the settings and the seeded generator."""
@@ -379,7 +460,7 @@ def start(
         model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs
     )
     B, T, _ = embeds.shape
-    engine = engine_for(model, B, T + config.max_new_tokens, compile)
+    engine = engine_for(model, B, T + config.max_new_tokens, compile, cuda_graph)
     engine.backbone_sampling.set(slice(None), config.backbone)
     engine.depth_sampling.set(slice(None), config.depth_decoder)
     engine.prefill(embeds, attention_mask)
@@ -389,21 +470,38 @@ def start(
     return engine, config, generator
 
 
-def engine_for(model, batch_size: int, max_seq_len: int, compile: bool) -> FrameEngine:
-    """A fresh engine; a compiled one is sized to the whole context and kept on the model, so later
-    calls with the same batch size reuse its compiled step instead of compiling again."""
-    if not compile:
+def use_cuda_graph(device: torch.device, cuda_graph: bool | None) -> bool:
+    """Whether a step on `device` replays as a CUDA graph: `cuda_graph`, else CUDA_GRAPH_DEFAULT or
+    CSM_CUDA_GRAPH=1; never off CUDA or under NO_CUDA_GRAPH=1."""
+    if cuda_graph is None:
+        cuda_graph = CUDA_GRAPH_DEFAULT or os.environ.get("CSM_CUDA_GRAPH") == "1"
+    return cuda_graph and graphs_enabled(device)
+
+
+def engine_for(
+    model, batch_size: int, max_seq_len: int, compile: bool, cuda_graph: bool | None = None
+) -> FrameEngine:
+    """A fresh engine; a compiled or graphed one is sized to the whole context and kept on the model, so
+    later calls with the same batch size reuse its compiled step or captured graphs."""
+    graphed = not compile and use_cuda_graph(model.device, cuda_graph)
+    if not (compile or graphed):
         return FrameEngine(model, batch_size, max_seq_len)
     size = model.config.max_position_embeddings
-    engine = getattr(model, "_compiled_engine", None)
-    if engine is None or engine.batch_size != batch_size or engine.max_seq_len != size:
-        engine = model._compiled_engine = FrameEngine(model, batch_size, size, compile=True)
+    engine = getattr(model, "_kept_engine", None)
+    if engine is None or (engine.batch_size, engine.max_seq_len, engine.graphed) != (
+        batch_size,
+        size,
+        graphed,
+    ):
+        engine = model._kept_engine = FrameEngine(
+            model, batch_size, size, compile=compile, cuda_graph=graphed
+        )
     return engine
 
 
 def finish(engine: FrameEngine) -> None:
-    """Free an engine's caches unless the model keeps it for its compiled step."""
-    if engine is not getattr(engine.model, "_compiled_engine", None):
+    """Free an engine's caches unless the model keeps it for its compiled step or graphs."""
+    if engine is not getattr(engine.model, "_kept_engine", None):
         engine.release()
 
 
@@ -442,6 +540,7 @@ def generate(
     seed: int | None = None,
     max_seconds: float | None = None,
     compile: bool = False,
+    cuda_graph: bool | None = None,
     sync_every: int = 8,
     **kwargs,
 ):
@@ -462,6 +561,7 @@ def generate(
         max_seconds,
         seed,
         compile,
+        cuda_graph,
         kwargs,
     )
     try:
@@ -507,6 +607,7 @@ def generate_stream(
     seed: int | None = None,
     max_seconds: float | None = None,
     compile: bool = False,
+    cuda_graph: bool | None = None,
     with_codes: bool = False,
     **kwargs,
 ) -> Iterator[list[torch.Tensor]]:
@@ -528,6 +629,7 @@ def generate_stream(
         max_seconds,
         seed,
         compile,
+        cuda_graph,
         kwargs,
     )
     B = engine.batch_size

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health (and /docs), and the
-extra /v1/audio/dialogue."""
+"""The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health (and /docs), the extra
+/v1/audio/dialogue; the web page at /."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from .schemas import (
     errors,
 )
 from .speech import ApiError, PlannedTurn, SpeechPlan, SpeechStream, audio_bytes, sse_events
+from .web import add_page
 
 log = logging.getLogger("csm.server")
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -180,6 +181,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     )
     app.state.scheduler, app.state.settings = scheduler, settings
     app.add_middleware(RequestContext, settings=settings, scheduler=scheduler)
+    add_page(app)
 
     # ---- errors ------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..batching import BatchCore, RowJob
+from ..generate import GenerationConfig
 
 log = logging.getLogger("csm.server")
 
@@ -94,6 +95,8 @@ class Scheduler:
     def start(self) -> None:
         if self._thread is None:
             self.core = BatchCore(self.model, self.max_batch_size, self.max_seq_len, self.chunk_frames)
+            config = GenerationConfig.from_model(self.model)
+            self.core.engine.capture_graphs(config.backbone, config.depth_decoder)  # CUDA graphs only
             self._thread = threading.Thread(target=self._run, name="csm-scheduler", daemon=True)
             self._thread.start()
 

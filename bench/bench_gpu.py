@@ -1,0 +1,281 @@
+"""GPU figures in one run: correctness of the graphed and compiled steps, then speed against the reference.
+
+    python bench/bench_gpu.py --out $OUT            # on a GPU machine (bench/gpu_suite.sh runs it)
+    python bench/bench_gpu.py --device cpu --size tiny --budget 120   # a dry run of the plumbing anywhere
+
+Full csm-1b size, random weights written by the reference (transformers) and loaded by ours, bf16 on the
+GPU. Phases, most important first, each skipped once `--budget` seconds are spent:
+  1. codes: graphed (CUDA graphs) and compiled (torch.compile) steps against the eager step, greedy;
+  2. ms per frame at batch 1: ours eager / graphed / compiled, the reference eager and with its static
+     cache + torch.compile (what its docs recommend);
+  3. time from `generate_stream` to the first audio chunk;
+  4. frames per second and real-time streams at batch 1, 4, 16, 64 (graphed);
+  5. the codec's streaming decode per frame.
+ms per frame is (time for F frames - time for 1 frame) / (F - 1), so prefill cancels out; medians of
+`--repeats`. Prints a markdown table last and writes it (and a JSON of every figure) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import GREEDY, reference_model, weight_bytes_per_frame  # noqa: E402
+
+from csm import CsmForConditionalGeneration  # noqa: E402
+
+FRAME_MS = 80.0  # one frame of audio
+
+
+class Suite:
+    def __init__(self, args):
+        self.args, self.start = args, time.perf_counter()
+        self.rows: list[tuple[str, str, str]] = []  # (what, value, note)
+        self.figures: dict[str, object] = {}
+
+    def left(self) -> float:
+        return self.args.budget - (time.perf_counter() - self.start)
+
+    def record(self, what: str, value, note: str = "", fmt: str = "{:.2f}") -> None:
+        self.figures[what] = value
+        text = fmt.format(value) if isinstance(value, float) else str(value)
+        self.rows.append((what, text, note))
+        print(f"{what}: {text} {note}", flush=True)
+
+    def phase(self, name: str, fn, *args) -> None:
+        if self.left() <= 0:
+            self.rows.append((name, "skipped", "out of time budget"))
+            return
+        print(f"--- {name} ({self.left():.0f} s left)", flush=True)
+        try:
+            fn(self, *args)
+        except Exception as e:  # one phase failing must not cost the others
+            traceback.print_exc()
+            self.rows.append((name, "FAILED", f"{type(e).__name__}: {e}"[:200]))
+
+    def table(self) -> str:
+        lines = ["| what | value | note |", "|---|---|---|"]
+        lines += [f"| {w} | {v} | {n} |" for w, v, n in self.rows]
+        return "\n".join(lines)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ms_per_frame(run, frames: int, repeats: int, device) -> float:
+    run(2)  # warm-up (captures, compiles)
+    long = timed(lambda: run(frames), repeats, device)
+    short = timed(lambda: run(1), repeats, device)
+    return 1000 * (long - short) / (frames - 1)
+
+
+def prompt(model, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 300, (batch, length), generator=g).to(model.device)
+
+
+# ---- phases ------------------------------------------------------------------------------------------
+
+
+def check_codes(s: Suite, ours) -> None:
+    ids = prompt(ours, 2, s.args.prompt)
+    n = s.args.frames
+    eager = ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=False, **GREEDY)
+    graphed = ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=True, **GREEDY)
+    s.record("graphed codes == eager (greedy, batch 2)", bool(torch.equal(graphed, eager)), f"{n} frames")
+    sampled = [ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=g, seed=7) for g in (False, True)]
+    s.record("graphed codes == eager (sampled, seed 7)", bool(torch.equal(*sampled)))
+    if s.args.compile:
+        compiled = ours.generate(input_ids=ids, max_new_tokens=n, compile=True, **GREEDY)
+        s.record("compiled codes == eager (greedy, batch 2)", bool(torch.equal(compiled, eager)))
+
+
+def batch1_speed(s: Suite, ours, ref) -> None:
+    dev, frames, repeats = ours.device, s.args.frames, s.args.repeats
+    ids = prompt(ours, 1, s.args.prompt)
+    variants = [("ours eager", dict(cuda_graph=False)), ("ours graphed", dict(cuda_graph=True))]
+    if s.args.compile:
+        variants.append(("ours compiled", dict(compile=True)))
+    for name, options in variants:
+        ms = ms_per_frame(
+            lambda n, o=options: ours.generate(input_ids=ids, max_new_tokens=n, **o, **GREEDY),
+            frames,
+            repeats,
+            dev,
+        )
+        s.figures.setdefault("batch1", {})[name] = ms
+        s.record(f"{name}, batch 1", ms, "ms/frame")
+    if ref is None:
+        return
+    ref_ids = ids.clone()
+
+    def run_ref(n):
+        with torch.no_grad():
+            ref.generate(input_ids=ref_ids, max_new_tokens=n, **GREEDY)
+
+    ms = ms_per_frame(run_ref, max(frames // 2, 4), repeats, dev)
+    s.record("reference eager, batch 1", ms, "ms/frame")
+    if s.left() > 60 and dev.type == "cuda":
+        ref.generation_config.cache_implementation = "static"
+        ref.depth_decoder.generation_config.cache_implementation = "static"
+        ms = ms_per_frame(run_ref, max(frames // 2, 4), repeats, dev)
+        s.record("reference static cache + compile, batch 1", ms, "ms/frame")
+    best = min(s.figures["batch1"].values())
+    bound = 1000 * weight_bytes_per_frame(ours) / (s.args.bandwidth * 1e9)
+    s.record("weights-read bound", bound, f"ms/frame at {s.args.bandwidth:.0f} GB/s")
+    s.record("ours best / bound", best / bound, "x")
+
+
+def first_chunk(s: Suite, ours) -> None:
+    ids = prompt(ours, 1, s.args.prompt)
+
+    def latency():
+        sync(ours.device)
+        t = time.perf_counter()
+        stream = ours.generate_stream(
+            input_ids=ids, max_new_tokens=50, chunk_frames=s.args.chunk, cuda_graph=True
+        )
+        next(iter(stream))
+        sync(ours.device)
+        elapsed = time.perf_counter() - t
+        stream.close()
+        return elapsed
+
+    latency()  # warm-up
+    ms = 1000 * statistics.median(latency() for _ in range(s.args.repeats))
+    s.record(f"first audio chunk ({s.args.chunk} frames), batch 1", ms, "ms after the call")
+
+
+def throughput(s: Suite, ours) -> None:
+    for batch in s.args.batches:
+        if s.left() <= 0:
+            break
+        ids = prompt(ours, batch, s.args.prompt, seed=batch)
+        ms = ms_per_frame(
+            lambda n, ids=ids: ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=True, **GREEDY),
+            s.args.frames,
+            s.args.repeats,
+            ours.device,
+        )
+        s.record(
+            f"graphed, batch {batch}",
+            ms,
+            f"ms/frame; {1000 * batch / ms:.0f} frames/s; {FRAME_MS / ms:.1f}x real time per stream",
+        )
+
+
+def codec_decode(s: Suite, ours) -> None:
+    codec, K = ours.codec_model, ours.config.num_codebooks
+    for batch, chunk in ((1, 1), (1, 4), (16, 4)):
+        codes = torch.randint(0, 2048, (batch, K, 64), device=ours.device)
+        decoder = codec.streaming_decoder(batch)
+
+        def run(decoder=decoder, codes=codes, chunk=chunk):
+            for t in range(0, codes.shape[-1], chunk):
+                decoder.step(codes[..., t : t + chunk])
+
+        run()
+        decoder.reset()
+        seconds = timed(run, s.args.repeats, ours.device)
+        s.record(
+            f"codec streaming decode, batch {batch}, {chunk} frames a step", 1000 * seconds / 64, "ms/frame"
+        )
+
+
+def write_checkpoint(folder: Path, size: str, dtype: torch.dtype) -> None:
+    """A servable checkpoint: the reference's random model of `size` with the demo's tokenizer and template."""
+    from csm.demo import write_demo_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = write_demo_checkpoint(Path(tmp) / "demo")
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in demo.iterdir():
+            if f.name not in ("config.json", "model.safetensors", "generation_config.json", "DEMO"):
+                (folder / f.name).write_bytes(f.read_bytes())
+    reference_model(size, dtype).save_pretrained(folder)
+
+
+# ---- main --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", choices=["tiny", "full"], default="full")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--frames", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt length in text tokens")
+    ap.add_argument(
+        "--chunk", type=int, default=2, help="frames per streamed chunk for the first-chunk figure"
+    )
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--budget", type=float, default=330, help="seconds for all phases")
+    ap.add_argument(
+        "--bandwidth", type=float, default=4300, help="device memory GB/s for the bound (H200 copy)"
+    )
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile figures")
+    ap.add_argument("--no-reference", dest="reference", action="store_false")
+    ap.add_argument("--out", default=None, help="folder for table.md and figures.json")
+    ap.add_argument(
+        "--write-checkpoint", metavar="DIR", help="only write a servable checkpoint of --size there"
+    )
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.write_checkpoint:
+        write_checkpoint(Path(args.write_checkpoint), args.size, dtype)
+        return 0
+    suite = Suite(args)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, size {args.size}, {args.dtype}", flush=True)
+    ref = reference_model(args.size, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = CsmForConditionalGeneration.from_pretrained(tmp, dtype=dtype, device=device)
+    ref = ref.to(device) if args.reference else None
+    suite.record("set-up", time.perf_counter() - suite.start, "s (build, save, load)", "{:.0f}")
+    suite.phase("codes", check_codes, ours)
+    suite.phase("batch 1 speed", batch1_speed, ours, ref)
+    del ref
+    suite.phase("first audio chunk", first_chunk, ours)
+    suite.phase("throughput", throughput, ours)
+    suite.phase("codec", codec_decode, ours)
+    table = suite.table()
+    size = "csm-1b size" if args.size == "full" else "tiny"
+    header = (
+        f"{name}, torch {torch.__version__}, {size} random weights, {args.dtype}, prompt {args.prompt} tokens"
+    )
+    print("\n" + header + "\n\n" + table)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "table.md").write_text(header + "\n\n" + table + "\n")
+        (Path(args.out) / "figures.json").write_text(json.dumps(suite.figures, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
