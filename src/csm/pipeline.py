@@ -11,7 +11,6 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from .audio import SAMPLING_RATE
 from .frames import FrameRule
 from .generate import GenerationConfig, decode_rows
 from .model import CsmForConditionalGeneration, resolve_dtype
+from .planner import Prompt, Turn, TurnError, plan_prompt, voice_turns
 from .processor import CsmProcessor
 from .voice import Voice
 
@@ -161,22 +161,6 @@ class CrossfadeStream:
         return held
 
 
-@dataclass
-class Turn:
-    """One context turn: who spoke, what they said, the audio, and its codes (F, K) for this model."""
-
-    speaker: int
-    text: str
-    audio: np.ndarray
-    codes: torch.Tensor
-
-    def as_message(self) -> dict:
-        return {
-            "role": str(self.speaker),
-            "content": [{"type": "text", "text": self.text}, {"type": "audio", "audio": self.audio}],
-        }
-
-
 class TextToAudioPipeline:
     """Text in, 24 kHz speech out: `pipe("Hello.")` -> {"audio": np.ndarray, "sampling_rate": 24000}.
 
@@ -209,14 +193,18 @@ class TextToAudioPipeline:
         self._check_options(overrides)
         return {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
 
-    def _context_turns(self, opts: dict) -> tuple[int, list[Turn]]:
-        """The speaker and the fixed context turns (a voice's clips, then given clips), with their codes."""
-        voice = opts.get("voice")
+    def _voice(self, voice: Voice | str | os.PathLike | None) -> Voice | None:
+        """A Voice, or a saved voice by name or folder (loaded once per pipeline)."""
         if isinstance(voice, (str, os.PathLike)):
             key = str(voice)
             if key not in self._voice_cache:
                 self._voice_cache[key] = Voice.named(key)
             voice = self._voice_cache[key]
+        return voice
+
+    def _context_turns(self, opts: dict) -> tuple[int, list[Turn]]:
+        """The speaker and the fixed context turns (a voice's clips, then given clips), with their codes."""
+        voice = self._voice(opts.get("voice"))
         speaker = opts.get("speaker")
         if speaker is None:
             speaker = voice.speaker if voice is not None else 0
@@ -224,21 +212,12 @@ class TextToAudioPipeline:
             raise ValueError(f"speaker must be a non-negative integer, got {speaker!r}")
         turns: list[Turn] = []
         if voice is not None:
-            turns += [
-                Turn(voice.speaker, t, a, c)
-                for (a, t), c in zip(voice.clips, voice.codes(self.model), strict=True)
-            ]
+            turns += voice_turns(voice, voice.codes(self.model))
         context = opts.get("context")
         if context:
-            if isinstance(context, Voice):
-                clips, ctx_speaker = context.clips, context.speaker
-                ctx = context
-            else:
-                clips, ctx_speaker = [(a, t) for a, t in context], speaker
-                ctx = Voice("context", ctx_speaker, clips)
-            turns += [
-                Turn(ctx.speaker, t, a, c) for (a, t), c in zip(ctx.clips, ctx.codes(self.model), strict=True)
-            ]
+            if not isinstance(context, Voice):
+                context = Voice("context", speaker, [(a, t) for a, t in context])
+            turns += voice_turns(context, context.codes(self.model))
         return speaker, turns
 
     def _frames(self, opts: dict, text: str) -> tuple[int, bool]:
@@ -258,65 +237,49 @@ class TextToAudioPipeline:
 
     # ---- one model call ---------------------------------------------------------------------------
 
-    def _inputs(
-        self,
-        texts: list[str],
-        speaker: int,
-        fixed: list[Turn],
-        carried: list[Turn],
-        frames: int,
-        fixed_frames: bool,
-    ):
-        """Model inputs for `texts` (one row each) after the context; drops the oldest carried turns to fit."""
+    def _prompt(self, texts: list[str], speaker: int, fixed: list[Turn], carried: list[Turn], opts: dict):
+        """The planned prompt for `texts` (one row each) after the context, oldest carried turns dropped to fit."""
+        frames, fixed_frames = self._frames(opts, max(texts, key=len))
         limit = self.model.config.max_position_embeddings
-        carried = list(carried)
-        while True:
-            context = fixed + carried
-            conv = [t.as_message() for t in context]
-            batch = [conv + [{"role": str(speaker), "content": [{"type": "text", "text": x}]}] for x in texts]
-            try:
-                inputs = self.processor.apply_chat_template(batch, tokenize=True, return_dict=True)
-                length = inputs["input_ids"].shape[1]
-                overflow = None if length + (1 if not fixed_frames else frames) <= limit else length
-            except ValueError as e:
-                if "context" not in str(e):
-                    raise
-                overflow, length = str(e), limit
-            if overflow is None:
-                break
-            if carried:
-                carried.pop(0)
-                continue
-            raise ValueError(
-                f"the text and its context take {length} tokens and {frames} frames are asked for: more than the "
-                f"model's context of {limit}. Shorten the text or the voice clips, or lower max_seconds."
-            )
-        if not fixed_frames:
-            frames = min(frames, limit - length)
-        codes = [t.codes for t in context] * len(texts)
-        return inputs, codes or None, frames, carried
+        policy = "exact" if fixed_frames else "fit"
+        return plan_prompt(self.processor, fixed, carried, speaker, texts, frames, limit, policy)
 
     def _generate(
-        self, texts: list[str], speaker: int, fixed: list[Turn], carried: list[Turn], opts: dict, seed
-    ):
-        """Generate each text as one chunk: returns ([(audio, codes)] per row, carried turns actually used)."""
-        frames, fixed_frames = self._frames(opts, max(texts, key=len))
-        inputs, codes, frames, carried = self._inputs(texts, speaker, fixed, carried, frames, fixed_frames)
+        self, prompt: Prompt, opts: dict, seed: int | None
+    ) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """Generate every row of a prompt: [(audio, codes (F, K))] per row, cut at its end of audio."""
         out = self.model.generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            audio_codes=codes,
-            max_new_tokens=frames,
+            input_ids=prompt.input_ids,
+            attention_mask=prompt.attention_mask,
+            audio_codes=prompt.audio_codes,
+            max_new_tokens=prompt.frames,
             seed=seed,
             **self._sampling(opts),
         )  # (B, F, K)
         lengths = FrameRule.of(self.model).lengths(out)
         waves = decode_rows(self.model, out)
-        rows = [
+        return [
             (w.float().cpu().numpy(), out[b, :n].clone())
             for b, (w, n) in enumerate(zip(waves, lengths, strict=True))
         ]
-        return rows, carried
+
+    def _stream(
+        self, prompt: Prompt, opts: dict, seed: int | None, chunk_frames: int
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Generate a one-row prompt chunk by chunk: yields (audio, codes (n, K)) as they are made."""
+        for audio, codes in self.model.generate_stream(
+            input_ids=prompt.input_ids,
+            attention_mask=prompt.attention_mask,
+            audio_codes=prompt.audio_codes,
+            max_new_tokens=prompt.frames,
+            chunk_frames=chunk_frames,
+            seed=seed,
+            with_codes=True,
+            **self._sampling(opts),
+        ):
+            piece = audio[0].float().cpu().numpy()
+            if len(piece):
+                yield piece, codes[0]
 
     # ---- public -----------------------------------------------------------------------------------
 
@@ -338,35 +301,26 @@ class TextToAudioPipeline:
         speaker, fixed = self._context_turns(opts)
         max_chars = int(opts.get("max_chunk_chars") or MAX_CHUNK_CHARS)
         chunked = [split_sentences(t, max_chars) for t in texts]
-        with torch.inference_mode():
-            if all(len(c) == 1 for c in chunked):
-                rows, _ = self._generate([c[0] for c in chunked], speaker, fixed, [], opts, opts.get("seed"))
-                results = [self._result(w) for w, _ in rows]
-            else:
-                results = [self._result(self._long(c, speaker, fixed, opts)) for c in chunked]
+        if all(len(c) == 1 for c in chunked):  # one sentence each: one batched call
+            with torch.inference_mode():
+                prompt = self._prompt([c[0] for c in chunked], speaker, fixed, [], opts)
+                results = [self._result(w) for w, _ in self._generate(prompt, opts, opts.get("seed"))]
+        else:  # long text: sentence by sentence, each in the context of those before it
+            try:
+                results = [self._result(self._monologue(fixed, opts).say(speaker, t)) for t in texts]
+            except TurnError as e:  # one turn: no turn number to name
+                raise ValueError(e.message) from None
         return results if isinstance(text, (list, tuple)) else results[0]
 
     def _result(self, audio: np.ndarray) -> dict:
         return {"audio": np.ascontiguousarray(audio, dtype=np.float32), "sampling_rate": self.sampling_rate}
 
-    def _long(self, chunks: list[str], speaker: int, fixed: list[Turn], opts: dict) -> np.ndarray:
-        pieces = [piece for piece in self._iter_chunks(chunks, speaker, fixed, opts)]
-        return crossfade_join(pieces, self.sampling_rate, float(opts.get("crossfade_ms", CROSSFADE_MS)))
+    def _monologue(self, fixed: list[Turn], opts: dict):
+        """Long text is a one-turn conversation (sentence by sentence, each in the context of those before)."""
+        from .conversation import Conversation
 
-    def _iter_chunks(
-        self, chunks: list[str], speaker: int, fixed: list[Turn], opts: dict
-    ) -> Iterator[np.ndarray]:
-        """Generate chunk after chunk, carrying what was generated as context; yields each chunk's audio."""
-        carried: list[Turn] = []
-        seed = opts.get("seed")
-        for i, chunk in enumerate(_progress(chunks, opts.get("progress"))):
-            rows, carried = self._generate(
-                [chunk], speaker, fixed, carried, opts, None if seed is None else seed + i
-            )
-            audio, codes = rows[0]
-            if len(codes):
-                carried.append(Turn(speaker, chunk, audio, codes))
-            yield audio
+        options = {k: v for k, v in opts.items() if k not in ("speaker", "voice", "context", "seed")}
+        return Conversation(self, seed=opts.get("seed"), fixed=fixed, **options)
 
     def stream(self, text: str, chunk_frames: int = 4, **options) -> Iterator[np.ndarray]:
         """Yield float32 audio as it is generated, sentence after sentence (joins crossfaded as in `__call__`)."""
@@ -374,50 +328,46 @@ class TextToAudioPipeline:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text must be a non-empty string")
         speaker, fixed = self._context_turns(opts)
-        chunks = split_sentences(text, int(opts.get("max_chunk_chars") or MAX_CHUNK_CHARS))
-        joiner = CrossfadeStream(self.sampling_rate, float(opts.get("crossfade_ms", CROSSFADE_MS)))
-        carried: list[Turn] = []
-        seed = opts.get("seed")
-        with torch.inference_mode():
-            for i, chunk in enumerate(_progress(chunks, opts.get("progress"))):
-                frames, fixed_frames = self._frames(opts, chunk)
-                inputs, codes, frames, carried = self._inputs(
-                    [chunk], speaker, fixed, carried, frames, fixed_frames
-                )
-                parts, new_codes = [], []
-                joiner.start_sentence(last=i == len(chunks) - 1)
-                for audio, frame_codes in self.model.generate_stream(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    audio_codes=codes,
-                    max_new_tokens=frames,
-                    chunk_frames=chunk_frames,
-                    seed=None if seed is None else seed + i,
-                    with_codes=True,
-                    **self._sampling(opts),
-                ):
-                    piece = audio[0].float().cpu().numpy()
-                    if not len(piece):
-                        continue
-                    parts.append(piece)
-                    new_codes.append(frame_codes[0])
-                    out = joiner.push(piece)
-                    if len(out):
-                        yield out
-                if parts:  # carried as `__call__` carries it: the audio and the codes it came from
-                    carried.append(Turn(speaker, chunk, np.concatenate(parts), torch.cat(new_codes)))
-        tail = joiner.finish()
-        if len(tail):
-            yield tail
+        try:
+            yield from self._monologue(fixed, opts).stream(speaker, text, chunk_frames)
+        except TurnError as e:
+            raise ValueError(e.message) from None
+
+    # ---- conversations ----------------------------------------------------------------------------
+
+    def conversation(self, voices: dict | None = None, seed: int | None = None, **options):
+        """A `Conversation` kept across calls: `conv.add(speaker, text, audio)` for a turn that was spoken,
+        `conv.say(speaker, text)` (or `conv.stream`) for the reply spoken in the context of every turn so far.
+
+        voices: {speaker: Voice or saved voice name}, whose clips stay in the context of every turn; seed: turn
+        i (counting every turn) uses seed + i. Options as for a call (temperature, top_k, max_seconds, ...)."""
+        from .conversation import Conversation
+
+        return Conversation(self, voices=voices, seed=seed, **options)
+
+    def converse(
+        self, turns, voices: dict | None = None, seed: int | None = None, pause: float = 0.3, **options
+    ):
+        """Speak a dialogue: every turn without audio, in order, each in the context of the turns before it.
+
+        turns: dicts {"speaker", "text", "audio" (optional: a turn already spoken, context only)} or
+        `csm.dialogue.ScriptTurn`s. Returns a `DialogueAudio`: the spoken turns joined with `pause` seconds of
+        silence (`.audio`), each turn's audio (`.turns`) and the manifest (`.manifest`: per turn speaker,
+        text, start and end seconds in the mix, seed, frames)."""
+        from .conversation import converse
+
+        return converse(self, turns, voices=voices, seed=seed, pause=pause, **options)
 
 
-def _progress(items: list, progress: bool | Callable | None):
+def progress_bar(items: list, progress: bool | Callable | None, unit: str = "sentence"):
+    """`items`, wrapped in a tqdm bar when `progress` is True (and there is more than one), or by `progress`
+    itself when it is a callable."""
     if callable(progress):
         return progress(items)
     if progress and len(items) > 1:
         from tqdm.auto import tqdm
 
-        return tqdm(items, desc="sentences", unit="sentence", leave=False)
+        return tqdm(items, desc=f"{unit}s", unit=unit, leave=False)
     return items
 
 
