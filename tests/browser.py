@@ -30,7 +30,7 @@ def find_chromium() -> tuple[str, str]:
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
     browser = os.environ.get("CSM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     driver = os.environ.get("CSM_CHROMEDRIVER") or shutil.which("chromedriver")
-    if not browser or not driver:
+    if not (browser and os.path.isfile(browser) and driver and os.path.isfile(driver)):
         pytest.skip("no Chromium here: apt-get install chromium chromium-driver")
     return browser, driver
 

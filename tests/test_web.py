@@ -4,6 +4,7 @@ Chromium against a server on a loopback port with the tiny random checkpoint."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -110,7 +111,9 @@ def by_id(driver, name):
 
 
 def open_page(driver, server):
-    """Load the page afresh and wait until it shows the speech form (voices listed)."""
+    """Load the page afresh and wait until it shows the speech form (voices listed); the console log starts
+    empty (what earlier tests left there is dropped)."""
+    console(driver)
     driver.get(str(server.base_url) + "/")
     wait_for(lambda: by_id(driver, "app").is_displayed() and by_id(driver, "voice").text, message="the app")
 
@@ -137,16 +140,17 @@ def downloaded(driver, name: str) -> Path:
 
 
 def test_page_loads_without_console_errors_and_shows_voices_and_health(browser, server):
-    console(browser)
     open_page(browser, server)
     options = [o.get_attribute("value") for o in by_id(browser, "voice").find_elements("tag name", "option")]
     assert options[:2] == ["0", "1"]
     wait_for(lambda: "rows busy" in by_id(browser, "health-text").text, message="the health corner")
     assert "of 2 rows busy" in by_id(browser, "health-text").text
     assert not by_id(browser, "key-form").is_displayed()
-    for element in browser.find_elements("css selector", "input:not([type=checkbox]), select, textarea"):
-        label = browser.find_elements("css selector", f"label[for='{element.get_attribute('id')}']")
-        assert label or element.get_attribute("type") == "file", element.get_attribute("id")
+    unlabelled = browser.execute_script(
+        "return [...document.querySelectorAll('input, select, textarea')]"
+        ".filter(e => e.getAttribute('aria-hidden') !== 'true' && !e.labels.length).map(e => e.outerHTML)"
+    )
+    assert unlabelled == []
     assert console(browser) == []
 
 
@@ -265,6 +269,58 @@ def test_a_voice_recorded_from_the_microphone_appears_in_the_picker(browser, ser
     assert 0.8 < seconds < 5
 
 
+def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(browser, server, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    clip = tmp_path / "bea.wav"
+    sf.write(clip, 0.3 * np.sin(np.arange(12000) * 2 * np.pi * 330 / 24000), 24000)
+    with open(clip, "rb") as f:
+        created = server.post(
+            "/v1/voices", data={"name": "dialogue-bea", "transcript": "Hi."}, files={"audio_file": f}
+        )
+    assert created.status_code == 201, created.text
+    open_page(browser, server)
+    before = stats(server)["completed"]
+    by_id(browser, "seed-random").click()
+    by_id(browser, "seed").send_keys("11")
+    rows = browser.find_elements("css selector", "#turns input.words")
+    rows[0].send_keys("Did you get my message?")
+    rows[1].send_keys("I did, yes.", Keys.ENTER)  # Enter adds a turn, for the other speaker, and moves there
+    browser.switch_to.active_element.send_keys("Great, see you then.")
+    by_id(browser, "bind-1").send_keys("dialogue-bea")  # speaker 1 speaks with a saved voice
+    browser.switch_to.active_element.send_keys(Keys.CONTROL, Keys.ENTER)  # Ctrl+Enter in the card speaks it
+
+    def dialogue() -> dict:
+        return browser.execute_script(
+            "const p = document.getElementById('dialogue-player').dataset;"
+            "return {state: p.state, received: Number(p.received), played: Number(p.played),"
+            " rows: [...document.querySelectorAll('#turns li')].map(r => [r.className, r.dataset.end])}"
+        )
+
+    first = wait_for(lambda: (d := dialogue())["rows"][0][0].endswith("made") and d, interval=0.02)
+    assert first["state"] == "generating" and first["received"] > 0  # heard before the last turn was made
+    assert "made" not in first["rows"][2][0]
+    wait_for(lambda: dialogue()["state"] == "idle", message="the end of the dialogue")
+    done = dialogue()
+    assert [row[0] for row in done["rows"]] == ["turn made"] * 3
+    assert stats(server)["completed"] == before + 3  # one job per turn, each in the context of those before
+
+    by_id(browser, "dialogue-manifest").click()
+    manifest = json.loads(downloaded(browser, "dialogue-11.json").read_text())
+    assert [(t["speaker"], t["text"]) for t in manifest["turns"]] == [
+        (0, "Did you get my message?"),
+        (1, "I did, yes."),
+        (0, "Great, see you then."),
+    ]
+    assert manifest["voices"] == {"1": "dialogue-bea"} and manifest["seed"] == 11
+    assert [float(row[1]) for row in done["rows"]] == [t["end"] for t in manifest["turns"]]
+    by_id(browser, "dialogue-download").click()
+    mix, rate = sf.read(downloaded(browser, "dialogue-11.wav"))
+    assert rate == 24000 and len(mix) / rate == pytest.approx(manifest["seconds"], abs=1e-3)
+    assert done["received"] == pytest.approx(manifest["seconds"], abs=1e-3)
+    assert console(browser) == []
+
+
 def test_with_an_api_key_the_page_asks_for_it_and_shows_nothing_else(browser, server):
     settings = server.app.state.settings
     settings.api_key = "page-secret"
@@ -309,6 +365,9 @@ def test_screenshot_of_the_page(browser, server, tmp_path):
     settings.max_frames = 60
     try:
         set_text(browser, "text", "Hello! This is CSM speaking in your browser, sentence by sentence.")
+        rows = browser.find_elements("css selector", "#turns input.words")
+        rows[0].send_keys("Did you get my message about Saturday?")
+        rows[1].send_keys("I did, yes. Count me in!")
         by_id(browser, "speak").click()
         wait_for(lambda: player(browser)["played"] > 1.0, message="a second of playback")
         height = browser.execute_script("return document.documentElement.scrollHeight")

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health (and /docs), the extra
-/v1/audio/dialogue; the web page at /."""
+/v1/audio/dialogue, and the web page at /."""
 
 from __future__ import annotations
 
