@@ -231,7 +231,7 @@ def test_a_turn_too_long_for_the_context_names_the_turn(tts, monkeypatch):
 
 
 def test_a_turn_keeps_its_whole_frame_budget_when_the_window_fills(tts, monkeypatch):
-    """Dialogues drop old turns rather than cut a turn short; the pipeline's long text shrinks the budget."""
+    """Dialogues and long text drop old turns (sentences) rather than cut one short."""
     asked, generate = [], tts.model.generate
 
     def three_frames(**kw):  # record the budget, generate only 3 frames (fast)
@@ -248,4 +248,6 @@ def test_a_turn_keeps_its_whole_frame_budget_when_the_window_fills(tts, monkeypa
     assert max(n for *_, n in asked) < 7  # old turns left instead
     asked.clear()
     tts(" ".join(t["text"] for t in turns), seed=0, max_chunk_chars=20)
-    assert min(frames for _, frames, _ in asked) < budget  # long text keeps its sentences, shrinks the budget
+    assert len(asked) == 8 and all(frames == budget for _, frames, _ in asked)
+    assert all(length + frames <= 300 for length, frames, _ in asked)
+    assert max(n for *_, n in asked) < 7

@@ -88,8 +88,8 @@ class Conversation:
     ):
         """voices: {speaker: Voice, saved voice name or folder}; seed: see the module; fixed: more turns kept
         in every prompt; frame_policy: "keep" drops old turns so that a sentence's whole frame budget fits (a
-        turn is never cut short by a long history), "fit" keeps history and shrinks the budget (the pipeline's
-        long text; see csm.planner); options: temperature, top_k, top_p, do_sample, max_seconds,
+        turn is never cut short by a long history), "fit" keeps history and shrinks the budget (see
+        csm.planner); options: temperature, top_k, top_p, do_sample, max_seconds,
         max_new_tokens, max_chunk_chars, crossfade_ms, progress (a bar over each turn's sentences)."""
         for name in ("speaker", "voice", "context", "seed"):
             if name in options:

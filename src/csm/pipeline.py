@@ -244,7 +244,7 @@ class TextToAudioPipeline:
         fixed: list[Turn],
         carried: list[Turn],
         opts: dict,
-        policy: str = "fit",
+        policy: str = "keep",
     ) -> Prompt:
         """The planned prompt for `texts` (one row each) after the context, oldest carried turns dropped to fit;
         `policy` for a frame budget guessed from the text ("fit" or "keep": see csm.planner), a budget the user
@@ -326,11 +326,13 @@ class TextToAudioPipeline:
         return {"audio": np.ascontiguousarray(audio, dtype=np.float32), "sampling_rate": self.sampling_rate}
 
     def _monologue(self, fixed: list[Turn], opts: dict):
-        """Long text is a one-turn conversation (sentence by sentence, each in the context of those before)."""
+        """Long text is a one-turn conversation (sentence by sentence, each in the context of those before).
+        Like a dialogue, a sentence keeps its whole frame budget: the oldest sentences leave the context
+        rather than a late sentence being cut short when minutes of speech fill the window."""
         from .conversation import Conversation
 
         options = {k: v for k, v in opts.items() if k not in ("speaker", "voice", "context", "seed")}
-        return Conversation(self, seed=opts.get("seed"), fixed=fixed, frame_policy="fit", **options)
+        return Conversation(self, seed=opts.get("seed"), fixed=fixed, **options)
 
     def stream(self, text: str, chunk_frames: int = 4, **options) -> Iterator[np.ndarray]:
         """Yield float32 audio as it is generated, sentence after sentence (joins crossfaded as in `__call__`)."""

@@ -14,10 +14,9 @@ Generated audio is carried as the codes it was decoded from, never encoded again
 its frames for the chat template.
 
 How the frame budget meets the window is the caller's choice (`policy`):
-- "fit": keep as much history as leaves room for one frame; the budget shrinks to the room left (the
-  pipeline, whose budget is a generous guess).
-- "keep": drop history until the whole budget fits; with no history left, shrink it to the room (the server,
-  whose budget is a guard against runaway generation and should not cost the context).
+- "fit": keep as much history as leaves room for one frame; the budget shrinks to the room left.
+- "keep": drop history until the whole budget fits; with no history left, shrink it to the room (long text,
+  dialogues and the server: a late sentence is never cut short because minutes of speech fill the window).
 - "exact": drop history until the whole budget fits, else raise (the pipeline when the user fixed the length).
 """
 
