@@ -1,0 +1,105 @@
+"""`csm batch --ray`: the same job on a Ray cluster with Ray Data.
+
+The checked lines become a dataset; `map_batches` hands blocks of lines to a pool of `BatchWorker` actors,
+each of which loads the model once and runs the same `Synthesizer` (continuous batching over its block),
+writing audio files into the shared output folder. Manifest rows come back to the driver, which alone appends
+them to DIR/manifest.jsonl, so the manifest has one writer and the resume rule is the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from .output import OutputDir
+from .requests import LineRequest
+from .runner import JobSettings, Synthesizer
+
+INSTALL_HINT = "--ray needs Ray Data: pip install 'csm-speech[ray]' (on the driver and on every node)"
+
+
+def import_ray():
+    """The `ray` module, or ImportError with how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    return ray
+
+
+class BatchWorker:
+    """A Ray Data callable class: loads the model once, then speaks each block of lines it is given."""
+
+    def __init__(self, loader: dict, settings: dict, batch_size: int, out: str, threads: int = 0):
+        import torch
+
+        from ..cli import _load_pipeline
+
+        if threads:
+            torch.set_num_threads(threads)
+        pipe = _load_pipeline(**loader, quiet=True)
+        self.synth = Synthesizer(pipe, JobSettings(**settings), batch_size)
+        self.out = OutputDir.attach(out)
+
+    def __call__(self, batch: dict) -> dict:
+        rows: list[str] = []
+        requests = [LineRequest.from_json(r) for r in batch["request"]]
+        self.synth.run(requests, self.out, lambda row: rows.append(json.dumps(row)))
+        return {"row": rows}
+
+
+def run_on_ray(
+    address: str | None,
+    requests: list[LineRequest],
+    out: OutputDir,
+    settings: JobSettings,
+    loader: dict,
+    batch_size: int,
+    on_row: Callable[[dict], None],
+    workers: int | None = None,
+    cpus_per_worker: int = 1,
+    block_lines: int | None = None,
+) -> None:
+    """Run `requests` on Ray (the cluster at `address`, or a new local instance when it is None or empty)
+    with `workers` actors: one GPU each when the model goes on CUDA, else `cpus_per_worker` CPUs each."""
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address=address or None, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+        )
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the command shows its own
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        device = loader.get("device")
+        use_gpu = (device or "").startswith("cuda") or (device is None and gpus > 0)
+        if use_gpu and gpus == 0:
+            raise RuntimeError(f"--device {device} asked for, but the Ray cluster has no GPUs")
+        workers = workers or (gpus if use_gpu else 1)
+        if use_gpu:
+            loader = {**loader, "device": "cuda"}  # each actor sees its own GPU as cuda:0
+        block = block_lines or 4 * batch_size  # lines per call: enough to keep every row busy
+        dataset = ray.data.from_items([{"request": r.to_json()} for r in requests])
+        results = dataset.map_batches(
+            BatchWorker,
+            fn_constructor_kwargs={
+                "loader": loader,
+                "settings": settings.to_dict(),
+                "batch_size": batch_size,
+                "out": str(out.path.resolve()),
+                "threads": 0 if use_gpu else cpus_per_worker,
+            },
+            batch_size=block,
+            batch_format="numpy",
+            concurrency=workers,
+            num_cpus=cpus_per_worker,
+            num_gpus=1 if use_gpu else 0,
+        )
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            for row in batch["row"]:
+                on_row(json.loads(row))
+    finally:
+        if started:
+            ray.shutdown()
