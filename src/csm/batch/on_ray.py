@@ -9,6 +9,8 @@ them to DIR/manifest.jsonl, so the manifest has one writer and the resume rule i
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from collections.abc import Callable
 
 from .output import OutputDir
@@ -64,42 +66,60 @@ def run_on_ray(
     """Run `requests` on Ray (the cluster at `address`, or a new local instance when it is None or empty)
     with `workers` actors: one GPU each when the model goes on CUDA, else `cpus_per_worker` CPUs each."""
     ray = import_ray()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     started = not ray.is_initialized()
     if started:
         ray.init(
             address=address or None, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
         )
     try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the command shows its own
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        device = loader.get("device")
-        use_gpu = (device or "").startswith("cuda") or (device is None and gpus > 0)
-        if use_gpu and gpus == 0:
-            raise RuntimeError(f"--device {device} asked for, but the Ray cluster has no GPUs")
-        workers = workers or (gpus if use_gpu else 1)
-        if use_gpu:
-            loader = {**loader, "device": "cuda"}  # each actor sees its own GPU as cuda:0
-        block = block_lines or 4 * batch_size  # lines per call: enough to keep every row busy
-        dataset = ray.data.from_items([{"request": r.to_json()} for r in requests])
-        results = dataset.map_batches(
-            BatchWorker,
-            fn_constructor_kwargs={
-                "loader": loader,
-                "settings": settings.to_dict(),
-                "batch_size": batch_size,
-                "out": str(out.path.resolve()),
-                "threads": 0 if use_gpu else cpus_per_worker,
-            },
-            batch_size=block,
-            batch_format="numpy",
-            concurrency=workers,
-            num_cpus=cpus_per_worker,
-            num_gpus=1 if use_gpu else 0,
-        )
-        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-            for row in batch["row"]:
-                on_row(json.loads(row))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray's own deprecation notices
+            _run(
+                ray,
+                requests,
+                out,
+                settings,
+                loader,
+                batch_size,
+                on_row,
+                workers,
+                cpus_per_worker,
+                block_lines,
+            )
     finally:
         if started:
             ray.shutdown()
+
+
+def _run(ray, requests, out, settings, loader, batch_size, on_row, workers, cpus_per_worker, block_lines):
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the command shows its own
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = loader.get("device")
+    use_gpu = (device or "").startswith("cuda") or (device is None and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise RuntimeError(f"--device {device} asked for, but the Ray cluster has no GPUs")
+    workers = workers or (gpus if use_gpu else 1)
+    if use_gpu:
+        loader = {**loader, "device": "cuda"}  # each actor sees its own GPU as cuda:0
+    block = block_lines or 4 * batch_size  # lines per call: enough to keep every row busy
+    dataset = ray.data.from_items([{"request": r.to_json()} for r in requests])
+    results = dataset.map_batches(
+        BatchWorker,
+        fn_constructor_kwargs={
+            "loader": loader,
+            "settings": settings.to_dict(),
+            "batch_size": batch_size,
+            "out": str(out.path.resolve()),
+            "threads": 0 if use_gpu else cpus_per_worker,
+        },
+        batch_size=block,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus_per_worker,
+        num_gpus=1 if use_gpu else 0,
+    )
+    for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+        for row in batch["row"]:
+            on_row(json.loads(row))
