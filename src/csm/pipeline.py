@@ -11,7 +11,6 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from .audio import SAMPLING_RATE
 from .frames import FrameRule
 from .generate import GenerationConfig, decode_rows
 from .model import CsmForConditionalGeneration, resolve_dtype
+from .planner import Turn, plan_prompt, voice_turns
 from .processor import CsmProcessor
 from .voice import Voice
 
@@ -161,22 +161,6 @@ class CrossfadeStream:
         return held
 
 
-@dataclass
-class Turn:
-    """One context turn: who spoke, what they said, the audio, and its codes (F, K) for this model."""
-
-    speaker: int
-    text: str
-    audio: np.ndarray
-    codes: torch.Tensor
-
-    def as_message(self) -> dict:
-        return {
-            "role": str(self.speaker),
-            "content": [{"type": "text", "text": self.text}, {"type": "audio", "audio": self.audio}],
-        }
-
-
 class TextToAudioPipeline:
     """Text in, 24 kHz speech out: `pipe("Hello.")` -> {"audio": np.ndarray, "sampling_rate": 24000}.
 
@@ -224,21 +208,12 @@ class TextToAudioPipeline:
             raise ValueError(f"speaker must be a non-negative integer, got {speaker!r}")
         turns: list[Turn] = []
         if voice is not None:
-            turns += [
-                Turn(voice.speaker, t, a, c)
-                for (a, t), c in zip(voice.clips, voice.codes(self.model), strict=True)
-            ]
+            turns += voice_turns(voice, voice.codes(self.model))
         context = opts.get("context")
         if context:
-            if isinstance(context, Voice):
-                clips, ctx_speaker = context.clips, context.speaker
-                ctx = context
-            else:
-                clips, ctx_speaker = [(a, t) for a, t in context], speaker
-                ctx = Voice("context", ctx_speaker, clips)
-            turns += [
-                Turn(ctx.speaker, t, a, c) for (a, t), c in zip(ctx.clips, ctx.codes(self.model), strict=True)
-            ]
+            if not isinstance(context, Voice):
+                context = Voice("context", speaker, [(a, t) for a, t in context])
+            turns += voice_turns(context, context.codes(self.model))
         return speaker, turns
 
     def _frames(self, opts: dict, text: str) -> tuple[int, bool]:
@@ -258,55 +233,23 @@ class TextToAudioPipeline:
 
     # ---- one model call ---------------------------------------------------------------------------
 
-    def _inputs(
-        self,
-        texts: list[str],
-        speaker: int,
-        fixed: list[Turn],
-        carried: list[Turn],
-        frames: int,
-        fixed_frames: bool,
-    ):
-        """Model inputs for `texts` (one row each) after the context; drops the oldest carried turns to fit."""
+    def _prompt(self, texts: list[str], speaker: int, fixed: list[Turn], carried: list[Turn], opts: dict):
+        """The planned prompt for `texts` (one row each) after the context, oldest carried turns dropped to fit."""
+        frames, fixed_frames = self._frames(opts, max(texts, key=len))
         limit = self.model.config.max_position_embeddings
-        carried = list(carried)
-        while True:
-            context = fixed + carried
-            conv = [t.as_message() for t in context]
-            batch = [conv + [{"role": str(speaker), "content": [{"type": "text", "text": x}]}] for x in texts]
-            try:
-                inputs = self.processor.apply_chat_template(batch, tokenize=True, return_dict=True)
-                length = inputs["input_ids"].shape[1]
-                overflow = None if length + (1 if not fixed_frames else frames) <= limit else length
-            except ValueError as e:
-                if "context" not in str(e):
-                    raise
-                overflow, length = str(e), limit
-            if overflow is None:
-                break
-            if carried:
-                carried.pop(0)
-                continue
-            raise ValueError(
-                f"the text and its context take {length} tokens and {frames} frames are asked for: more than the "
-                f"model's context of {limit}. Shorten the text or the voice clips, or lower max_seconds."
-            )
-        if not fixed_frames:
-            frames = min(frames, limit - length)
-        codes = [t.codes for t in context] * len(texts)
-        return inputs, codes or None, frames, carried
+        policy = "exact" if fixed_frames else "fit"
+        return plan_prompt(self.processor, fixed, carried, speaker, texts, frames, limit, policy)
 
     def _generate(
         self, texts: list[str], speaker: int, fixed: list[Turn], carried: list[Turn], opts: dict, seed
     ):
         """Generate each text as one chunk: returns ([(audio, codes)] per row, carried turns actually used)."""
-        frames, fixed_frames = self._frames(opts, max(texts, key=len))
-        inputs, codes, frames, carried = self._inputs(texts, speaker, fixed, carried, frames, fixed_frames)
+        prompt = self._prompt(texts, speaker, fixed, carried, opts)
         out = self.model.generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            audio_codes=codes,
-            max_new_tokens=frames,
+            input_ids=prompt.input_ids,
+            attention_mask=prompt.attention_mask,
+            audio_codes=prompt.audio_codes,
+            max_new_tokens=prompt.frames,
             seed=seed,
             **self._sampling(opts),
         )  # (B, F, K)
@@ -316,7 +259,7 @@ class TextToAudioPipeline:
             (w.float().cpu().numpy(), out[b, :n].clone())
             for b, (w, n) in enumerate(zip(waves, lengths, strict=True))
         ]
-        return rows, carried
+        return rows, prompt.carried
 
     # ---- public -----------------------------------------------------------------------------------
 
@@ -380,17 +323,15 @@ class TextToAudioPipeline:
         seed = opts.get("seed")
         with torch.inference_mode():
             for i, chunk in enumerate(_progress(chunks, opts.get("progress"))):
-                frames, fixed_frames = self._frames(opts, chunk)
-                inputs, codes, frames, carried = self._inputs(
-                    [chunk], speaker, fixed, carried, frames, fixed_frames
-                )
+                prompt = self._prompt([chunk], speaker, fixed, carried, opts)
+                carried = prompt.carried
                 parts, new_codes = [], []
                 joiner.start_sentence(last=i == len(chunks) - 1)
                 for audio, frame_codes in self.model.generate_stream(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    audio_codes=codes,
-                    max_new_tokens=frames,
+                    input_ids=prompt.input_ids,
+                    attention_mask=prompt.attention_mask,
+                    audio_codes=prompt.audio_codes,
+                    max_new_tokens=prompt.frames,
                     chunk_frames=chunk_frames,
                     seed=None if seed is None else seed + i,
                     with_codes=True,

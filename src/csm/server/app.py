@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..audio import SAMPLING_RATE, load_audio
 from ..generate import GenerationConfig
-from ..pipeline import MAX_CHUNK_CHARS, Turn, split_sentences
+from ..pipeline import MAX_CHUNK_CHARS, split_sentences
+from ..planner import Turn, plan_prompt, voice_turns
 from ..voice import Voice, list_voices, voices_dir
 from .encode import MEDIA_TYPES
 from .scheduler import Scheduler, SpeechJob
@@ -311,43 +312,27 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
 
     def job_for(plan: SpeechPlan, index: int, carried: list[Turn], frames_left: int) -> SpeechJob:
         """The job for chunk `index`: the voice's clips and as many of the chunks before it (with the audio
-        made for them) as fit the context, then its text."""
+        made for them) as fit the context with its whole frame budget, then its text."""
         text = plan.chunks[index]
-        voice_turns = plan.voice.turns() if plan.voice is not None else []
+        fixed = voice_turns(plan.voice) if plan.voice is not None else []  # encoded in embed()
         budget = min(frames_left, frames_for_text(text, model.codec_model.frame_rate))
-        carried = list(carried)
-        while True:
-            conversation = [*voice_turns, *(t.as_message() for t in carried)]
-            conversation.append({"role": str(plan.speaker), "content": [{"type": "text", "text": text}]})
-            try:
-                ids = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)[
-                    "input_ids"
-                ]
-            except ValueError as e:
-                if not carried:
-                    raise ApiError(400, str(e)) from None
-                ids = None
-            if ids is not None and (ids.shape[1] + budget <= scheduler.max_seq_len or not carried):
-                break
-            carried.pop(0)  # the oldest chunk leaves the context first
-        T = ids.shape[1]
-        room = scheduler.max_seq_len - T
-        if room < 1:
-            raise ApiError(
-                400,
-                f"the prompt is {T} tokens, leaving no room in the {scheduler.max_seq_len}-position context; shorten input",
-                param="input",
+        try:
+            prompt = plan_prompt(
+                processor, fixed, carried, plan.speaker, text, budget, scheduler.max_seq_len, policy="keep"
             )
+        except ValueError as e:
+            raise ApiError(400, f"{e}", param="input") from None
+        kept = prompt.carried
 
-        def embed():
+        def embed():  # on the scheduler's thread: the voice's clips are encoded there, once
             codes = plan.voice.codes(model) if plan.voice is not None else []
-            codes = [*codes, *(t.codes.to(model.device) for t in carried)]
-            return model.embed_inputs(ids.to(model.device), audio_codes=codes or None)[0]
+            codes = [*codes, *(t.codes.to(model.device) for t in kept)]
+            return model.embed_inputs(prompt.input_ids.to(model.device), audio_codes=codes or None)[0]
 
         return SpeechJob(
             embed=embed,
-            prompt_len=T,
-            max_frames=min(budget, room),
+            prompt_len=prompt.length,
+            max_frames=prompt.frames,
             backbone=plan.config.backbone,
             depth_decoder=plan.config.depth_decoder,
             seed=None if plan.seed is None else plan.seed + index,

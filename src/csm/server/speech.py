@@ -15,7 +15,8 @@ import torch
 
 from ..audio import SAMPLING_RATE
 from ..generate import GenerationConfig
-from ..pipeline import CrossfadeStream, Turn
+from ..pipeline import CrossfadeStream
+from ..planner import Turn
 from ..voice import Voice
 from .encode import AudioEncoder
 from .scheduler import QueueFull, Scheduler, SpeechJob, Unavailable

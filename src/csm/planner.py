@@ -1,0 +1,150 @@
+"""Turn planning: which turns go into a prompt, trimmed to the model's context window.
+
+Every caller that speaks in context (long text in the pipeline, dialogues, the server, batch synthesis) builds
+its prompts here:
+
+    prompt = plan_prompt(processor, fixed, carried, speaker=1, text="Oh, hi!", frames=150, limit=2048)
+    out = model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                         audio_codes=prompt.audio_codes, max_new_tokens=prompt.frames)
+    carried = [*prompt.carried, Turn(1, "Oh, hi!", audio, codes)]   # the history for the next prompt
+
+`fixed` turns (a voice's reference clips) are always kept; `carried` turns (earlier sentences or turns, with
+the audio made for them) are dropped oldest first until the prompt and its frames fit in `limit` positions.
+Generated audio is carried as the codes it was decoded from, never encoded again: a turn's audio only counts
+its frames for the chat template.
+
+How the frame budget meets the window is the caller's choice (`policy`):
+- "fit": keep as much history as leaves room for one frame; the budget shrinks to the room left (the
+  pipeline, whose budget is a generous guess).
+- "keep": drop history until the whole budget fits; with no history left, shrink it to the room (the server,
+  whose budget is a guard against runaway generation and should not cost the context).
+- "exact": drop history until the whole budget fits, else raise (the pipeline when the user fixed the length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+FramePolicy = Literal["fit", "keep", "exact"]
+POLICIES = ("fit", "keep", "exact")
+
+
+@dataclass
+class Turn:
+    """One context turn: who spoke, what they said, its audio (24 kHz mono) and that audio's codes (F, K).
+
+    `codes` may stay None until the turn is about to be generated against (the server encodes saved voices on
+    the model's thread); the audio alone fixes how many frames the turn takes in the prompt."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray
+    codes: torch.Tensor | None = None
+
+    def as_message(self) -> dict:
+        """The turn as a chat-template message (text and audio)."""
+        return {
+            "role": str(self.speaker),
+            "content": [{"type": "text", "text": self.text}, {"type": "audio", "audio": self.audio}],
+        }
+
+
+def voice_turns(voice, codes: list[torch.Tensor] | None = None) -> list[Turn]:
+    """A voice's reference clips as context turns; `codes` from `voice.codes(model)`, or None to encode later."""
+    codes = codes if codes is not None else [None] * len(voice.clips)
+    return [Turn(voice.speaker, text, audio, c) for (audio, text), c in zip(voice.clips, codes, strict=True)]
+
+
+@dataclass
+class Prompt:
+    """Model inputs for the next text after its context, the frames it may take, and the history kept."""
+
+    input_ids: torch.Tensor  # (B, T), left-padded
+    attention_mask: torch.Tensor  # (B, T)
+    context: list[Turn]  # the fixed turns, then the carried turns kept: their audio, in prompt order
+    carried: list[Turn]  # the carried turns kept (the newest ones of those given)
+    frames: int  # frame budget: prompt + frames <= limit
+
+    @property
+    def length(self) -> int:
+        """Positions the prompt takes (T)."""
+        return self.input_ids.shape[1]
+
+    @property
+    def audio_codes(self) -> list[torch.Tensor] | None:
+        """Codes (F_i, K) of each context turn, repeated for every row, as `generate(audio_codes=...)` takes
+        them; None without context. Every turn's codes must be set."""
+        codes = [t.codes for t in self.context]
+        if any(c is None for c in codes):
+            raise ValueError("a context turn has no codes yet: encode its audio first")
+        return codes * self.input_ids.shape[0] or None
+
+
+def plan_prompt(
+    processor,
+    fixed: list[Turn],
+    carried: list[Turn],
+    speaker: int,
+    text: str | list[str],
+    frames: int,
+    limit: int,
+    policy: FramePolicy = "fit",
+) -> Prompt:
+    """The prompt for `speaker` saying `text` (a list: one row each, same context) after the `fixed` turns and
+    as many of the newest `carried` turns as fit with `frames` (see the module's `policy`) in `limit`
+    positions. Raises ValueError when not even the fixed turns and the text leave room for the frames."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    texts = [text] if isinstance(text, str) else list(text)
+    need = 1 if policy == "fit" else frames
+
+    def build(drop: int):
+        """Inputs with the `drop` oldest carried turns left out, or None when they overflow the processor."""
+        context = [*fixed, *carried[drop:]]
+        conv = [t.as_message() for t in context]
+        batch = [[*conv, {"role": str(speaker), "content": [{"type": "text", "text": x}]}] for x in texts]
+        try:
+            return processor.apply_chat_template(batch, tokenize=True, return_dict=True)
+        except ValueError as e:
+            if "context" not in str(e):  # a bad turn, not a long one
+                raise
+            return None
+
+    def fits(inputs, frames_needed: int) -> bool:
+        return inputs is not None and inputs["input_ids"].shape[1] + frames_needed <= limit
+
+    # Fewer turns never make a longer prompt, so the fewest to drop is found by bisection.
+    inputs, drop = build(0), 0
+    if not fits(inputs, need):
+        lo, hi, best = 1, len(carried), None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            candidate = build(mid)
+            if fits(candidate, need):
+                best, hi = (mid, candidate), mid - 1
+            else:
+                lo = mid + 1
+        if best is None:
+            drop = len(carried)
+            inputs = build(drop) if drop else inputs
+            if not (policy == "keep" and fits(inputs, 1)):
+                length = inputs["input_ids"].shape[1] if inputs is not None else f"more than {limit}"
+                raise ValueError(
+                    f"the text and its context take {length} tokens and {need} frame(s) must follow: more than "
+                    f"the model's context of {limit}. Shorten the text or the voice clips, or lower max_seconds."
+                )
+        else:
+            drop, inputs = best
+    length = inputs["input_ids"].shape[1]
+    kept = list(carried[drop:])
+    return Prompt(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        context=[*fixed, *kept],
+        carried=kept,
+        frames=min(frames, limit - length),
+    )
