@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -277,3 +278,17 @@ def test_bad_requests_are_reported_before_the_model_loads(tmp_path, capsys):
         main(["batch", str(requests), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nope")]) == 2
     )
     assert "req.jsonl:1:" in capsys.readouterr().err
+
+
+def test_a_lines_audio_is_what_the_pipeline_says_for_its_text_and_seed_long_text_too(ckpt, tmp_path):
+    from csm.pipeline import pipeline
+
+    rows = [dict(r, seed=11 + i) for i, r in enumerate(lines(2))]  # u01: two sentences, the second in context
+    assert batch(ckpt, write(tmp_path / "req.jsonl", rows), tmp_path / "out", "--batch-size", "2") == 0
+    tts = pipeline("text-to-audio", model=ckpt, device="cpu", dtype="float32")
+    for row in rows:
+        with pytest.warns(UserWarning, match="without end-of-audio"):  # random weights never end a sentence
+            expected = tts(row["text"], seed=row["seed"], max_seconds=0.3)["audio"]
+        audio, _ = sf.read(tmp_path / "out" / f"{row['id']}.wav", dtype="float32")
+        assert len(audio) == len(expected)
+        np.testing.assert_allclose(audio, np.clip(expected, -1, 1), atol=1.01 / 32767)  # 16-bit rounding

@@ -18,7 +18,8 @@ import torch
 
 from ..batching import BatchCore, RowJob
 from ..generate import GenerationConfig
-from ..pipeline import CROSSFADE_MS, MAX_CHUNK_CHARS, Turn, crossfade_join, split_sentences
+from ..pipeline import CROSSFADE_MS, MAX_CHUNK_CHARS, crossfade_join, split_sentences
+from ..planner import Turn, plan_prompt
 from ..voice import Voice
 from .output import OutputDir
 from .requests import LineRequest
@@ -135,15 +136,17 @@ class Synthesizer:
     def _job(self, line: _Line) -> RowJob:
         """The row job for the line's next sentence: the context that fits, then the sentence's text."""
         chunk, model = line.chunks[line.index], self.model
-        frames, fixed_frames = self.pipe._frames(line.opts, chunk)
-        inputs, codes, frames, line.carried = self.pipe._inputs(
-            [chunk], line.speaker, line.fixed, line.carried, frames, fixed_frames
-        )
-        ids = inputs["input_ids"].to(model.device)
-        codes = [c.to(model.device) for c in codes] if codes else None
+        frames, fixed_frames = self.pipe._frames(line.opts, chunk)  # the pipeline's budget for a sentence
+        prompt = plan_prompt(
+            self.pipe.processor, line.fixed, line.carried, line.speaker, chunk, frames,
+            limit=model.config.max_position_embeddings, policy="exact" if fixed_frames else "fit",
+        )  # fmt: skip
+        line.carried = prompt.carried
+        ids = prompt.input_ids.to(model.device)
+        codes = [c.to(model.device) for c in prompt.audio_codes] if prompt.audio_codes else None
         return RowJob(
             embed=lambda: model.embed_inputs(ids, audio_codes=codes)[0],
-            max_frames=frames,
+            max_frames=prompt.frames,
             backbone=self.config.backbone,
             depth_decoder=self.config.depth_decoder,
             seed=line.request.seed + line.index,
