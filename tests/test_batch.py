@@ -9,6 +9,8 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +44,16 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def voices(tmp_path, monkeypatch):
     monkeypatch.setenv("CSM_VOICES_DIR", str(tmp_path / "voices"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every run here on one torch thread, as each Ray worker (--cpus-per-worker 1) and the killed child:
+    the thread count moves the last bit of the codec's arithmetic, and one thread is fastest on the tiny model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def lines(n: int | None = None):
@@ -131,7 +143,7 @@ def test_killed_midway_then_rerun_gives_the_same_files_and_manifest_without_gene
     out = tmp_path / "out"
     args = ["batch", str(requests), "--out", str(out), "--model", str(ckpt), "--device", "cpu", "--dtype",
             "float32", "--max-seconds", "0.3", "--seed", "3", "-q", "--batch-size", "3"]  # fmt: skip
-    env = {**os.environ, "CSM_VOICES_DIR": str(tmp_path / "voices")}
+    env = {**os.environ, "CSM_VOICES_DIR": str(tmp_path / "voices"), "OMP_NUM_THREADS": "1"}
     script = textwrap.dedent(KILLER.format(after=4))
     killed = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, timeout=300)
     assert killed.returncode == -9, killed.stderr.decode()
@@ -253,14 +265,8 @@ def test_ray_without_ray_installed_says_how_to_install_it(ckpt, tmp_path, capsys
 
 def test_ray_gives_the_same_audio_per_id_as_one_process(ckpt, tmp_path):
     ray = pytest.importorskip("ray")
-    psutil = pytest.importorskip("psutil")
     requests = write(tmp_path / "req.jsonl", lines(6))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray worker (--cpus-per-worker 1): the thread count moves the last bit
-    try:
-        assert batch(ckpt, requests, tmp_path / "local", "--batch-size", "2") == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert batch(ckpt, requests, tmp_path / "local", "--batch-size", "2") == 0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         assert batch(ckpt, requests, tmp_path / "ray", "--batch-size", "2", "--ray", "--workers", "2") == 0
@@ -268,8 +274,29 @@ def test_ray_gives_the_same_audio_per_id_as_one_process(ckpt, tmp_path):
         ray.shutdown()
     assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "local")) == 6
     assert state(tmp_path / "ray") == state(tmp_path / "local")
-    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=15)
-    assert not alive, f"Ray left processes behind: {[p.name() for p in alive]}"
+    deadline = time.time() + 20
+    while descendants() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not descendants(), f"Ray left processes behind: {descendants()}"
+
+
+def descendants() -> list[str]:
+    """Commands of the live processes below this one (Linux /proc; empty elsewhere)."""
+    parent, names = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if rest[0] != "Z":  # a zombie is gone, only not yet reaped
+            pid = int(stat.parent.name)
+            parent[pid], names[pid] = int(rest[1]), name
+    mine, found = {os.getpid()}, True
+    while found:
+        found = {p for p, pp in parent.items() if pp in mine and p not in mine}
+        mine |= found
+    return sorted(names[p] for p in mine - {os.getpid()})
 
 
 def test_bad_requests_are_reported_before_the_model_loads(tmp_path, capsys):
@@ -280,15 +307,21 @@ def test_bad_requests_are_reported_before_the_model_loads(tmp_path, capsys):
     assert "req.jsonl:1:" in capsys.readouterr().err
 
 
-def test_a_lines_audio_is_what_the_pipeline_says_for_its_text_and_seed_long_text_too(ckpt, tmp_path):
+def test_a_lines_audio_is_what_the_pipeline_says_for_its_text_seed_and_voice(ckpt, tmp_path):
     from csm.pipeline import pipeline
+    from csm.voice import Voice
 
+    clip = np.sin(np.arange(9600) / 9.0).astype(np.float32) * 0.1
+    Voice("alice", 1, [(clip, "A reference clip.")]).save(tmp_path / "voices" / "alice")
     rows = [dict(r, seed=11 + i) for i, r in enumerate(lines(2))]  # u01: two sentences, the second in context
+    rows.append(
+        {"id": "v", "text": "Spoken in a saved voice. Two sentences of it.", "voice": "alice", "seed": 3}
+    )
     assert batch(ckpt, write(tmp_path / "req.jsonl", rows), tmp_path / "out", "--batch-size", "2") == 0
     tts = pipeline("text-to-audio", model=ckpt, device="cpu", dtype="float32")
     for row in rows:
         with pytest.warns(UserWarning, match="without end-of-audio"):  # random weights never end a sentence
-            expected = tts(row["text"], seed=row["seed"], max_seconds=0.3)["audio"]
+            expected = tts(row["text"], seed=row["seed"], voice=row.get("voice"), max_seconds=0.3)["audio"]
         audio, _ = sf.read(tmp_path / "out" / f"{row['id']}.wav", dtype="float32")
         assert len(audio) == len(expected)
         np.testing.assert_allclose(audio, np.clip(expected, -1, 1), atol=1.01 / 32767)  # 16-bit rounding

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from collections.abc import Callable
 
@@ -103,7 +104,9 @@ def _run(ray, requests, out, settings, loader, batch_size, on_row, workers, cpus
     workers = workers or (gpus if use_gpu else 1)
     if use_gpu:
         loader = {**loader, "device": "cuda"}  # each actor sees its own GPU as cuda:0
-    block = block_lines or 4 * batch_size  # lines per call: enough to keep every row busy
+    # Lines per call: a few times the rows, to keep them busy as lines end, but no more than spreads the
+    # job over every worker.
+    block = block_lines or max(batch_size, min(4 * batch_size, math.ceil(len(requests) / workers)))
     dataset = ray.data.from_items([{"request": r.to_json()} for r in requests])
     results = dataset.map_batches(
         BatchWorker,
