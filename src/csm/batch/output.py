@@ -74,6 +74,8 @@ class OutputDir:
                 f"--out {out.path} holds files but no {JOB}: it is not a csm batch folder; "
                 "give a new or empty folder (nothing there was touched)"
             )
+        if job is not None and job != settings and not any(r.get("status") == "ok" for r in out.rows()):
+            job = None  # nothing was made under the old settings: the job starts again with these
         if job is not None and job != settings:
             diff = ", ".join(
                 f"{k}: {job.get(k)!r} there, {settings.get(k)!r} now"
