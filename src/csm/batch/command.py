@@ -114,6 +114,12 @@ def run(args, load_pipeline, error=ValueError) -> int:
     job = OutputDir(args.out).job_settings() if Path(args.out).expanduser().is_dir() else None
     seed = args.seed if args.seed is not None else job["seed"] if job else random.randrange(2**31)
     settings = _settings(args, seed)
+    if (
+        args.ray is not None and Path(settings.model).is_dir()
+    ):  # a bad folder: one line here, not in each worker
+        from ..config import CsmConfig
+
+        CsmConfig.from_pretrained(settings.model)
     good, bad = read_requests(args.requests, seed, args.format)
     if bad and not args.skip_bad:
         _report_bad(args.requests, bad)

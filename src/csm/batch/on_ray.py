@@ -8,9 +8,11 @@ them to DIR/manifest.jsonl, so the manifest has one writer and the resume rule i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable
 
@@ -67,14 +69,16 @@ def run_on_ray(
     """Run `requests` on Ray (the cluster at `address`, or a new local instance when it is None or empty)
     with `workers` actors: one GPU each when the model goes on CUDA, else `cpus_per_worker` CPUs each."""
     ray = import_ray()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data logs a worker's failure with its remote traceback; the command reports it in one line instead
+    # (the full log stays in Ray's session folder, /tmp/ray/session_*/logs).
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     started = not ray.is_initialized()
     if started:
         ray.init(
             address=address or None, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
         )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _worker_errors(ray):
             warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray's own deprecation notices
             _run(
                 ray,
@@ -91,6 +95,23 @@ def run_on_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _worker_errors(ray):
+    """A failure inside the workers (the model does not load, a node dies) as one RuntimeError line: the
+    innermost cause, not Ray's remote traceback."""
+    try:
+        yield
+    except ray.exceptions.RayError as e:
+        message, cause = type(e).__name__, e
+        while cause is not None:  # the innermost exception that says something (Ray's wrappers may not)
+            lines = [x.strip() for x in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if x.strip()]
+            message = lines[-1] if lines else message
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        raise RuntimeError(
+            f"the Ray job failed: {message} (rows already written are kept; rerun to resume)"
+        ) from None
 
 
 def _run(ray, requests, out, settings, loader, batch_size, on_row, workers, cpus_per_worker, block_lines):
