@@ -335,3 +335,17 @@ def test_a_lines_audio_is_what_the_pipeline_says_for_its_text_seed_and_voice(ckp
         audio, _ = sf.read(tmp_path / "out" / f"{row['id']}.wav", dtype="float32")
         assert len(audio) == len(expected)
         np.testing.assert_allclose(audio, np.clip(expected, -1, 1), atol=1.01 / 32767)  # 16-bit rounding
+
+
+def test_the_run_ends_with_a_summary_and_a_rerun_says_what_was_done_before(ckpt, tmp_path, capsys):
+    requests = write(tmp_path / "req.jsonl", lines(2))
+    argv = ["batch", str(requests), "--out", str(tmp_path / "out"), "--model", str(ckpt), "--device", "cpu",
+            "--max-seconds", "0.3", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "csm batch: 2 line(s) to generate, 0 done before, 0 bad; seed 3" in err
+    seconds = sum(r["seconds"] for r in OutputDir(tmp_path / "out").rows())
+    assert f"csm batch: 2 ok, 0 failed, 0 done before, 0 bad line(s): {seconds:.1f} s of audio in" in err
+    assert "audio-s/s" in err and "lines/s" in err
+    assert main(argv) == 0
+    assert "csm batch: 0 ok, 0 failed, 2 done before" in capsys.readouterr().err
