@@ -2,6 +2,7 @@
 
 from .audio import load_audio, save_audio
 from .config import CsmConfig, CsmDepthDecoderConfig
+from .conversation import Conversation, DialogueAudio
 from .generate import GenerationConfig, Sampling
 from .mimi import MimiConfig, MimiModel
 from .model import (
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchInputs",
+    "Conversation",
+    "DialogueAudio",
     "CsmBackboneModel",
     "CsmProcessor",
     "GenerationConfig",

@@ -41,6 +41,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         default=[],
         help="a reference clip and the words spoken in it, as audio context (repeatable)",
     )
+    _add_sampling_args(p)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=None, help="random seed (one is picked and printed when omitted)"
     )
@@ -183,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds a client may stop reading before it is dropped and its row freed (default: 30)",
     )
+
+    from .dialogue import add_dialogue_parser
+
+    add_dialogue_parser(sub)
 
     sub.add_parser(
         "finetune", help="fine-tune on your recordings (see `csm finetune --help`)", add_help=False
@@ -430,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             "convert": cmd_convert,
             "serve": cmd_serve,
         }
-        return command[args.command](args)
+        return (getattr(args, "handler", None) or command[args.command])(args)
     except KeyboardInterrupt:
         print("csm: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from .audio import SAMPLING_RATE
 from .frames import FrameRule
 from .generate import GenerationConfig, decode_rows
 from .model import CsmForConditionalGeneration, resolve_dtype
-from .planner import Turn, plan_prompt, voice_turns
+from .planner import Prompt, Turn, TurnError, plan_prompt, voice_turns
 from .processor import CsmProcessor
 from .voice import Voice
 
@@ -193,14 +193,18 @@ class TextToAudioPipeline:
         self._check_options(overrides)
         return {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
 
-    def _context_turns(self, opts: dict) -> tuple[int, list[Turn]]:
-        """The speaker and the fixed context turns (a voice's clips, then given clips), with their codes."""
-        voice = opts.get("voice")
+    def _voice(self, voice: Voice | str | os.PathLike | None) -> Voice | None:
+        """A Voice, or a saved voice by name or folder (loaded once per pipeline)."""
         if isinstance(voice, (str, os.PathLike)):
             key = str(voice)
             if key not in self._voice_cache:
                 self._voice_cache[key] = Voice.named(key)
             voice = self._voice_cache[key]
+        return voice
+
+    def _context_turns(self, opts: dict) -> tuple[int, list[Turn]]:
+        """The speaker and the fixed context turns (a voice's clips, then given clips), with their codes."""
+        voice = self._voice(opts.get("voice"))
         speaker = opts.get("speaker")
         if speaker is None:
             speaker = voice.speaker if voice is not None else 0
@@ -233,18 +237,27 @@ class TextToAudioPipeline:
 
     # ---- one model call ---------------------------------------------------------------------------
 
-    def _prompt(self, texts: list[str], speaker: int, fixed: list[Turn], carried: list[Turn], opts: dict):
-        """The planned prompt for `texts` (one row each) after the context, oldest carried turns dropped to fit."""
+    def _prompt(
+        self,
+        texts: list[str],
+        speaker: int,
+        fixed: list[Turn],
+        carried: list[Turn],
+        opts: dict,
+        policy: str = "fit",
+    ) -> Prompt:
+        """The planned prompt for `texts` (one row each) after the context, oldest carried turns dropped to fit;
+        `policy` for a frame budget guessed from the text ("fit" or "keep": see csm.planner), a budget the user
+        fixed (max_seconds, max_new_tokens) must fit whole."""
         frames, fixed_frames = self._frames(opts, max(texts, key=len))
         limit = self.model.config.max_position_embeddings
-        policy = "exact" if fixed_frames else "fit"
+        policy = "exact" if fixed_frames else policy
         return plan_prompt(self.processor, fixed, carried, speaker, texts, frames, limit, policy)
 
     def _generate(
-        self, texts: list[str], speaker: int, fixed: list[Turn], carried: list[Turn], opts: dict, seed
-    ):
-        """Generate each text as one chunk: returns ([(audio, codes)] per row, carried turns actually used)."""
-        prompt = self._prompt(texts, speaker, fixed, carried, opts)
+        self, prompt: Prompt, opts: dict, seed: int | None
+    ) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """Generate every row of a prompt: [(audio, codes (F, K))] per row, cut at its end of audio."""
         out = self.model.generate(
             input_ids=prompt.input_ids,
             attention_mask=prompt.attention_mask,
@@ -255,11 +268,28 @@ class TextToAudioPipeline:
         )  # (B, F, K)
         lengths = FrameRule.of(self.model).lengths(out)
         waves = decode_rows(self.model, out)
-        rows = [
+        return [
             (w.float().cpu().numpy(), out[b, :n].clone())
             for b, (w, n) in enumerate(zip(waves, lengths, strict=True))
         ]
-        return rows, prompt.carried
+
+    def _stream(
+        self, prompt: Prompt, opts: dict, seed: int | None, chunk_frames: int
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Generate a one-row prompt chunk by chunk: yields (audio, codes (n, K)) as they are made."""
+        for audio, codes in self.model.generate_stream(
+            input_ids=prompt.input_ids,
+            attention_mask=prompt.attention_mask,
+            audio_codes=prompt.audio_codes,
+            max_new_tokens=prompt.frames,
+            chunk_frames=chunk_frames,
+            seed=seed,
+            with_codes=True,
+            **self._sampling(opts),
+        ):
+            piece = audio[0].float().cpu().numpy()
+            if len(piece):
+                yield piece, codes[0]
 
     # ---- public -----------------------------------------------------------------------------------
 
@@ -281,35 +311,26 @@ class TextToAudioPipeline:
         speaker, fixed = self._context_turns(opts)
         max_chars = int(opts.get("max_chunk_chars") or MAX_CHUNK_CHARS)
         chunked = [split_sentences(t, max_chars) for t in texts]
-        with torch.inference_mode():
-            if all(len(c) == 1 for c in chunked):
-                rows, _ = self._generate([c[0] for c in chunked], speaker, fixed, [], opts, opts.get("seed"))
-                results = [self._result(w) for w, _ in rows]
-            else:
-                results = [self._result(self._long(c, speaker, fixed, opts)) for c in chunked]
+        if all(len(c) == 1 for c in chunked):  # one sentence each: one batched call
+            with torch.inference_mode():
+                prompt = self._prompt([c[0] for c in chunked], speaker, fixed, [], opts)
+                results = [self._result(w) for w, _ in self._generate(prompt, opts, opts.get("seed"))]
+        else:  # long text: sentence by sentence, each in the context of those before it
+            try:
+                results = [self._result(self._monologue(fixed, opts).say(speaker, t)) for t in texts]
+            except TurnError as e:  # one turn: no turn number to name
+                raise ValueError(e.message) from None
         return results if isinstance(text, (list, tuple)) else results[0]
 
     def _result(self, audio: np.ndarray) -> dict:
         return {"audio": np.ascontiguousarray(audio, dtype=np.float32), "sampling_rate": self.sampling_rate}
 
-    def _long(self, chunks: list[str], speaker: int, fixed: list[Turn], opts: dict) -> np.ndarray:
-        pieces = [piece for piece in self._iter_chunks(chunks, speaker, fixed, opts)]
-        return crossfade_join(pieces, self.sampling_rate, float(opts.get("crossfade_ms", CROSSFADE_MS)))
+    def _monologue(self, fixed: list[Turn], opts: dict):
+        """Long text is a one-turn conversation (sentence by sentence, each in the context of those before)."""
+        from .conversation import Conversation
 
-    def _iter_chunks(
-        self, chunks: list[str], speaker: int, fixed: list[Turn], opts: dict
-    ) -> Iterator[np.ndarray]:
-        """Generate chunk after chunk, carrying what was generated as context; yields each chunk's audio."""
-        carried: list[Turn] = []
-        seed = opts.get("seed")
-        for i, chunk in enumerate(_progress(chunks, opts.get("progress"))):
-            rows, carried = self._generate(
-                [chunk], speaker, fixed, carried, opts, None if seed is None else seed + i
-            )
-            audio, codes = rows[0]
-            if len(codes):
-                carried.append(Turn(speaker, chunk, audio, codes))
-            yield audio
+        options = {k: v for k, v in opts.items() if k not in ("speaker", "voice", "context", "seed")}
+        return Conversation(self, seed=opts.get("seed"), fixed=fixed, frame_policy="fit", **options)
 
     def stream(self, text: str, chunk_frames: int = 4, **options) -> Iterator[np.ndarray]:
         """Yield float32 audio as it is generated, sentence after sentence (joins crossfaded as in `__call__`)."""
@@ -317,48 +338,46 @@ class TextToAudioPipeline:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text must be a non-empty string")
         speaker, fixed = self._context_turns(opts)
-        chunks = split_sentences(text, int(opts.get("max_chunk_chars") or MAX_CHUNK_CHARS))
-        joiner = CrossfadeStream(self.sampling_rate, float(opts.get("crossfade_ms", CROSSFADE_MS)))
-        carried: list[Turn] = []
-        seed = opts.get("seed")
-        with torch.inference_mode():
-            for i, chunk in enumerate(_progress(chunks, opts.get("progress"))):
-                prompt = self._prompt([chunk], speaker, fixed, carried, opts)
-                carried = prompt.carried
-                parts, new_codes = [], []
-                joiner.start_sentence(last=i == len(chunks) - 1)
-                for audio, frame_codes in self.model.generate_stream(
-                    input_ids=prompt.input_ids,
-                    attention_mask=prompt.attention_mask,
-                    audio_codes=prompt.audio_codes,
-                    max_new_tokens=prompt.frames,
-                    chunk_frames=chunk_frames,
-                    seed=None if seed is None else seed + i,
-                    with_codes=True,
-                    **self._sampling(opts),
-                ):
-                    piece = audio[0].float().cpu().numpy()
-                    if not len(piece):
-                        continue
-                    parts.append(piece)
-                    new_codes.append(frame_codes[0])
-                    out = joiner.push(piece)
-                    if len(out):
-                        yield out
-                if parts:  # carried as `__call__` carries it: the audio and the codes it came from
-                    carried.append(Turn(speaker, chunk, np.concatenate(parts), torch.cat(new_codes)))
-        tail = joiner.finish()
-        if len(tail):
-            yield tail
+        try:
+            yield from self._monologue(fixed, opts).stream(speaker, text, chunk_frames)
+        except TurnError as e:
+            raise ValueError(e.message) from None
+
+    # ---- conversations ----------------------------------------------------------------------------
+
+    def conversation(self, voices: dict | None = None, seed: int | None = None, **options):
+        """A `Conversation` kept across calls: `conv.add(speaker, text, audio)` for a turn that was spoken,
+        `conv.say(speaker, text)` (or `conv.stream`) for the reply spoken in the context of every turn so far.
+
+        voices: {speaker: Voice or saved voice name}, whose clips stay in the context of every turn; seed: turn
+        i (counting every turn) uses seed + i. Options as for a call (temperature, top_k, max_seconds, ...)."""
+        from .conversation import Conversation
+
+        return Conversation(self, voices=voices, seed=seed, **options)
+
+    def converse(
+        self, turns, voices: dict | None = None, seed: int | None = None, pause: float = 0.3, **options
+    ):
+        """Speak a dialogue: every turn without audio, in order, each in the context of the turns before it.
+
+        turns: dicts {"speaker", "text", "audio" (optional: a turn already spoken, context only)} or
+        `csm.dialogue.ScriptTurn`s. Returns a `DialogueAudio`: the spoken turns joined with `pause` seconds of
+        silence (`.audio`), each turn's audio (`.turns`) and the manifest (`.manifest`: per turn speaker,
+        text, start and end seconds in the mix, seed, frames)."""
+        from .conversation import converse
+
+        return converse(self, turns, voices=voices, seed=seed, pause=pause, **options)
 
 
-def _progress(items: list, progress: bool | Callable | None):
+def progress_bar(items: list, progress: bool | Callable | None, unit: str = "sentence"):
+    """`items`, wrapped in a tqdm bar when `progress` is True (and there is more than one), or by `progress`
+    itself when it is a callable."""
     if callable(progress):
         return progress(items)
     if progress and len(items) > 1:
         from tqdm.auto import tqdm
 
-        return tqdm(items, desc="sentences", unit="sentence", leave=False)
+        return tqdm(items, desc=f"{unit}s", unit=unit, leave=False)
     return items
 
 

@@ -29,6 +29,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .voice import encode_audio
+
 FramePolicy = Literal["fit", "keep", "exact"]
 POLICIES = ("fit", "keep", "exact")
 
@@ -53,10 +55,27 @@ class Turn:
         }
 
 
-def voice_turns(voice, codes: list[torch.Tensor] | None = None) -> list[Turn]:
-    """A voice's reference clips as context turns; `codes` from `voice.codes(model)`, or None to encode later."""
+class TurnError(ValueError):
+    """A turn that cannot be spoken or added; `index` is its place in the conversation."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"turn {index}: {message}")
+        self.index, self.message = index, message
+
+
+def voice_turns(voice, codes: list[torch.Tensor] | None = None, speaker: int | None = None) -> list[Turn]:
+    """A voice's reference clips as context turns, spoken by `speaker` (default: the voice's own); `codes`
+    from `voice.codes(model)`, or None to encode later."""
+    speaker = voice.speaker if speaker is None else speaker
     codes = codes if codes is not None else [None] * len(voice.clips)
-    return [Turn(voice.speaker, text, audio, c) for (audio, text), c in zip(voice.clips, codes, strict=True)]
+    return [Turn(speaker, text, audio, c) for (audio, text), c in zip(voice.clips, codes, strict=True)]
+
+
+def encode_turns(model, turns: list[Turn]) -> None:
+    """Encode the audio of the turns that have no codes yet (given clips), once: their codes are kept."""
+    for turn in turns:
+        if turn.codes is None:
+            turn.codes = encode_audio(model, turn.audio)
 
 
 @dataclass
@@ -102,43 +121,46 @@ def plan_prompt(
     texts = [text] if isinstance(text, str) else list(text)
     need = 1 if policy == "fit" else frames
 
-    def build(drop: int):
-        """Inputs with the `drop` oldest carried turns left out, or None when they overflow the processor."""
-        context = [*fixed, *carried[drop:]]
-        conv = [t.as_message() for t in context]
-        batch = [[*conv, {"role": str(speaker), "content": [{"type": "text", "text": x}]}] for x in texts]
-        try:
-            return processor.apply_chat_template(batch, tokenize=True, return_dict=True)
-        except ValueError as e:
-            if "context" not in str(e):  # a bad turn, not a long one
-                raise
-            return None
+    def conversations(drop: int) -> list[list[dict]]:
+        conv = [t.as_message() for t in [*fixed, *carried[drop:]]]
+        return [[*conv, {"role": str(speaker), "content": [{"type": "text", "text": x}]}] for x in texts]
 
-    def fits(inputs, frames_needed: int) -> bool:
-        return inputs is not None and inputs["input_ids"].shape[1] + frames_needed <= limit
+    def fits(length: int, frames_needed: int) -> bool:
+        within = processor.max_length is None or length <= processor.max_length  # else the processor refuses
+        return within and length + frames_needed <= limit
+
+    tokenized: dict[int, list[list[int]]] = {}
+
+    def measure(drop: int) -> int:
+        """Prompt positions with the `drop` oldest carried turns left out. The ids are the processor's (the
+        rendered template, each audio placeholder once per frame), made without loading or copying audio."""
+        rendered = processor.apply_chat_template(conversations(drop), tokenize=False)
+        clips = [t.audio for t in [*fixed, *carried[drop:]]]  # only their lengths are read
+        tokenized[drop] = processor._tokenize(rendered, [clips] * len(texts), False)
+        return max(len(ids) for ids in tokenized[drop])
 
     # Fewer turns never make a longer prompt, so the fewest to drop is found by bisection.
-    inputs, drop = build(0), 0
-    if not fits(inputs, need):
-        lo, hi, best = 1, len(carried), None
+    drop, lo, hi = 0, 1, len(carried)
+    if not fits(measure(0), need):
+        drop = None
         while lo <= hi:
             mid = (lo + hi) // 2
-            candidate = build(mid)
-            if fits(candidate, need):
-                best, hi = (mid, candidate), mid - 1
+            if fits(measure(mid), need):
+                drop, hi = mid, mid - 1
             else:
                 lo = mid + 1
-        if best is None:
+        if drop is None:
             drop = len(carried)
-            inputs = build(drop) if drop else inputs
-            if not (policy == "keep" and fits(inputs, 1)):
-                length = inputs["input_ids"].shape[1] if inputs is not None else f"more than {limit}"
+            shortest = measure(drop)
+            if not (policy == "keep" and fits(shortest, 1)):
                 raise ValueError(
-                    f"the text and its context take {length} tokens and {need} frame(s) must follow: more than "
-                    f"the model's context of {limit}. Shorten the text or the voice clips, or lower max_seconds."
+                    f"the text and its context take {shortest} tokens and {need} frame(s) must follow: more "
+                    f"than the model's context of {limit}. Shorten the text or the voice clips, or lower "
+                    "max_seconds."
                 )
-        else:
-            drop, inputs = best
+    if drop not in tokenized:
+        measure(drop)
+    inputs = processor._encode(tokenized[drop], [[] for _ in texts], False, 1.0)  # padded ids and mask
     length = inputs["input_ids"].shape[1]
     kept = list(carried[drop:])
     return Prompt(

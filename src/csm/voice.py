@@ -39,6 +39,14 @@ def codec_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def encode_audio(model, audio: np.ndarray) -> torch.Tensor:
+    """A 24 kHz mono clip's codec codes (F, K) on the model's device: what it is as audio context."""
+    codec = model.codec_model
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None]
+        return codec.encode(x.to(codec.device, codec.dtype))[0].T.to(model.device)
+
+
 @dataclass
 class Voice:
     """A speaker id and reference clips (mono float32 at 24 kHz, transcript)."""
@@ -145,12 +153,7 @@ class Voice:
         """Each clip's codes (F_i, K) for this model's codec: encoded once, then cached in memory and on disk."""
         fingerprint = codec_fingerprint(model)
         if fingerprint not in self._codes:
-            codec = model.codec_model
-            out = []
-            with torch.inference_mode():
-                for audio, _ in self.clips:
-                    x = torch.from_numpy(audio)[None, None].to(codec.device, codec.dtype)
-                    out.append(codec.encode(x)[0].T.to("cpu"))  # (F, K)
+            out = [encode_audio(model, audio).to("cpu") for audio, _ in self.clips]
             self._codes[fingerprint] = out
             self._store_codes(fingerprint, out)
         return [c.to(model.device) for c in self._codes[fingerprint]]

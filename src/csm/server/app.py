@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health (and /docs)."""
+"""The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health (and /docs), and the
+extra /v1/audio/dialogue."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..audio import SAMPLING_RATE, load_audio
 from ..generate import GenerationConfig
 from ..pipeline import MAX_CHUNK_CHARS, split_sentences
-from ..planner import Turn, plan_prompt, voice_turns
+from ..planner import Turn, encode_turns, plan_prompt, voice_turns
 from ..voice import Voice, list_voices, voices_dir
+from .dialogue import context_turns, dialogue_events, dialogue_json, dialogue_turns
 from .encode import MEDIA_TYPES
 from .scheduler import Scheduler, SpeechJob
 from .schemas import (
+    DIALOGUE_RESPONSES,
     OPENAI_MODELS,
     SPEECH_RESPONSES,
+    DialogueRequest,
     Health,
     ModelCard,
     ModelList,
@@ -37,7 +41,7 @@ from .schemas import (
     VoiceRef,
     errors,
 )
-from .speech import ApiError, SpeechPlan, SpeechStream, audio_bytes, sse_events
+from .speech import ApiError, PlannedTurn, SpeechPlan, SpeechStream, audio_bytes, sse_events
 
 log = logging.getLogger("csm.server")
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -263,29 +267,41 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
 
     # ---- speech ------------------------------------------------------------------------------------
 
-    def resolve_voice(value: Any) -> tuple[int, Voice | None]:
+    def resolve_voice(value: Any, param: str = "voice") -> tuple[int, Voice | None]:
         if isinstance(value, VoiceRef):
             value = value.id
         if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
             speaker = int(value)
             if not 0 <= speaker < 1000:
-                raise ApiError(400, "a speaker number must be between 0 and 999", param="voice")
+                raise ApiError(400, "a speaker number must be between 0 and 999", param=param)
             return speaker, None
         if not isinstance(value, str) or not VOICE_NAME.match(value):
-            raise ApiError(400, "voice must be a saved voice name or a speaker number", param="voice")
+            raise ApiError(400, "voice must be a saved voice name or a speaker number", param=param)
         if value not in loaded:
             if not (root / value / "voice.json").is_file():
                 known = ", ".join(list_voices(root)) or "none saved yet"
                 raise ApiError(
                     404,
                     f"unknown voice {value!r} (saved voices: {known}; or a speaker number)",
-                    param="voice",
+                    param=param,
                 )
             loaded[value] = Voice.load(root / value)
         return loaded[value].speaker, loaded[value]
 
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", settings.model_name, "csm", *OPENAI_MODELS):
+            raise ApiError(
+                404, f"unknown model {name!r}; this server serves {settings.model_name!r}", param="model"
+            )
+
+    def generation_config(body) -> GenerationConfig:
+        try:
+            return GenerationConfig.from_model(model, temperature=body.temperature, top_k=body.top_k)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
     def prepare(body: SpeechRequest) -> SpeechPlan:
-        """Check a request and cut its text into sentence-sized chunks."""
+        """Check a request and cut its text into sentence-sized chunks, after its context turns."""
         text = body.input.strip()
         if not text:
             raise ApiError(400, "input is empty", param="input")
@@ -295,38 +311,40 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
                 f"input is {len(body.input)} characters; the limit is {settings.max_input_chars}",
                 param="input",
             )
-        if body.model not in (None, "", settings.model_name, "csm", *OPENAI_MODELS):
-            raise ApiError(
-                404,
-                f"unknown model {body.model!r}; this server serves {settings.model_name!r}",
-                param="model",
-            )
+        check_model(body.model)
         speaker, voice = resolve_voice(body.voice)
-        try:
-            overrides = {"temperature": body.temperature, "top_k": body.top_k}
-            config = GenerationConfig.from_model(model, **overrides)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        chunks = split_sentences(text, settings.max_chunk_chars)
-        return SpeechPlan(chunks, speaker, voice, config, body.seed)
+        config = generation_config(body)
+        voices = [(voice, voice_turns(voice))] if voice is not None else []
+        more_voices, given = context_turns(body.context, resolve_voice, settings)
+        turn = PlannedTurn(speaker, text, split_sentences(text, settings.max_chunk_chars), seed=body.seed)
+        return SpeechPlan([*given, turn], config, [*voices, *more_voices])
 
-    def job_for(plan: SpeechPlan, index: int, carried: list[Turn], frames_left: int) -> SpeechJob:
-        """The job for chunk `index`: the voice's clips and as many of the chunks before it (with the audio
-        made for them) as fit the context with its whole frame budget, then its text."""
-        text = plan.chunks[index]
-        fixed = voice_turns(plan.voice) if plan.voice is not None else []  # encoded in embed()
+    def prepare_dialogue(body: DialogueRequest) -> SpeechPlan:
+        check_model(body.model)
+        config = generation_config(body)
+        voices, turns = dialogue_turns(body, resolve_voice, settings)
+        return SpeechPlan(turns, config, voices, pause=body.pause)
+
+    def job_for(plan: SpeechPlan, turn: int, index: int, carried: list[Turn], frames_left: int) -> SpeechJob:
+        """The job for chunk `index` of turn `turn`: the voices' clips and as many of the turns and chunks
+        before it (with the audio made for them) as fit the context with its whole frame budget, then its text."""
+        spoken = plan.turns[turn]
+        text = spoken.chunks[index]
         budget = min(frames_left, frames_for_text(text, model.codec_model.frame_rate))
         try:
             prompt = plan_prompt(
-                processor, fixed, carried, plan.speaker, text, budget, scheduler.max_seq_len, policy="keep"
+                processor, plan.fixed, carried, spoken.speaker, text, budget, scheduler.max_seq_len, "keep"
             )
         except ValueError as e:
-            raise ApiError(400, f"{e}", param="input") from None
-        kept = prompt.carried
+            raise ApiError(400, str(e), param=spoken.param) from None
 
-        def embed():  # on the scheduler's thread: the voice's clips are encoded there, once
-            codes = plan.voice.codes(model) if plan.voice is not None else []
-            codes = [*codes, *(t.codes.to(model.device) for t in kept)]
+        def embed():  # on the scheduler's thread: clips are encoded there, once per request (voices: once)
+            for voice, turns in plan.voices:
+                if turns and turns[0].codes is None:
+                    for t, codes in zip(turns, voice.codes(model), strict=True):
+                        t.codes = codes
+            encode_turns(model, prompt.context)
+            codes = [c.to(model.device) for c in prompt.audio_codes or []]
             return model.embed_inputs(prompt.input_ids.to(model.device), audio_codes=codes or None)[0]
 
         return SpeechJob(
@@ -335,7 +353,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             max_frames=prompt.frames,
             backbone=plan.config.backbone,
             depth_decoder=plan.config.depth_decoder,
-            seed=None if plan.seed is None else plan.seed + index,
+            seed=None if spoken.seed is None else spoken.seed + index,
         )
 
     @app.post("/v1/audio/speech", response_class=Response, responses=SPEECH_RESPONSES)
@@ -356,6 +374,30 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             )
         media_type = MEDIA_TYPES[body.response_format]
         if body.response_format == "flac":  # written only at the end: buffered, so a failure is a status
+            data = b"".join([part async for part in stream])
+            return Response(data, media_type=media_type, headers=headers)
+        return StreamingResponse(stream, media_type=media_type, headers=headers)
+
+    @app.post("/v1/audio/dialogue", response_class=Response, responses=DIALOGUE_RESPONSES)
+    async def dialogue(body: DialogueRequest, request: Request):
+        """Extra: speak a dialogue, each turn in the context of the ones before; the mix streams back as each
+        turn is made, with `pause` seconds between turns (`sse`: with each turn's times; `json`: all at once)."""
+        plan = await asyncio.to_thread(prepare_dialogue, body)
+        rid = request.state.request_id
+        speech = SpeechStream(
+            plan, job_for, scheduler, settings.max_frames, rid, settings.max_buffered_chunks
+        )
+        request.state.cleanup.append(speech.cancel)
+        await speech.start()
+        stream = audio_bytes(speech.audio(), body.response_format, 1.0)
+        headers = {"X-Accel-Buffering": "no"}
+        if body.stream_format == "sse":
+            events = dialogue_events(stream, speech, body.seed)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        if body.stream_format == "json":
+            return JSONResponse(await dialogue_json(stream, speech, body), headers=headers)
+        media_type = MEDIA_TYPES[body.response_format]
+        if body.response_format == "flac":
             data = b"".join([part async for part in stream])
             return Response(data, media_type=media_type, headers=headers)
         return StreamingResponse(stream, media_type=media_type, headers=headers)

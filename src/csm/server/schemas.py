@@ -17,6 +17,22 @@ class VoiceRef(BaseModel):
     id: str | int = Field(description="a saved voice's name or a speaker number")
 
 
+class ContextTurn(BaseModel):
+    """Extra: an earlier turn of the conversation, as context. Either its words and their audio (a turn that
+    was spoken), or a saved voice whose clips (with their transcripts) become context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speaker: int | None = Field(
+        None, ge=0, le=999, description="who spoke it (default: the voice's speaker for `voice`, else 0)"
+    )
+    text: str | None = Field(None, min_length=1, max_length=4096, description="the words spoken in `audio`")
+    audio: str | None = Field(
+        None, min_length=1, description="base64 of an audio file (wav, flac, ogg or mp3) of `text` spoken"
+    )
+    voice: str | None = Field(None, min_length=1, max_length=64, description="a saved voice (see /v1/voices)")
+
+
 class SpeechRequest(BaseModel):
     """OpenAI's `POST /v1/audio/speech` body, plus our `seed`, `temperature` and `top_k`."""
 
@@ -52,6 +68,80 @@ class SpeechRequest(BaseModel):
         le=100_000,
         description="extra: sample among the k likeliest codes; 0 turns it off (default: the checkpoint's)",
     )
+    context: list[ContextTurn] | None = Field(
+        None,
+        max_length=64,
+        description="extra: earlier turns of the conversation, oldest first, spoken in before `input`; "
+        "their audio is context (oldest dropped first when the context window is full), saved voices' clips "
+        "are always kept",
+    )
+
+
+class DialogueTurn(BaseModel):
+    """One turn of a dialogue: who speaks and what; with `audio` it was spoken already (context only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speaker: int = Field(ge=0, le=999, description="speaker id")
+    text: str = Field(min_length=1, max_length=4096, description="the words")
+    audio: str | None = Field(
+        None, min_length=1, description="base64 of an audio file of `text` spoken: a turn that happened"
+    )
+
+
+class DialogueRequest(BaseModel):
+    """Extra endpoint: a whole dialogue spoken turn by turn, each turn in the context of the ones before."""
+
+    model: str | None = Field(None, description="this server's model name, `csm`, or one of OpenAI's")
+    turns: list[DialogueTurn] = Field(min_length=1, max_length=64, description="the turns, in order")
+    voices: dict[str, str] = Field(
+        default_factory=dict,
+        description='speaker id -> saved voice, e.g. {"0": "alice"}: its clips stay in every turn\'s context',
+    )
+    pause: float = Field(0.3, ge=0.0, le=10.0, description="seconds of silence between spoken turns")
+    response_format: Literal[FORMATS] = Field("wav", description="audio format of the mix")
+    stream_format: Literal["audio", "sse", "json"] = Field(
+        "audio",
+        description="`audio`: the mix's bytes as they are made; `sse`: dialogue events with the audio and "
+        "each turn's times; `json`: one JSON body once complete (audio as base64, manifest, usage)",
+    )
+    seed: int | None = Field(None, ge=0, le=2**62, description="turn i uses seed + i (given turns counted)")
+    temperature: float | None = Field(None, ge=0.01, le=10.0, description="sampling temperature")
+    top_k: int | None = Field(None, ge=0, le=100_000, description="sample among the k likeliest codes")
+
+
+class ManifestTurn(BaseModel):
+    index: int = Field(description="the turn's place in the request's `turns`")
+    speaker: int
+    text: str
+    start: float = Field(description="seconds into the mix")
+    end: float
+    seed: int | None
+    frames: int = Field(description="codec frames generated (12.5 per second)")
+
+
+class Manifest(BaseModel):
+    sampling_rate: int
+    seconds: float
+    pause: float
+    seed: int | None
+    voices: dict[str, str]
+    turns: list[ManifestTurn] = Field(description="the spoken turns (given ones are context, not in the mix)")
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class DialogueResult(BaseModel):
+    """`stream_format=json`: the whole dialogue at once."""
+
+    audio: str = Field(description="base64 of the mix in `response_format`")
+    response_format: str
+    manifest: Manifest
+    usage: Usage
 
 
 class ErrorBody(BaseModel):
@@ -157,3 +247,17 @@ SPEECH_RESPONSES = {
     },
     **errors(400, 401, 404, 429, 500, 503),
 }
+
+
+DIALOGUE_RESPONSES = {
+    200: {
+        "description": "the mixed dialogue, streamed as each turn is made (flac: whole, once complete); with "
+        "stream_format=sse, `dialogue.audio.delta` events (base64 `audio`), a `dialogue.turn.done` event per "
+        "spoken turn (its manifest entry), then `dialogue.done` (manifest, usage) or `error`; with "
+        "stream_format=json, one DialogueResult",
+        "model": DialogueResult,  # application/json
+        "content": SPEECH_RESPONSES[200]["content"],
+    },
+    **errors(400, 401, 404, 413, 429, 500, 503),
+}
+SPEECH_RESPONSES = {**SPEECH_RESPONSES, 413: errors(413)[413]}  # a context clip too large or too long

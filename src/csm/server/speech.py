@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ import soxr
 import torch
 
 from ..audio import SAMPLING_RATE
+from ..conversation import manifest_entry
 from ..generate import GenerationConfig
 from ..pipeline import CrossfadeStream
 from ..planner import Turn
@@ -44,19 +45,38 @@ def server_error(e: Exception) -> ApiError:
 
 
 @dataclass
-class SpeechPlan:
-    """A checked request: its text in sentence-sized chunks, and how to speak them."""
+class PlannedTurn:
+    """A turn of a request: one to speak (its text in sentence-sized chunks), or one already spoken (`given`,
+    context only: its clip's codes are encoded on the scheduler's thread)."""
 
-    chunks: list[str]
     speaker: int
-    voice: Voice | None
+    text: str
+    chunks: list[str] = field(default_factory=list)
+    given: Turn | None = None
+    seed: int | None = None  # chunk j uses seed + j
+    param: str = "input"  # the request field it came from, for errors
+
+
+@dataclass
+class SpeechPlan:
+    """A checked request: its turns in order (context and turns to speak) and how to speak them. A speech
+    request is one turn to speak after its context turns; a dialogue, any number of them."""
+
+    turns: list[PlannedTurn]
     config: GenerationConfig
-    seed: int | None
+    voices: list[tuple[Voice, list[Turn]]] = field(default_factory=list)  # clips kept in every prompt
+    pause: float = 0.0  # seconds of silence between spoken turns
+
+    @property
+    def fixed(self) -> list[Turn]:
+        return [t for _, turns in self.voices for t in turns]
 
 
 class SpeechStream:
-    """One request's audio, chunk after chunk: each chunk is a scheduler job whose context holds the chunks
-    before it and the audio made for them (as `csm.pipeline` does for long text), joined with crossfades."""
+    """One request's audio, turn after turn and chunk after chunk: each chunk is a scheduler job whose context
+    holds the voices' clips, the turns before it and the chunks of its turn before it, with the audio made for
+    them (as `csm.conversation` does), joined with crossfades within a turn and `pause` between turns.
+    `entries` gets each spoken turn's start and end (seconds in the audio) as it is done."""
 
     def __init__(
         self,
@@ -72,18 +92,26 @@ class SpeechStream:
         self.prompt_len = self.frames = 0  # usage, over every chunk
         self.first: tuple[SpeechJob, Any] | None = None
         self.job: SpeechJob | None = None
+        self.entries: list[dict] = []  # manifest entries of the turns spoken so far
+        self.samples = 0  # float32 samples sent so far
 
     def cancel(self) -> None:
         """Free the row of the chunk in progress (the client went away or stalled); a no-op once done."""
         if self.job is not None:
             self.job.cancelled.set()
 
+    def _history(self, upto: int) -> list[Turn]:
+        return [t.given for t in self.plan.turns[:upto] if t.given is not None]
+
     async def start(self) -> None:
         """Queue the first chunk and wait for its first audio, so that a failure is still an error status."""
-        self.first = await self._run(0, [], wait=False)
+        first = next(i for i, t in enumerate(self.plan.turns) if t.given is None)
+        self.first = await self._run(first, 0, self._history(first), self.max_frames, wait=False)
 
-    async def _run(self, index: int, carried: list[Turn], wait: bool) -> tuple[SpeechJob, Any]:
-        job = await asyncio.to_thread(self.job_for, self.plan, index, carried, self.max_frames - self.frames)
+    async def _run(
+        self, turn: int, index: int, carried: list[Turn], frames_left: int, wait: bool
+    ) -> tuple[SpeechJob, Any]:
+        job = await asyncio.to_thread(self.job_for, self.plan, turn, index, carried, frames_left)
         job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
         job.request_id, job.max_buffered = self.request_id, self.max_buffered
         self.job = job
@@ -108,24 +136,56 @@ class SpeechStream:
 
     async def audio(self):
         """Float32 pieces of the whole request's audio; raises ApiError when a chunk fails."""
-        joiner, carried = CrossfadeStream(SAMPLING_RATE), []
-        for index, text in enumerate(self.plan.chunks):
-            if index and self.frames >= self.max_frames:
-                break
-            job, first = self.first if index == 0 else await self._run(index, carried, wait=True)
-            joiner.start_sentence(last=index == len(self.plan.chunks) - 1)
-            parts = []
-            async for piece in audio_chunks(job, first):
-                parts.append(piece)
-                out = joiner.push(piece)
-                if len(out):
-                    yield out
-            self.prompt_len, self.frames = self.prompt_len + job.prompt_len, self.frames + job.frames
-            if job.codes:
-                carried.append(Turn(self.plan.speaker, text, np.concatenate(parts), torch.stack(job.codes)))
-        tail = joiner.finish()
-        if len(tail):
-            yield tail
+        history: list[Turn] = []
+        gap = np.zeros(round(self.plan.pause * SAMPLING_RATE), np.float32)
+        for t, turn in enumerate(self.plan.turns):
+            if turn.given is not None:
+                history.append(turn.given)
+                continue
+            if self.entries and len(gap):
+                self.samples += len(gap)
+                yield gap
+            start, frames = self.samples, 0
+            joiner, done, parts, codes = CrossfadeStream(SAMPLING_RATE), [], [], []
+            for index, text in enumerate(turn.chunks):
+                if index and frames >= self.max_frames:
+                    break
+                if self.first is not None:
+                    (job, first), self.first = self.first, None
+                else:
+                    job, first = await self._run(t, index, [*history, *done], self.max_frames - frames, True)
+                joiner.start_sentence(last=index == len(turn.chunks) - 1)
+                chunk_parts = []
+                async for piece in audio_chunks(job, first):
+                    chunk_parts.append(piece)
+                    out = joiner.push(piece)
+                    if len(out):
+                        self.samples += len(out)
+                        yield out
+                self.prompt_len, self.frames = self.prompt_len + job.prompt_len, self.frames + job.frames
+                frames += job.frames
+                if job.codes:
+                    audio, chunk_codes = np.concatenate(chunk_parts), torch.stack(job.codes)
+                    done.append(Turn(turn.speaker, text, audio, chunk_codes))
+                    parts.append(audio)
+                    codes.append(chunk_codes)
+            tail = joiner.finish()
+            if len(tail):
+                self.samples += len(tail)
+                yield tail
+            if codes:  # the next turns see this one as one turn
+                history.append(Turn(turn.speaker, turn.text, np.concatenate(parts), torch.cat(codes)))
+            entry = manifest_entry(
+                t, turn.speaker, turn.text, start, self.samples, SAMPLING_RATE, turn.seed, frames
+            )
+            self.entries.append(entry)
+
+    def usage(self) -> dict:
+        return {
+            "input_tokens": self.prompt_len,
+            "output_tokens": self.frames,
+            "total_tokens": self.prompt_len + self.frames,
+        }
 
 
 async def audio_chunks(job: SpeechJob, first):
@@ -181,9 +241,4 @@ async def sse_events(stream, speech: SpeechStream):
         body = {"message": error.message, "type": error.type, "param": error.param, "code": None}
         yield sse({"type": "error", "error": body})
         return
-    usage = {
-        "input_tokens": speech.prompt_len,
-        "output_tokens": speech.frames,
-        "total_tokens": speech.prompt_len + speech.frames,
-    }
-    yield sse({"type": "speech.audio.done", "usage": usage})
+    yield sse({"type": "speech.audio.done", "usage": speech.usage()})
