@@ -212,8 +212,18 @@ def test_bad_lines_stop_the_job_before_any_work_naming_their_lines(ckpt, tmp_pat
         ({"id": "a", "text": "Hi.", "speaker": -1}, "speaker must be a non-negative integer"),
         ({"id": "a", "text": "Hi.", "seed": "7"}, "seed must be a non-negative integer"),
         ([1, 2], "expected a JSON object"),
+        ({"id": "d", "turns": [{"speaker": 0, "text": "Hi.", "audio": "nope.wav"}, {"speaker": 1, "text": "Yo."}]},
+         "turn 0: clip not found"),
+        ({"id": "d", "turns": [{"speaker": 0, "text": "Hi."}], "voices": {"1": "bob"}},
+         "voice 'bob' is bound to speaker 1, who never speaks"),
+        ({"id": "d", "turns": [{"speaker": 0, "text": " "}]}, "turn 0 has no text"),
+        ({"id": "d", "turns": [{"speaker": 0, "text": "Hi.", "tone": "warm"}]}, "turn 0: a turn is"),
+        ({"id": "d", "turns": [{"speaker": 0, "text": "Hi."}], "text": "Hi."}, '"text" or "turns"'),
+        ({"id": "d", "turns": [{"speaker": 0, "text": "Hi."}], "speaker": 1}, 'takes no "speaker"'),
+        ({"id": "d", "turns": [{"speaker": 0, "text": "Hi."}], "pause": -1}, "pause must be between 0 and 60"),
+        ({"id": "d", "turns": []}, "turns must be a non-empty list"),
     ],
-)
+)  # fmt: skip
 def test_each_bad_line_gets_a_clear_error_with_its_line_number(tmp_path, row, match):
     requests = write(tmp_path / "req.jsonl", [{"id": "ok", "text": "Fine."}, row])
     good, bad = read_requests(requests, job_seed=0)
@@ -275,14 +285,18 @@ def test_ray_without_ray_installed_says_how_to_install_it(ckpt, tmp_path, capsys
 
 def test_ray_gives_the_same_audio_per_id_as_one_process(ckpt, tmp_path):
     ray = pytest.importorskip("ray")
-    requests = write(tmp_path / "req.jsonl", lines(6))
+    dialogue = {
+        "id": "talk",
+        "turns": [{"speaker": 0, "text": "Hi there."}, {"speaker": 1, "text": "Hello!"}],
+    }
+    requests = write(tmp_path / "req.jsonl", [*lines(6), dialogue])
     assert batch(ckpt, requests, tmp_path / "local", "--batch-size", "2") == 0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         assert batch(ckpt, requests, tmp_path / "ray", "--batch-size", "2", "--ray", "--workers", "2") == 0
     finally:
         ray.shutdown()
-    assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "local")) == 6
+    assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "local")) == 7
     assert state(tmp_path / "ray") == state(tmp_path / "local")
     deadline = time.time() + 20
     while descendants() and time.time() < deadline:
@@ -349,3 +363,33 @@ def test_the_run_ends_with_a_summary_and_a_rerun_says_what_was_done_before(ckpt,
     assert "audio-s/s" in err and "lines/s" in err
     assert main(argv) == 0
     assert "csm batch: 0 ok, 0 failed, 2 done before" in capsys.readouterr().err
+
+
+def test_a_dialogue_line_is_the_mix_csm_dialogue_makes_with_its_turns_in_the_manifest(ckpt, tmp_path):
+    from csm.pipeline import pipeline
+    from csm.voice import Voice
+
+    clip = np.sin(np.arange(9600) / 7.0).astype(np.float32) * 0.1
+    Voice("bob", 0, [(clip, "A reference clip.")]).save(tmp_path / "voices" / "bob")
+    (tmp_path / "clips").mkdir()
+    sf.write(tmp_path / "clips" / "q.wav", clip, RATE)
+    turns = [
+        {"speaker": 1, "text": "So, how did it go?", "audio": "clips/q.wav"},
+        {"speaker": 0, "text": "Better than I hoped. The first part was easy."},
+        {"speaker": 1, "text": "Great to hear."},
+    ]
+    rows = [*lines(2), {"id": "talk", "turns": turns, "voices": {"0": "bob"}, "pause": 0.2, "seed": 5}]
+    assert batch(ckpt, write(tmp_path / "req.jsonl", rows), tmp_path / "out", "--batch-size", "2") == 0
+    row = OutputDir(tmp_path / "out").state()["talk"]
+    audio, _ = sf.read(tmp_path / "out" / "talk.wav", dtype="float32")
+    assert row["status"] == "ok" and row["seconds"] == pytest.approx(len(audio) / RATE, abs=1e-4)
+    assert [(t["index"], t["speaker"], t["seed"]) for t in row["turns"]] == [(1, 0, 6), (2, 1, 7)]
+    assert row["turns"][1]["start"] == pytest.approx(row["turns"][0]["end"] + 0.2, abs=1e-4)
+
+    tts = pipeline("text-to-audio", model=ckpt, device="cpu", dtype="float32")
+    given = [dict(t, audio=str(tmp_path / t["audio"])) if "audio" in t else t for t in turns]
+    with pytest.warns(UserWarning, match="without end-of-audio"):
+        talk = tts.converse(given, voices={0: "bob"}, seed=5, pause=0.2, max_seconds=0.3)
+    assert len(audio) == len(talk.audio)
+    np.testing.assert_allclose(audio, np.clip(talk.audio, -1, 1), atol=1.01 / 32767)
+    assert row["turns"] == talk.manifest["turns"]

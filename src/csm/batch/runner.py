@@ -4,6 +4,9 @@ A line is spoken sentence by sentence as `csm say` does: each sentence is a row 
 sentences before it (their text and the codes generated for them); when a sentence ends, the line's next one
 takes the row it leaves. Each job draws from its own generator seeded with the line's seed + the sentence's
 index, so a line's audio depends on its seed alone, not on what runs beside it or in which order.
+
+A dialogue line (`turns`) is spoken by `csm.conversation.converse`, as `csm dialogue` speaks a script, after
+the batched lines.
 """
 
 from __future__ import annotations
@@ -82,9 +85,11 @@ class Synthesizer:
     def run(self, requests: Iterable[LineRequest], out: OutputDir, on_row: Callable[[dict], None]) -> None:
         """Generate every request; `on_row(row)` gets each line's manifest row once its file is in place
         (or once it failed). One line's failure ends that line alone."""
+        requests = list(requests)
+        dialogues = [r for r in requests if r.turns is not None]
         core = BatchCore(self.model, self.batch_size, self.model.config.max_position_embeddings, CHUNK_FRAMES)
         lines: dict[int, _Line] = {}  # id(job) -> its line
-        todo = iter(requests)
+        todo = iter([r for r in requests if r.turns is None])
         try:
             while True:
                 while core.free_rows():
@@ -113,6 +118,8 @@ class Synthesizer:
         finally:
             self.frames_generated += core.frames_generated
             core.close()
+        for request in dialogues:  # after the core: `converse` runs its own engine on the model's caches
+            self._dialogue(request, out, on_row)
 
     # ---- one line ----------------------------------------------------------------------------------
 
@@ -198,6 +205,44 @@ class Synthesizer:
                 "cut_sentences": line.cut,
                 "seed": request.seed,
                 "generation_seconds": round(time.perf_counter() - line.started, 3),
+            }
+        )
+
+    def _dialogue(self, request: LineRequest, out: OutputDir, on_row) -> None:
+        """A dialogue line, spoken by `csm.conversation.converse` as `csm dialogue` speaks a script: turn by
+        turn, each in the context of the ones before (one line at a time, not batched with others)."""
+        from ..conversation import converse
+
+        s, started = self.settings, time.perf_counter()
+        options = {"temperature": s.temperature, "top_k": s.top_k, "max_seconds": s.max_seconds}
+        try:
+            talk = converse(
+                self.pipe,
+                request.turns,
+                voices={int(k): v for k, v in (request.voices or {}).items()},
+                seed=request.seed,
+                pause=request.pause,
+                **{k: v for k, v in options.items() if v is not None},
+            )
+            if not len(talk.audio):
+                raise ValueError(
+                    f"the model ended every turn at once (seed {request.seed}); give another seed"
+                )
+            out.write_audio(request.filename, talk.audio, self.rate)
+        except Exception as e:
+            on_row(self._failed(request, e, started))
+            return
+        on_row(
+            {
+                "id": request.id,
+                "line": request.line,
+                "status": "ok",
+                "path": request.filename,
+                "seconds": round(len(talk.audio) / self.rate, 4),
+                "frames": sum(t.frames for t in talk.turns),
+                "seed": request.seed,
+                "generation_seconds": round(time.perf_counter() - started, 3),
+                "turns": talk.manifest["turns"],  # per spoken turn: speaker, text, start and end in the file
             }
         )
 
