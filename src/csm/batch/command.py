@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `csm batch` besides the model and generation flags it shares with `csm say`."""
     p.add_argument(
         "requests",
-        help='JSON lines: {"id": ..., "text": ..., and optional "speaker", "voice", "seed", "format"}',
+        help='JSON lines: {"id": ..., "text": ..., and optional "speaker", "voice", "seed", "format"}, or a '
+        'dialogue: {"id": ..., "turns": [{"speaker": 0, "text": ...}, ...], "voices": {"0": NAME}, "pause": S}',
     )
     p.add_argument("-o", "--out", required=True, help="output folder: <id>.<format> files and manifest.jsonl")
     p.add_argument(
