@@ -94,6 +94,8 @@ def _check_dialogue(obj: dict, base: Path, find_voice) -> tuple[list[dict], dict
         speaker = speaker_id(speaker, f"turn {i}: speaker")
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"turn {i} has no text")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"turn {i} has {len(text)} characters, more than {MAX_TEXT_CHARS}")
         if audio is not None:
             if not isinstance(audio, str) or not audio.strip():
                 raise ValueError(f"turn {i}: audio must be the path of a clip, got {audio!r:.40}")
