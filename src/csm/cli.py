@@ -1,4 +1,4 @@
-"""The `csm` command: say, voice, demo, convert, serve, finetune."""
+"""The `csm` command: say, batch, voice, demo, convert, serve, finetune."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch import command as batch_command
+
     parser = argparse.ArgumentParser(prog="csm", description="Sesame CSM text-to-speech in pure PyTorch.")
     from . import __version__
 
@@ -99,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bar, seed or summary line (warnings still print)",
     )
+
+    batch = sub.add_parser("batch", help="speak every line of a JSON-lines file into DIR (resumable; --ray)")
+    batch_command.add_arguments(batch)
+    _add_model_args(batch)
+    _add_generation_args(batch)
 
     voice = sub.add_parser("voice", help="create and list saved voices")
     vsub = voice.add_subparsers(dest="voice_command", metavar="ACTION")
@@ -302,6 +309,12 @@ def cmd_say(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .batch import command
+
+    return command.run(args, _load_pipeline, CliError)
+
+
 def cmd_voice(args) -> int:
     from .voice import Voice, list_voices, voices_dir
 
@@ -419,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ERROR
         command = {
             "say": cmd_say,
+            "batch": cmd_batch,
             "voice": cmd_voice,
             "demo": cmd_demo,
             "convert": cmd_convert,
