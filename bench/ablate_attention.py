@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import csm.llama
 from csm import CsmConfig, CsmForConditionalGeneration
-from csm.generate import FrameEngine, Sampling
+from csm.engine import FrameEngine, Sampling
 
 
 def random_full_size_model(dtype: torch.dtype) -> CsmForConditionalGeneration:

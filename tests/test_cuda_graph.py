@@ -11,11 +11,11 @@ import pytest
 import torch
 from test_batching import TEXTS, job_for, run
 
-import csm.generate as generate_module
+import csm.engine as engine_module
 from csm.batching import BatchCore
 from csm.cuda_graph import CUDAGraphed
 from csm.demo import write_demo_checkpoint
-from csm.generate import FrameEngine, RowSampling, Sampling, sample
+from csm.engine import FrameEngine, RowSampling, Sampling, sample
 from csm.model import CsmForConditionalGeneration
 from csm.processor import CsmProcessor
 
@@ -36,7 +36,7 @@ def load(checkpoint, device="cpu"):
 @pytest.fixture
 def static_step(monkeypatch):
     """Engines asked for graphs build the graphed (static, bucketed) step even on CPU, where it runs eagerly."""
-    monkeypatch.setattr(generate_module, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(engine_module, "graphs_enabled", lambda device: True)
 
 
 def prompts(model, processor, texts):

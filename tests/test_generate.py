@@ -7,7 +7,7 @@ from reference_models import reference_csm
 
 import csm.llama
 from csm import CsmForConditionalGeneration
-from csm.generate import FrameEngine, RowSampling, Sampling, sample
+from csm.engine import FrameEngine, RowSampling, Sampling, sample
 from csm.llama import Packable, packable
 from csm.processor import CsmProcessor
 

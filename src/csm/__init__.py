@@ -3,7 +3,8 @@
 from .audio import load_audio, save_audio
 from .config import CsmConfig, CsmDepthDecoderConfig
 from .conversation import Conversation, DialogueAudio
-from .generate import GenerationConfig, Sampling
+from .engine import Sampling
+from .generate import GenerationConfig
 from .mimi import MimiConfig, MimiModel
 from .model import (
     CsmBackboneModel,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .generate import FrameEngine, Sampling, use_cuda_graph
+from .engine import FrameEngine, Sampling, use_cuda_graph
 
 
 @dataclass

@@ -1,0 +1,349 @@
+"""The frame engine: static caches, one frame step (backbone + depth decoder), on-device sampling, CUDA graphs.
+
+The engine knows nothing about text or waveforms: it sees embeddings in and codes out. Every tensor it
+touches per frame is preallocated; a frame runs without host-device synchronisation. Rows have their own
+cache slot and RoPE position, so a row can join a batch between frames (continuous batching).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .cuda_graph import CUDAGraphed, graphs_enabled
+from .frames import FrameRule
+from .llama import KVCache
+
+# CUDA graphs (csm.cuda_graph) replay the eager frame step on CUDA when a caller asks (cuda_graph=True, or
+# CSM_CUDA_GRAPH=1 for every caller); this turns them on by default once bench/gpu_suite.sh has shown
+# graphed codes == eager codes on a GPU.
+CUDA_GRAPH_DEFAULT = False
+# A graphed engine steps its rows in use in the smallest of these that holds them, one graph each.
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class Sampling:
+    """How one token is drawn: greedy, or temperature then top-k then top-p (the reference's order)."""
+
+    do_sample: bool = True
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+
+    def validate(self, who: str) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(
+                f"{who}temperature must be > 0 when sampling (got {self.temperature}); use do_sample=False for greedy"
+            )
+        if self.top_k < 0:
+            raise ValueError(f"{who}top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{who}top_p must be in (0, 1], got {self.top_p}")
+
+
+class RowSampling:
+    """Per-row sampling parameters as tensors, so rows with different settings share one step."""
+
+    def __init__(self, batch_size: int, vocab_size: int, device):
+        self.vocab_size = vocab_size
+        self.do_sample = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.temperature = torch.ones(batch_size, 1, device=device)
+        self.top_k = torch.full((batch_size, 1), vocab_size, dtype=torch.long, device=device)
+        self.top_p = torch.ones(batch_size, 1, device=device)
+        self.max_top_k = 1
+        self.any_top_p = False
+        self.any_sample = False
+
+    def set(self, rows: slice | int, s: Sampling) -> None:
+        self.do_sample[rows] = s.do_sample
+        self.temperature[rows] = s.temperature if s.do_sample else 1.0
+        k = s.top_k if 0 < s.top_k < self.vocab_size else self.vocab_size
+        self.top_k[rows] = k
+        self.top_p[rows] = s.top_p
+        self.max_top_k = max(self.max_top_k, k)
+        self.any_top_p = self.any_top_p or s.top_p < 1.0
+        self.any_sample = self.any_sample or s.do_sample
+
+    def rows(self, n: int) -> RowSampling:
+        """The first n rows, sharing this object's tensors (so `set` still reaches them), with the largest
+        top-k rounded up to a power of two: a graph captured for it serves every smaller top-k."""
+        view = RowSampling.__new__(RowSampling)
+        view.vocab_size, view.any_top_p, view.any_sample = self.vocab_size, self.any_top_p, self.any_sample
+        view.do_sample, view.temperature = self.do_sample[:n], self.temperature[:n]
+        view.top_k, view.top_p = self.top_k[:n], self.top_p[:n]
+        view.max_top_k = min(1 << (self.max_top_k - 1).bit_length(), self.vocab_size)
+        return view
+
+    def key(self) -> tuple:
+        """What a captured step bakes in besides tensors."""
+        return (self.max_top_k, self.any_top_p, self.any_sample)
+
+
+def sample(logits: torch.Tensor, p: RowSampling, noise: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from logits (B, V); noise (B, V) holds Exp(1) draws, so the step stays pure."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    if not p.any_sample:
+        return greedy
+    scaled = logits / p.temperature
+    top = torch.topk(scaled, p.max_top_k, dim=-1).values  # (B, k) descending
+    kth = top.gather(1, (p.top_k.clamp(max=p.max_top_k) - 1))
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if p.any_top_p:
+        probs, order = scaled.softmax(-1).sort(-1, descending=True)
+        drop = (probs.cumsum(-1) - probs) > p.top_p  # keep the smallest prefix reaching top_p
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race), with no host sync.
+    sampled = (scaled.softmax(-1) / noise).argmax(-1)
+    return torch.where(p.do_sample, sampled, greedy)
+
+
+class FrameEngine:
+    """Static caches and per-row state for generating audio frames for up to `batch_size` rows.
+
+    Rows have their own cache slot and RoPE position, so a row can be prefilled alone and join a batch
+    that is already generating (continuous batching), or a whole left-padded batch prefilled at once.
+
+    `cuda_graph=True` on CUDA replays the eager step as CUDA graphs: the step then sees static shapes (the
+    whole cache, a fixed noise buffer) and runs the rows in use (up to the last one prefilled and not
+    freed) in the smallest of GRAPH_BUCKETS that holds them, one graph per bucket, captured at first use.
+    """
+
+    def __init__(
+        self, model, batch_size: int, max_seq_len: int, compile: bool = False, cuda_graph: bool = False
+    ):
+        cfg = model.config
+        self.model, self.batch_size, self.max_seq_len = model, batch_size, max_seq_len
+        self.K, self.V = cfg.num_codebooks, cfg.vocab_size
+        self.rule = FrameRule.of(model)
+        ids = self.rule.codebook_size  # what sampling may draw
+        device, dtype = model.device, model.dtype
+        model.backbone_model.setup_caches(batch_size, max_seq_len, dtype, device)
+        model.depth_decoder.model.setup_caches(batch_size, self.K, dtype, device)
+        self.caches = [layer.self_attn.kv_cache for layer in self.layers()]
+        self.valid = torch.zeros(
+            batch_size, max_seq_len, dtype=torch.bool, device=device
+        )  # keys a row may see
+        self.slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # next cache slot per row
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # next RoPE position per row
+        self.hidden = torch.zeros(
+            batch_size, cfg.hidden_size, dtype=dtype, device=device
+        )  # last backbone state
+        self.finished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        # Per row, an upper bound on its next cache slot, kept on the host: an eager step attends over
+        # the slots any row may use, not the whole cache.
+        self.next_slot_bound = [0] * batch_size
+        self.compiled = compile and os.environ.get("NO_TORCH_COMPILE") != "1"
+        self.backbone_sampling = RowSampling(batch_size, ids, device)
+        self.depth_sampling = RowSampling(batch_size, ids, device)
+        self.depth_causal = torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril()
+        self.depth_slots = torch.arange(self.K, device=device)
+        self.unit_noise = torch.ones(batch_size, self.K, ids, device=device)
+        self.step = self._frame
+        self.graphed = cuda_graph and not self.compiled and graphs_enabled(device)
+        self.graphs: dict[tuple, CUDAGraphed] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphed and device.type == "cuda" else None
+        if model.prepack_weights and not self.compiled:
+            model.prepack()
+        if self.compiled:
+            # CUDA: replayed as CUDA graphs. CPU: a C++ wrapper calls the kernels, since a frame is
+            # thousands of tiny kernels and a Python wrapper costs ~1.6x the time (BENCHMARKS.md).
+            how = {"mode": "reduce-overhead"} if device.type == "cuda" else {"options": {"cpp_wrapper": True}}
+            self.step = torch.compile(self._frame, fullgraph=True, **how)
+
+    def layers(self):
+        return [*self.model.backbone_model.layers, *self.model.depth_decoder.model.layers]
+
+    def install(self) -> None:
+        """Point the model's layers at this engine's caches (another engine may have replaced them)."""
+        for layer, cache in zip(self.layers(), self.caches):
+            layer.self_attn.kv_cache = cache
+
+    # ---- prefill ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, rows: slice | None = None
+    ) -> None:
+        """Run the prompt embeds (b, T, D) for rows `rows` (default: all), left padding given by attention_mask."""
+        rows = rows or slice(0, embeds.shape[0])
+        self.install()
+        b, T, _ = embeds.shape
+        device = embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(b, T, dtype=torch.long, device=device)
+        attention_mask = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(
+            min=0
+        )  # the reference's positions under padding
+        valid = self.valid[rows]
+        valid.zero_()
+        valid[:, :T] = attention_mask
+        slots, steps = torch.arange(T, device=device)[None], torch.arange(T, device=device)[:, None]
+        # A padded query sees only itself: finite garbage instead of a fully masked row.
+        mask = (valid[:, None, None, :T] & (slots <= steps)) | (slots == steps)
+        backbone = self.model.backbone_model
+        with kv_rows(backbone, rows):
+            h = backbone.run_layers(embeds, positions, mask, torch.arange(T, device=device))
+        self.hidden[rows] = h[:, -1]
+        self.slot[rows] = T
+        self.position[rows] = attention_mask.sum(-1)
+        self.finished[rows] = False
+        for row in range(*rows.indices(self.batch_size)):
+            self.next_slot_bound[row] = T
+
+    # ---- one frame ----------------------------------------------------------------------------------
+
+    def _frame(self, hidden, slot, position, valid, noise, backbone_sampling=None, depth_sampling=None):
+        """One frame for every row: codebook 0 from the backbone state, 1..K-1 from the depth decoder,
+        then the backbone consumes the frame. Returns (codes (B, K), next hidden (B, D), valid keys)."""
+        backbone_sampling = backbone_sampling or self.backbone_sampling
+        depth_sampling = depth_sampling or self.depth_sampling
+        m = self.model
+        dd = m.depth_decoder.model
+        head = m.depth_decoder.codebooks_head
+        decodable = self.rule.decodable_logits
+        c = sample(decodable(m.lm_head(hidden)), backbone_sampling, noise[:, 0])
+        codes = [c]
+        x = torch.stack([hidden, dd.embed_tokens(c).to(hidden.dtype)], 1)  # positions 0 and 1
+        h = dd.run_layers(
+            dd.inputs_embeds_projector(x),
+            self.depth_slots[:2],
+            self.depth_causal[None, None, :2, :2],
+            self.depth_slots[:2],
+        )
+        for i in range(1, self.K):
+            c = sample(decodable(head.logits(h[:, -1], i)), depth_sampling, noise[:, i])
+            codes.append(c)
+            if i == self.K - 1:
+                break
+            # Codebook i sits at depth position i + 1; the cache is rewound per frame, not cleared.
+            x = dd.embed_tokens(c + i * self.V)[:, None]
+            pos = self.depth_slots[i + 1 : i + 2]
+            h = dd.run_layers(
+                dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2, : i + 2], pos
+            )
+        frame = torch.stack(codes, 1)  # (B, K)
+        backbone = m.backbone_model
+        valid = valid.scatter(1, slot[:, None], True)
+        h = backbone.run_layers(
+            backbone.embed_tokens(frame[:, None]), position[:, None], valid[:, None, None, :], slot[:, None]
+        )
+        return frame, h[:, -1], valid
+
+    @torch.inference_mode()
+    def next_frame(self, generator: torch.Generator | list | None = None) -> torch.Tensor:
+        """Advance every row by one frame; returns the codes (B, K) (finished rows give pad frames).
+
+        `generator` draws the sampling noise: one for the whole batch, or a list with one per row, so that
+        a row's draws depend on its own generator alone, whatever else shares the batch.
+        """
+        noise = self.unit_noise
+        if self.backbone_sampling.any_sample or self.depth_sampling.any_sample:
+            noise = torch.empty_like(noise)
+            if isinstance(generator, (list, tuple)):
+                for row, g in enumerate(generator):
+                    noise[row].exponential_(generator=g)
+            else:
+                noise.exponential_(generator=generator)
+        b = self.batch_size
+        if self.graphed:
+            b = self.rows_bucket()
+            n = self.max_seq_len
+            step = self._graph_for(b)
+            frame, hidden, valid = step(
+                self.hidden[:b], self.slot[:b], self.position[:b], self.valid[:b], noise[:b]
+            )
+        else:
+            # Eager steps see the cache slots in use; a compiled step keeps one static shape.
+            n = self.max_seq_len if self.compiled else min(max(self.next_slot_bound) + 1, self.max_seq_len)
+            frame, hidden, valid = self.step(self.hidden, self.slot, self.position, self.valid[:, :n], noise)
+        self.next_slot_bound = [min(s + 1, self.max_seq_len - 1) if s else 0 for s in self.next_slot_bound]
+        if b < self.batch_size:  # rows past the bucket are free: they give pad frames
+            frame = torch.cat([frame, frame.new_full((self.batch_size - b, self.K), self.rule.pad)])
+        frame = torch.where(self.finished[:, None], self.rule.pad, frame)
+        self.hidden[:b].copy_(hidden)
+        self.valid[:b, :n].copy_(valid)
+        live = ~self.finished
+        self.slot.add_(live.long()).clamp_(max=self.max_seq_len - 1)
+        self.position.add_(live.long())
+        self.finished |= self.rule.is_end_of_audio(frame)
+        return frame
+
+    def rows_bucket(self) -> int:
+        """The smallest graph bucket holding every row in use (prefilled and not freed), known on the host."""
+        used = max((row + 1 for row, s in enumerate(self.next_slot_bound) if s), default=1)
+        return min([n for n in GRAPH_BUCKETS if n >= used] + [self.batch_size])
+
+    @torch.inference_mode()
+    def capture_graphs(self, backbone: Sampling, depth_decoder: Sampling) -> list[int]:
+        """Capture the step of every bucket up to batch_size for rows sampled this way, before any row is
+        prefilled (a server's start), so that no request waits for a capture; returns the buckets."""
+        if not self.graphed:
+            return []
+        if any(self.next_slot_bound):
+            raise RuntimeError("capture_graphs runs before any row is prefilled")
+        self.backbone_sampling.set(slice(None), backbone)
+        self.depth_sampling.set(slice(None), depth_decoder)
+        buckets = sorted({min(n, self.batch_size) for n in GRAPH_BUCKETS})
+        for b in buckets:  # free rows compute pad frames; their writes land at slot 0, which prefill resets
+            self._graph_for(b)(
+                self.hidden[:b], self.slot[:b], self.position[:b], self.valid[:b], self.unit_noise[:b]
+            )
+        return buckets
+
+    def _graph_for(self, b: int) -> CUDAGraphed:
+        """The captured step for the first b rows and the current sampling statics."""
+        backbone, depth = self.backbone_sampling.rows(b), self.depth_sampling.rows(b)
+        key = (b, backbone.key(), depth.key())
+        if key not in self.graphs:
+            rows = slice(0, b)
+
+            def step(hidden, slot, position, valid, noise):
+                with kv_rows(self.model.backbone_model, rows), kv_rows(self.model.depth_decoder.model, rows):
+                    return self._frame(hidden, slot, position, valid, noise, backbone, depth)
+
+            self.graphs[key] = CUDAGraphed(step, name=f"frame step for {b} rows", pool=self.graph_pool)
+        return self.graphs[key]
+
+    def free(self, row: int) -> None:
+        """End a row: it gives pad frames and takes no part in attention until prefilled again."""
+        self.finished[row] = True
+        self.slot[row] = 0  # it keeps writing (ignored) keys until then: at slot 0, inside any step's view
+        self.next_slot_bound[row] = 0
+
+    def release(self) -> None:
+        """Free the caches."""
+        self.model.backbone_model.remove_caches()
+        self.model.depth_decoder.model.remove_caches()
+
+
+class kv_rows:
+    """Point every layer's KV cache at rows `rows` of itself for the duration of a block."""
+
+    def __init__(self, transformer, rows: slice):
+        self.transformer, self.rows, self.saved = transformer, rows, []
+
+    def __enter__(self):
+        for layer in self.transformer.layers:
+            cache = layer.self_attn.kv_cache
+            self.saved.append(cache)
+            view = KVCache.__new__(KVCache)
+            torch.nn.Module.__init__(view)
+            view.k_cache, view.v_cache = cache.k_cache[self.rows], cache.v_cache[self.rows]
+            layer.self_attn.kv_cache = view
+
+    def __exit__(self, *exc):
+        for layer, cache in zip(self.transformer.layers, self.saved):
+            layer.self_attn.kv_cache = cache
+
+
+def use_cuda_graph(device: torch.device, cuda_graph: bool | None) -> bool:
+    """Whether a step on `device` replays as a CUDA graph: `cuda_graph`, else CUDA_GRAPH_DEFAULT or
+    CSM_CUDA_GRAPH=1; never off CUDA or under NO_CUDA_GRAPH=1."""
+    if cuda_graph is None:
+        cuda_graph = CUDA_GRAPH_DEFAULT or os.environ.get("CSM_CUDA_GRAPH") == "1"
+    return cuda_graph and graphs_enabled(device)
