@@ -394,7 +394,7 @@ class CsmForConditionalGeneration(nn.Module):
         if quant is not None:
             check_supported(quant.scheme, torch.device(device or "cpu"), resolve_dtype(dtype))
             if stored is None:
-                transform = quantizing_transform(quant)
+                transform = quantizing_transform(quant, resolve_dtype(dtype))
         state = load_safetensors(folder, device or "cpu", transform)
         for a, b in (TIED_AUDIO_EMBEDDING, TIED_AUDIO_EMBEDDING[::-1]):
             if a not in state and b in state and config.tie_codebooks_embeddings:

@@ -116,7 +116,9 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     """x as the CPU kernels read it: 2-D, contiguous, bf16, 64-byte aligned (the int8 kernel uses aligned
     vector loads)."""
     x = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    return x if x.data_ptr() % ALIGN == 0 else x.clone()
+    if torch.compiler.is_compiling() or x.data_ptr() % ALIGN == 0:  # compiled code allocates aligned
+        return x
+    return x.clone()
 
 
 # ---- quantizing a matrix ------------------------------------------------------------------------------
@@ -388,14 +390,18 @@ def quant_config(
     return quant
 
 
-def quantizing_transform(quant: QuantConfig):
-    """A load_safetensors transform that replaces each chosen module's weight by its quantized tensors."""
+def quantizing_transform(quant: QuantConfig, dtype: torch.dtype | None = None):
+    """A load_safetensors transform that replaces each chosen module's weight by its quantized tensors as
+    it is read. Every other tensor gets memory of its own (in `dtype` when given), so that nothing keeps the
+    file's mapping, and with it the full-precision weights read through it, resident."""
     targets = set(quant.modules)
 
     def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         module = name.removesuffix(".weight")
         if module == name or module not in targets:
-            return {name: tensor}
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                return {name: tensor.to(dtype)}
+            return {name: tensor.clone()}
         parts = quantize_int8(tensor) if quant.scheme == "int8" else quantize_int4(tensor, quant.group_size)
         return {f"{module}.{k}": v for k, v in parts.items()}
 
