@@ -167,3 +167,19 @@ def test_serve_parser_takes_the_shutdown_and_stall_flags():
     args = build_parser().parse_args(["serve", "--shutdown-grace", "5", "--stall-timeout", "2.5"])
     assert (args.shutdown_grace, args.stall_timeout) == (5.0, 2.5)
     assert build_parser().parse_args(["serve"]).shutdown_grace == 30.0
+
+
+def test_say_and_serve_take_quantize(ckpt, tmp_path):
+    from csm.cli import build_parser
+    from csm.server import load_app
+
+    assert build_parser().parse_args(["serve", "--quantize", "int4"]).quantize == "int4"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["say", "hi", "--quantize", "int3"])
+    out = tmp_path / "q.wav"
+    code = main(["say", "Hello.", "-o", str(out), "--model", str(ckpt), "--quantize", "int8", "--seed", "1",
+                 "--max-seconds", "0.2", "--device", "cpu", "-q"])  # fmt: skip
+    assert code == 0
+    read(out)
+    app = load_app(str(ckpt), device="cpu", quantize="int8")
+    assert app.state.scheduler.model.quantization.scheme == "int8"
