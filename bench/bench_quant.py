@@ -246,7 +246,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=128, help="also time a prompt this long (0: no)")
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     ap.add_argument("--accuracy-frames", type=int, default=50)
-    ap.add_argument("--checkpoint", default=None, help="reuse this folder of random full-size weights")
+    ap.add_argument(
+        "--checkpoint", default=None, help="keep the random full-size weights in this folder and reuse them"
+    )
     ap.add_argument("--json", default=None, help="write every figure here")
     ap.add_argument("--kernels", action="store_true", help="time one product per shape and kernel instead")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -260,26 +262,30 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.checkpoint or os.path.join(tmp, "ckpt")
-        if not args.checkpoint:
-            print("writing random full-size weights ...", flush=True)
+        if not (Path(folder) / "model.safetensors").is_file():
+            print(f"writing random full-size weights to {folder} ...", flush=True)
             write_checkpoint(folder)
         bandwidth = matvec_bandwidth(torch.float32)
         print(
             f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
         )
-        variants = sorted(args.variants, key=lambda v: v != "bf16")  # bf16 first: the others compare with it
+        variants = args.variants  # in the order given: rotate it between runs, so drift favours none
+        if args.accuracy:
+            variants = sorted(variants, key=lambda v: v != "bf16")  # bf16 first: the others compare with it
         results = []
         for variant in variants:
             cmd = [sys.executable, __file__, "--variant", variant, "--folder", folder, "--probe", os.path.join(tmp, "probe.pt"),
                    "--frames", str(args.frames), "--repeats", str(args.repeats), "--group-size", str(args.group_size),
                    "--prefill", str(args.prefill), "--accuracy-frames", str(args.accuracy_frames),
                    "--batch", *map(str, args.batch)] + ([] if args.accuracy else ["--no-accuracy"])  # fmt: skip
+            load = os.getloadavg()[0]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = results[-1]
+            r["load_average"] = [load, os.getloadavg()[0]]  # 1-minute load before and after: others' work
             print(
                 f"{variant}: "
                 + ", ".join(f"batch {b} {ms:.0f} ms/frame" for b, ms in r["ms_per_frame"].items()),
