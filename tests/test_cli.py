@@ -167,3 +167,49 @@ def test_serve_parser_takes_the_shutdown_and_stall_flags():
     args = build_parser().parse_args(["serve", "--shutdown-grace", "5", "--stall-timeout", "2.5"])
     assert (args.shutdown_grace, args.stall_timeout) == (5.0, 2.5)
     assert build_parser().parse_args(["serve"]).shutdown_grace == 30.0
+
+
+def test_say_and_serve_take_quantize(ckpt, tmp_path):
+    from csm.cli import build_parser
+    from csm.server import load_app
+
+    assert build_parser().parse_args(["serve", "--quantize", "int4"]).quantize == "int4"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["say", "hi", "--quantize", "int3"])
+    out = tmp_path / "q.wav"
+    code = main(["say", "Hello.", "-o", str(out), "--model", str(ckpt), "--quantize", "int8", "--seed", "1",
+                 "--max-seconds", "0.2", "--device", "cpu", "-q"])  # fmt: skip
+    assert code == 0
+    read(out)
+    app = load_app(str(ckpt), device="cpu", quantize="int8")
+    assert app.state.scheduler.model.quantization.scheme == "int8"
+
+
+def test_dialogue_and_batch_load_the_model_quantized(ckpt, tmp_path, monkeypatch):
+    import json
+
+    import csm.cli as cli
+
+    loaded = []
+    real = cli._load_pipeline
+
+    def spy(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        loaded.append(pipe.model.quantization.scheme if pipe.model.quantization else None)
+        return pipe
+
+    monkeypatch.setattr(cli, "_load_pipeline", spy)
+    (tmp_path / "talk.txt").write_text("[0] Hello there.\n[1] Hi.\n")
+    common = ["--model", str(ckpt), "--device", "cpu", "--max-seconds", "0.2", "--seed", "1", "-q"]
+    assert main(["dialogue", str(tmp_path / "talk.txt"), "-o", str(tmp_path / "talk.wav"), "--quantize", "int8",
+                 *common]) == 0  # fmt: skip
+    read(tmp_path / "talk.wav")
+    (tmp_path / "lines.jsonl").write_text('{"id": "a", "text": "Hello."}\n')
+    out = tmp_path / "job"
+    assert (
+        main(["batch", str(tmp_path / "lines.jsonl"), "--out", str(out), "--quantize", "int4", *common]) == 0
+    )
+    assert loaded == ["int8", "int4"]
+    assert json.loads((out / "job.json").read_text())["quantize"] == "int4"  # it decides the audio
+    (tmp_path / "lines.jsonl").write_text('{"id": "a", "text": "Hello."}\n{"id": "b", "text": "More."}\n')
+    assert main(["batch", str(tmp_path / "lines.jsonl"), "--out", str(out), *common]) == 2  # other weights

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_NAME = "model.safetensors"
@@ -57,21 +59,35 @@ def read_json(folder: Path, name: str = CONFIG_NAME) -> dict:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
 
 
-def load_safetensors(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load `model.safetensors`, or every shard listed in `model.safetensors.index.json`."""
+def load_safetensors(
+    folder: Path, device: str | torch.device = "cpu", transform: Callable | None = None
+) -> dict[str, torch.Tensor]:
+    """Load `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+
+    `transform(name, tensor) -> {name: tensor}`, when given, sees each tensor as it is read, so a tensor it
+    replaces (e.g. by its quantized form) is never held beside the others.
+    """
     index = folder / WEIGHTS_INDEX_NAME
     single = folder / WEIGHTS_NAME
     if single.is_file():
-        return load_file(single, device=str(device))
-    if index.is_file():
+        files = [single]
+    elif index.is_file():
         weight_map = read_json(folder, WEIGHTS_INDEX_NAME).get("weight_map", {})
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
-                raise CheckpointError(f"shard {shard} listed in {index} is missing")
-            state.update(load_file(folder / shard, device=str(device)))
-        return state
-    raise CheckpointError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+        files = [folder / shard for shard in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"shard {file.name} listed in {index} is missing")
+    else:
+        raise CheckpointError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if transform is None:
+            state.update(load_file(file, device=str(device)))
+            continue
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                state.update(transform(name, f.get_tensor(name)))
+    return state
 
 
 def save_safetensors(state: dict[str, torch.Tensor], folder: Path) -> None:

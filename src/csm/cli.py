@@ -26,6 +26,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (default: auto)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="quantize the weights as they load: int8 (recommended) or int4 (experimental); a checkpoint "
+        "saved quantized needs no flag",
+    )
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -161,14 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = sub.add_parser("serve", help="OpenAI-compatible speech server (needs the `server` extra)")
-    serve.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub repo id")
+    _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument(
         "--api-key", default=os.environ.get("CSM_API_KEY"), help="require this bearer key ($CSM_API_KEY)"
     )
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps")
-    serve.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto")
     serve.add_argument(
         "--max-frames", type=int, default=None, help="frame cap per request (12.5 frames per second)"
     )
@@ -216,12 +221,12 @@ def _read_text(args) -> str:
     return args.text
 
 
-def _load_pipeline(model: str, device, dtype, quiet: bool):
+def _load_pipeline(model: str, device, dtype, quiet: bool, quantize: str | None = None):
     from .pipeline import pipeline
 
     if not quiet:
-        print(f"csm: loading {model} ...", file=sys.stderr)
-    return pipeline("text-to-audio", model=model, device=device, dtype=dtype)
+        print(f"csm: loading {model}{f' ({quantize})' if quantize else ''} ...", file=sys.stderr)
+    return pipeline("text-to-audio", model=model, device=device, dtype=dtype, quantize=quantize)
 
 
 def _context(args):
@@ -262,7 +267,7 @@ def cmd_say(args) -> int:
         seed = random.randrange(2**31)
         if not args.quiet:
             print(f"csm: seed {seed}", file=sys.stderr)
-    pipe = _load_pipeline(args.model, args.device, args.dtype, args.quiet)
+    pipe = _load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
     options = dict(
         speaker=args.speaker,
         voice=args.voice,

@@ -266,7 +266,7 @@ def cmd_dialogue(args) -> int:
         seed = random.randrange(2**31)
         if not args.quiet:
             print(f"csm: seed {seed}", file=sys.stderr)
-    tts = _load_pipeline(args.model, args.device, args.dtype, args.quiet)
+    tts = _load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
     options = dict(temperature=args.temperature, top_k=args.top_k, max_seconds=args.max_seconds)
     rate, start = tts.sampling_rate, time.perf_counter()
     if args.stream:

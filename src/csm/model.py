@@ -24,6 +24,14 @@ from .config import CsmConfig, CsmDepthDecoderConfig
 from .generate import generate, generate_stream
 from .llama import Linear, Packable, Transformer, packed_linear, padding_causal_mask, prepack, unpack
 from .mimi import MimiModel
+from .quant import (
+    QuantConfig,
+    check_supported,
+    choose_modules,
+    quant_config,
+    quantize_modules,
+    quantizing_transform,
+)
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 # Tied in the reference: the backbone's audio embedding is the depth decoder's input embedding.
@@ -363,30 +371,74 @@ class CsmForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo_id: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        dtype: torch.dtype | str | None = None,
+        device=None,
+        quantize: str | None = None,
+        group_size: int | None = None,
     ) -> CsmForConditionalGeneration:
-        """Load a checkpoint in the reference's layout (local folder or hub repo id)."""
+        """Load a checkpoint in the reference's layout (local folder or hub repo id).
+
+        quantize: "int8" or "int4" (with `group_size`, default 32) quantizes the weights as they are read,
+        never holding the full-precision model; a checkpoint saved quantized loads as it was saved.
+        """
         folder = resolve_checkpoint(
             path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
         )
-        config = CsmConfig.from_dict(read_json(folder, CONFIG_NAME))
-        state = load_safetensors(folder, device or "cpu")
+        raw = read_json(folder, CONFIG_NAME)
+        stored = raw.pop("quantization", None)
+        config = CsmConfig.from_dict(raw)
+        quant = quant_config(cls, config, stored, quantize, group_size, folder / CONFIG_NAME)
+        transform = None
+        if quant is not None:
+            check_supported(quant.scheme, torch.device(device or "cpu"), resolve_dtype(dtype))
+            if stored is None:
+                transform = quantizing_transform(quant, resolve_dtype(dtype))
+        state = load_safetensors(folder, device or "cpu", transform)
         for a, b in (TIED_AUDIO_EMBEDDING, TIED_AUDIO_EMBEDDING[::-1]):
             if a not in state and b in state and config.tie_codebooks_embeddings:
                 state[a] = state[b]
-        model = build_on_meta(cls, config, state, folder, dtype, device)
+        model = build_on_meta(cls, config, state, folder, dtype, device, quant)
+        if quant is not None:
+            check_supported(quant.scheme, model.device, model.dtype)
         gen = folder / GENERATION_CONFIG_NAME
         if gen.is_file():
             model.generation_config = json.loads(gen.read_text())
         return model
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write config.json, generation_config.json and model.safetensors that the reference loads."""
+        """Write config.json, generation_config.json and model.safetensors that the reference loads (a
+        quantized model's only csm loads; config.json's `quantization` entry records its scheme)."""
         folder = Path(folder)
         self.config.save_pretrained(folder)
+        config = read_json(folder, CONFIG_NAME)
+        config.pop("quantization", None)
+        if self.quantization is not None:
+            config["quantization"] = self.quantization.to_dict()
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_safetensors(self.state_dict(), folder)
         if self.generation_config:
             (folder / GENERATION_CONFIG_NAME).write_text(json.dumps(self.generation_config, indent=2) + "\n")
+
+    # ---- quantization -------------------------------------------------------------------------------
+
+    quantization: QuantConfig | None = None
+
+    def quantize(self, scheme: str, group_size: int | None = None) -> CsmForConditionalGeneration:
+        """Quantize in place the transformer weights read per frame: "int8" (per output channel) or "int4"
+        (groups of `group_size` inputs, default 32). Inference only; see csm/quant.py for what is kept."""
+        if self.quantization is not None:
+            raise ValueError(
+                f"the model is already quantized ({self.quantization.scheme}); load it again to change"
+            )
+        config = QuantConfig(scheme, group_size)
+        check_supported(scheme, self.device, self.dtype)
+        config.modules = choose_modules(self, config)
+        self.__dict__.pop("_compiled_engine", None)  # its compiled step traced the modules replaced here
+        quantize_modules(self, config)
+        self.quantization = config
+        return self
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -401,16 +453,24 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-def build_on_meta(cls, config, state: dict, source, dtype=None, device=None) -> nn.Module:
-    """Build `cls(config)` without allocating, adopt the loaded tensors, fill computed buffers."""
+def build_on_meta(cls, config, state: dict, source, dtype=None, device=None, quant=None) -> nn.Module:
+    """Build `cls(config)` without allocating, adopt the loaded tensors, fill computed buffers. With `quant`,
+    its modules are quantized ones and their tensors keep the dtypes the quantized format fixes."""
     dtype = resolve_dtype(dtype)
+    quantized = tuple(m + "." for m in quant.modules) if quant is not None else ()
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {
+            k: v.to(dtype) if v.is_floating_point() and not k.startswith(quantized) else v
+            for k, v in state.items()
+        }
     # safetensors hands out views of its file buffer at any byte offset; CPU GEMMs on weights that are not
     # 64-byte aligned run ~8% slower, so such a tensor gets an allocation of its own.
     state = {k: v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v for k, v in state.items()}
     with torch.device("meta"):
         model = cls(config)
+    if quant is not None:
+        quantize_modules(model, quant)
+        model.quantization = quant
     load_into(model, state, str(source))
     if hasattr(model, "tie_weights"):
         model.tie_weights()

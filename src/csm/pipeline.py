@@ -389,9 +389,12 @@ def pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = "auto",
     processor: CsmProcessor | str | os.PathLike | None = None,
+    quantize: str | None = None,
     **defaults,
 ) -> TextToAudioPipeline:
     """Build a text-to-speech pipeline from a checkpoint folder or hub repo id (e.g. "sesame/csm-1b").
+
+    quantize: "int8" or "int4" loads the model with quantized weights (`CsmForConditionalGeneration.quantize`).
 
     defaults: options every call uses unless it overrides them (speaker, voice, context, temperature, top_k,
     max_seconds, seed, ...).
@@ -404,9 +407,15 @@ def pipeline(
     if isinstance(model, CsmForConditionalGeneration):
         if processor is None:
             raise ValueError("a loaded model needs processor= too (a CsmProcessor or its folder)")
+        if quantize is not None and quantize != getattr(model.quantization, "scheme", None):
+            raise ValueError(
+                f"quantize={quantize!r} is for loading; quantize a loaded model with model.quantize()"
+            )
         loaded = model
     else:
-        loaded = CsmForConditionalGeneration.from_pretrained(model, dtype=pick_dtype(dtype, dev), device=dev)
+        loaded = CsmForConditionalGeneration.from_pretrained(
+            model, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize
+        )
     if not isinstance(processor, CsmProcessor):
         processor = CsmProcessor.from_pretrained(processor if processor is not None else model)
     return TextToAudioPipeline(loaded, processor, **defaults)

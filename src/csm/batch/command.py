@@ -82,6 +82,7 @@ def _settings(args, seed: int):
         temperature=args.temperature,
         top_k=args.top_k,
         max_seconds=args.max_seconds,
+        quantize=args.quantize,
     )
 
 
@@ -178,7 +179,12 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
 
     try:
         if todo:
-            loader = {"model": settings.model, "device": args.device, "dtype": args.dtype}
+            loader = {
+                "model": settings.model,
+                "device": args.device,
+                "dtype": args.dtype,
+                "quantize": settings.quantize,
+            }
             if args.ray is not None:
                 from .on_ray import run_on_ray
 

@@ -42,6 +42,7 @@ class JobSettings:
     temperature: float | None = None
     top_k: int | None = None
     max_seconds: float | None = None  # per sentence
+    quantize: str | None = None  # "int8" / "int4": quantized weights give other audio
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,15 +16,17 @@ def load_app(
     device: str | None = None,
     dtype: str | None = None,
     settings: ServerSettings | None = None,
+    quantize: str | None = None,
 ):
-    """Load a checkpoint folder or hub id (model and processor) and build the app around it."""
+    """Load a checkpoint folder or hub id (model and processor) and build the app around it; `quantize`
+    ("int8", "int4") quantizes the weights as they load."""
     from ..model import CsmForConditionalGeneration
     from ..pipeline import pick_device, pick_dtype
     from ..processor import CsmProcessor
 
     device = pick_device(device)
     model = CsmForConditionalGeneration.from_pretrained(
-        model_path, dtype=pick_dtype(dtype, device), device=device
+        model_path, dtype=pick_dtype(dtype, device), device=device, quantize=quantize
     )
     model.eval()
     processor = CsmProcessor.from_pretrained(model_path)
@@ -60,7 +62,13 @@ def main(args: argparse.Namespace) -> int:
             "listening on %s without --api-key: anyone who can reach it can use it", host
         )
     try:
-        app = load_app(args.model, getattr(args, "device", None), getattr(args, "dtype", None), settings)
+        app = load_app(
+            args.model,
+            getattr(args, "device", None),
+            getattr(args, "dtype", None),
+            settings,
+            quantize=getattr(args, "quantize", None),
+        )
     except (ValueError, OSError) as e:
         print(f"cannot load {args.model}: {e}")
         return 2

@@ -319,6 +319,11 @@ def _run(config: FinetuneConfig, d: dist.Dist) -> Path:
     torch.manual_seed(config.seed)
     processor = CsmProcessor.from_pretrained(config.model)
     model = CsmForConditionalGeneration.from_pretrained(config.model, device=d.device)
+    if model.quantization is not None:
+        raise ValueError(
+            f"{config.model} holds {model.quantization.scheme}-quantized weights, which cannot be trained; "
+            "fine-tune its full-precision checkpoint, then quantize the result"
+        )
     cfg = model.config
     if (
         processor.audio_token_id != cfg.audio_token_id

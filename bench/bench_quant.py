@@ -1,0 +1,362 @@
+"""Quantized weights at csm-1b size on the CPU: speed, bytes, memory and accuracy against bf16, in one run.
+
+    flock /tmp/csm-heavy.lock python bench/bench_quant.py                      # every variant, batch 1 and 8
+    flock /tmp/csm-heavy.lock python bench/bench_quant.py --no-accuracy        # speed and memory only
+    flock /tmp/csm-heavy.lock python bench/bench_quant.py --kernels            # one product per shape
+
+Random weights at the full size are written once (bf16, by the reference, to a temporary folder). Each
+variant then runs in a process of its own, so its RSS is its own and only one model is in memory at a time:
+ours in bf16 and fp32, int8 and int4 (on a bf16 model, and with `-fp32` on an fp32 one), and the reference
+in bf16. ms per frame is bench_generate's: (time for F frames - time for 1 frame) / (F - 1), greedy, medians.
+Bytes per frame: the weights a frame reads (backbone and codebook-0 head once, depth decoder, projector
+and one codebook head per codebook 1..31); the bound is those bytes over the fastest matrix-vector
+streaming measured on this machine (bench_generate.matvec_bandwidth, fp32).
+
+Accuracy against our bf16 model (random weights cannot judge audio, so what can be measured): the relative
+error of each decoder layer's output and of the logits, teacher-forced on bf16's own greedy frames; the
+share of those frames' codes each variant picks too (teacher-forced), and the share of greedy codes equal
+to bf16's when each runs free for `--accuracy-frames` frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import GREEDY, matvec_bandwidth, ms_per_frame, reference_model, timed  # noqa: E402
+
+from csm import CsmForConditionalGeneration  # noqa: E402
+from csm.quant import QuantConfig, make_linear  # noqa: E402
+
+VARIANTS = ["bf16", "fp32", "int8", "int4", "int8-fp32", "int4-fp32", "reference"]
+CODES = 2048  # ids the codec decodes: what greedy picks among
+
+
+def rss_mb() -> dict[str, float]:
+    status = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return {k: int(status[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def load(variant: str, folder: str, group_size: int):
+    if variant == "reference":
+        from transformers import CsmForConditionalGeneration as Reference
+
+        return Reference.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    scheme, _, dtype = variant.partition("-")  # "int8-fp32": int8 on an fp32 model; "int8": on a bf16 one
+    quantize = scheme if scheme in ("int8", "int4") else None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if quantize else scheme)]
+    return CsmForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, quantize=quantize, group_size=group_size if quantize == "int4" else None
+    )
+
+
+def weight_bytes_per_frame(model) -> int:
+    """Bytes of weights one frame reads (quantized tensors included; caches and tables left out)."""
+
+    def size(m):
+        named = [*m.named_parameters(), *m.named_buffers()]
+        return sum(t.numel() * t.element_size() for n, t in named if "kv_cache" not in n)
+
+    backbone = size(model.backbone_model.layers) + size(model.lm_head)
+    dd = model.depth_decoder.model
+    head = model.depth_decoder.codebooks_head.weight
+    per_codebook = size(dd.layers) + size(dd.inputs_embeds_projector) + head[0].numel() * head.element_size()
+    return backbone + (model.config.num_codebooks - 1) * per_codebook
+
+
+def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
+    return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(batch))
+
+
+# ---- accuracy ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def teacher_forced(model, ids: torch.Tensor, frames: torch.Tensor) -> dict:
+    """Every decoder layer's output, the logits and the greedy picks for `frames` (1, F, K) after prompt
+    `ids` (1, T), each frame predicted from the frames before it."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, a, out, key=f"{part}.{i}": outputs.__setitem__(key, out.float())
+        )
+        for part, stack in (
+            ("backbone", model.backbone_model.layers),
+            ("depth", model.depth_decoder.model.layers),
+        )
+        for i, layer in enumerate(stack)
+    ]
+    try:
+        embeds = model.embed_inputs(ids)[0]
+        frame_embeds = model.backbone_model.embed_tokens(frames[:, :-1]).to(embeds.dtype)
+        hidden = model.backbone_model(inputs_embeds=torch.cat([embeds, frame_embeds], 1)).last_hidden_state
+        hidden = hidden[0, ids.shape[1] - 1 :]  # (F, D): the state each frame is drawn from
+        logits0 = model.lm_head(hidden).float()  # (F, V)
+        depth_in = F.pad(frames[0, :, :-1], (1, 0))  # (F, K): position 0 is the backbone state
+        depth = model.depth_decoder(depth_in, hidden).logits.float()  # (F, K-1, V)
+    finally:
+        for h in hooks:
+            h.remove()
+    picks = torch.cat([logits0[:, None, :CODES], depth[..., :CODES]], 1).argmax(-1)  # (F, K)
+    return {"layers": outputs, "logits0": logits0, "depth_logits": depth, "picks": picks}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def weight_errors(model, folder: str) -> dict[str, float]:
+    """Relative error of each quantized weight against the checkpoint's bf16 one, averaged per kind."""
+    from safetensors import safe_open
+
+    if model.quantization is None:
+        return {}
+    kinds: dict[str, list[float]] = {}
+    with safe_open(Path(folder) / "model.safetensors", framework="pt") as f:
+        for name in model.quantization.modules:
+            m = model.get_submodule(name)
+            w = f.get_tensor(name + ".weight").float()
+            if hasattr(m, "dequantized"):
+                deq = m.dequantized()
+            else:
+                deq = m.qweight.float() * m.scales.float()[:, None]
+            kind = ("backbone." if name.startswith("backbone") else "depth.") + name.rsplit(".", 1)[-1]
+            kinds.setdefault(kind, []).append(rel(deq, w))
+    return {k: statistics.mean(v) for k, v in sorted(kinds.items())}
+
+
+def accuracy(model, variant: str, folder: str, probe_file: Path, frames: int) -> dict:
+    ids = prompt(1, 32, model.config.text_vocab_size)
+    codes = model.generate(input_ids=ids, max_new_tokens=frames, **GREEDY)
+    if variant == "bf16":
+        torch.save({"codes": codes, **teacher_forced(model, ids, codes)}, probe_file)
+        return {"frames": codes.shape[1]}
+    ref = torch.load(probe_file)
+    got = teacher_forced(model, ids, ref["codes"])
+    n = min(codes.shape[1], ref["codes"].shape[1])
+    same = codes[:, :n] == ref["codes"][:, :n]
+    differs = (~same).any(-1)[0]
+    return {
+        "layers": {k: rel(v, ref["layers"][k]) for k, v in got["layers"].items()},
+        "logits0": rel(got["logits0"], ref["logits0"]),
+        "depth_logits": rel(got["depth_logits"], ref["depth_logits"]),
+        "teacher_forced_same_codes": float((got["picks"] == ref["picks"]).float().mean()),
+        "teacher_forced_same_codebook0": float((got["picks"][:, 0] == ref["picks"][:, 0]).float().mean()),
+        "free_running_same_codes": float(same.float().mean()),
+        "free_running_frames_before_first_difference": int(differs.float().argmax()) if differs.any() else n,
+        "weights": weight_errors(model, folder),
+    }
+
+
+# ---- one variant, in its own process ------------------------------------------------------------------------
+
+
+def run_variant(args) -> dict:
+    start = time.perf_counter()
+    model = load(args.variant, args.folder, args.group_size)
+    result = {"variant": args.variant, "load_s": time.perf_counter() - start, "rss_after_load_mb": rss_mb()}
+    reference = args.variant == "reference"
+    if not reference:
+        result["bytes_per_frame"] = weight_bytes_per_frame(model)
+
+    def run(ids, n):
+        with torch.inference_mode():
+            model.generate(input_ids=ids, max_new_tokens=n, **GREEDY)
+
+    import warnings
+
+    warnings.simplefilter("ignore")
+    vocab = model.config.text_vocab_size
+    result["ms_per_frame"] = {
+        b: ms_per_frame(run, prompt(b, 32, vocab), args.frames, args.repeats) for b in args.batch
+    }
+    if args.prefill:
+        ids = prompt(1, args.prefill, vocab)
+        result["prefill_ms"] = 1000 * timed(lambda: run(ids, 1), args.repeats)
+    result["rss_after_generate_mb"] = rss_mb()
+    if args.accuracy and not reference:
+        result["accuracy"] = accuracy(
+            model, args.variant, args.folder, Path(args.probe), args.accuracy_frames
+        )
+    return result
+
+
+# ---- the whole run --------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(folder: str) -> None:
+    model = reference_model("full", torch.bfloat16)
+    model.save_pretrained(folder)
+
+
+def print_summary(results: list[dict], bandwidth: float) -> None:
+    base = {b: ms for r in results if r["variant"] == "bf16" for b, ms in r["ms_per_frame"].items()}
+    print(f"\nmatvec bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(
+        "| variant | batch | ms/frame | vs our bf16 | GB/frame | bound ms | / bound | RSS load MB | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for b, ms in r["ms_per_frame"].items():
+            gb = r.get("bytes_per_frame", 0) / 1e9
+            bound = 1000 * gb * 1e9 / bandwidth if gb else float("nan")
+            print(
+                f"| {r['variant']} | {b} | {ms:.0f} | {base.get(b, float('nan')) / ms:.2f}x | {gb:.2f} | "
+                f"{bound:.0f} | {ms / bound:.2f} | {r['rss_after_load_mb']['VmRSS']:.0f} | "
+                f"{r['rss_after_generate_mb']['VmHWM']:.0f} |"
+            )
+    for r in results:
+        if "prefill_ms" in r:
+            print(f"prefill {r['variant']}: {r['prefill_ms']:.0f} ms")
+    for r in results:
+        acc = r.get("accuracy")
+        if acc and "layers" in acc:
+            layers = acc["layers"]
+            print(
+                f"accuracy {r['variant']}: layer error backbone 0 {layers['backbone.0']:.4f}, backbone 15 "
+                f"{layers['backbone.15']:.4f}, depth 3 {layers['depth.3']:.4f}; logits c0 {acc['logits0']:.4f}, "
+                f"depth {acc['depth_logits']:.4f}; same codes teacher-forced {acc['teacher_forced_same_codes']:.3f} "
+                f"(c0 {acc['teacher_forced_same_codebook0']:.3f}), free-running {acc['free_running_same_codes']:.3f} "
+                f"(first difference after {acc['free_running_frames_before_first_difference']} frames)"
+            )
+            if acc["weights"]:
+                print("   weight error: " + ", ".join(f"{k} {v:.4f}" for k, v in acc["weights"].items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--frames", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=QuantConfig("int4").group_size)
+    ap.add_argument("--prefill", type=int, default=128, help="also time a prompt this long (0: no)")
+    ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
+    ap.add_argument("--accuracy-frames", type=int, default=50)
+    ap.add_argument(
+        "--checkpoint", default=None, help="keep the random full-size weights in this folder and reuse them"
+    )
+    ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--kernels", action="store_true", help="time one product per shape and kernel instead")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.kernels:
+        return kernel_table(args)
+    if args.variant:  # a child process
+        print(json.dumps(run_variant(args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.checkpoint or os.path.join(tmp, "ckpt")
+        if not (Path(folder) / "model.safetensors").is_file():
+            print(f"writing random full-size weights to {folder} ...", flush=True)
+            write_checkpoint(folder)
+        bandwidth = matvec_bandwidth(torch.float32)
+        print(
+            f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+        )
+        variants = args.variants  # in the order given: rotate it between runs, so drift favours none
+        if args.accuracy:
+            variants = sorted(variants, key=lambda v: v != "bf16")  # bf16 first: the others compare with it
+        results = []
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--variant", variant, "--folder", folder, "--probe", os.path.join(tmp, "probe.pt"),
+                   "--frames", str(args.frames), "--repeats", str(args.repeats), "--group-size", str(args.group_size),
+                   "--prefill", str(args.prefill), "--accuracy-frames", str(args.accuracy_frames),
+                   "--batch", *map(str, args.batch)] + ([] if args.accuracy else ["--no-accuracy"])  # fmt: skip
+            load = os.getloadavg()[0]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
+                continue
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = results[-1]
+            r["load_average"] = [load, os.getloadavg()[0]]  # 1-minute load before and after: others' work
+            print(
+                f"{variant}: "
+                + ", ".join(f"batch {b} {ms:.0f} ms/frame" for b, ms in r["ms_per_frame"].items()),
+                flush=True,
+            )
+        print_summary(results, bandwidth)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "results": results}, indent=1))
+
+
+# ---- one product per shape --------------------------------------------------------------------------------
+
+
+SHAPES = [(8192, 2048), (2048, 8192), (2048, 2048), (512, 2048), (8192, 1024), (1024, 8192), (1024, 1024),
+          (256, 1024), (1024, 2048), (2051, 1024)]  # fmt: skip
+
+
+def kernel_table(args) -> None:
+    """ms for one (batch x K) by (K x N) product per shape and kernel, weights cycled through 256 MB."""
+    from bench_generate import PackedWeight, packable, packed_linear
+
+    print(
+        "| N x K | batch | fp32 prepacked | bf16 | int8 | "
+        + " | ".join(f"int4 g{g}" for g in (32, 128))
+        + " |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n, k in SHAPES:
+        copies = max(2, (256 << 20) // (n * k * 4))
+        weights = [torch.randn(n, k) * 0.02 for _ in range(copies)]
+        for b in args.batch:
+            x = torch.randn(b, k)
+            cells = []
+            packed = [PackedWeight(w, [w]).tensors[0] for w in weights]
+            cells.append(cycle(packed_linear, x, packed))
+            del packed
+            bf16 = [w.bfloat16() for w in weights]
+            if packable(bf16[0]):
+                bf16 = [PackedWeight(w, [w]).tensors[0] for w in bf16]
+                cells.append(cycle(packed_linear, x.bfloat16(), bf16))
+            else:
+                cells.append(cycle(F.linear, x.bfloat16(), bf16))
+            del bf16
+            for scheme, g in (("int8", None), ("int4", 32), ("int4", 128)):
+                config = QuantConfig(scheme, g)
+                if scheme == "int4" and n % 16:
+                    cells.append("-")
+                    continue
+                layers = [make_linear(linear_of(w), config) for w in weights]
+                cells.append(cycle(lambda x, m: m(x), x, layers))
+            print(f"| {n} x {k} | {b} | " + " | ".join(cells) + " |", flush=True)
+
+
+def linear_of(w: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta").eval()
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    return layer
+
+
+def cycle(product, x, items) -> str:
+    """min / median ms of `product(x, item)` over the items in turn (each 8 times), as a table cell."""
+    turn = iter(range(1 << 30))
+    times = []
+    with torch.inference_mode():
+        for _ in range(8 * len(items)):
+            item = items[next(turn) % len(items)]
+            t = time.perf_counter()
+            product(x, item)
+            times.append(time.perf_counter() - t)
+    return f"{1000 * min(times):.3f} / {1000 * statistics.median(times):.3f}"
+
+
+if __name__ == "__main__":
+    main()

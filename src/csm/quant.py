@@ -1,0 +1,432 @@
+"""Weight-only quantization for inference: int8 per output channel, int4 group-wise.
+
+Decoding csm-1b on a CPU is bound by streaming its weights from memory, so reading 1 (int8) or ~0.6 (int4)
+bytes per weight instead of 2 (bf16) or 4 (fp32) is the speed-up. The kernels are PyTorch's own
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`); on x86 both are vectorized for bf16
+activations only, so activations enter them in bf16 whatever the model's dtype.
+
+What is quantized: the linear layers of the backbone's and the depth decoder's transformer blocks and the
+depth decoder's input projector (BENCHMARKS.md, "Quantized weights"). Embeddings (gathered, not streamed),
+the codebook-0 head, the codebook heads and the codec stay as they are.
+
+Serialized layout (safetensors, next to `config.json`'s `quantization` entry), for a linear `name` with a
+weight (N, K):
+- int8: `name.qweight` int8 (N, K) and `name.scales` bf16 (N,): w = qweight * scales.
+- int4: `name.qweight` uint8 (N, K/2), the even k in the low nibble and the odd k in the high one, q in
+  0..15; `name.scales` and `name.zeros` bf16 (N, K/group_size): w = (q - 8) * scales + zeros per group of
+  `group_size` consecutive k. In memory it is kept in the CPU kernel's packed layout, which depends on the
+  machine's vector width; the file keeps the portable one.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel takes
+DEFAULT_GROUP_SIZE = 32
+FORMAT = "csm-weight-only-1"
+ALIGN = 64
+# From this many rows on (a long prompt's prefill), dequantizing the weight and one fp32 GEMM beat the int
+# kernels, which convert every weight again for each block of 4 rows (8192 x 2048 on this 2-core AVX2
+# machine: at 256 rows 140 ms against 183 for int8, 213 against 207 for int4; at 128 rows 112 against 90).
+PREFILL_ROWS = 256
+aten = torch.ops.aten
+
+
+@dataclass
+class QuantConfig:
+    """A quantization scheme and the modules it applies to (recorded in config.json as `quantization`)."""
+
+    scheme: str
+    group_size: int | None = None
+    modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+        if self.scheme == "int8":
+            if self.group_size is not None:
+                raise ValueError("group_size is for int4; int8 has one scale per output channel")
+        elif self.group_size is None:
+            self.group_size = DEFAULT_GROUP_SIZE
+        elif self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"int4 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "scheme": self.scheme,
+            "group_size": self.group_size,
+            "modules": self.modules,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> QuantConfig:
+        if d.get("format") != FORMAT:
+            raise ValueError(
+                f"{source}: quantization format {d.get('format')!r} is not one this csm reads ({FORMAT!r})"
+            )
+        return cls(d["scheme"], d.get("group_size"), list(d.get("modules", [])))
+
+
+def check_supported(scheme: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Raise a ValueError naming what to change when `scheme` cannot run on `device` with `dtype` (None:
+    not known yet)."""
+    device = torch.device(device)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if device.type == "cpu":
+        if dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"quantized weights on CPU need a float32 or bfloat16 model, not {dtype}; pass dtype=torch.bfloat16"
+            )
+        op = "_weight_int8pack_mm" if scheme == "int8" else "_weight_int4pack_mm_for_cpu"
+        if not hasattr(aten, op):
+            raise ValueError(
+                f"{scheme} on CPU needs torch >= 2.6 (aten.{op}); this is torch {torch.__version__}"
+            )
+        return
+    if device.type == "cuda" and scheme == "int8":
+        return
+    raise ValueError(
+        f"{scheme} weights are not supported on {device.type}: int8 and int4 run on CPU, int8 also on CUDA "
+        "(untested there); load without quantize, or on the CPU"
+    )
+
+
+def _inference_only(module: nn.Module) -> None:
+    """Refuse training: quantized weights are buffers, so an optimizer would silently leave them as they are."""
+    if module.training and torch.is_grad_enabled():
+        raise RuntimeError(
+            "quantized weights are for inference only: they have no gradients and cannot be fine-tuned; "
+            "fine-tune the full-precision checkpoint, then quantize it (or call model.eval())"
+        )
+
+
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the CPU kernels read it: 2-D, contiguous, bf16, 64-byte aligned (the int8 kernel uses aligned
+    vector loads)."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    if torch.compiler.is_compiling() or x.data_ptr() % ALIGN == 0:  # compiled code allocates aligned
+        return x
+    return x.clone()
+
+
+# ---- quantizing a matrix ------------------------------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric int8 per output channel: {"qweight": int8 (N, K), "scales": bf16 (N,)}."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(1) / 127).to(torch.bfloat16)  # rounded first, so q is chosen for the scale used
+    s = scales.float().where(scales > 0, 1.0)[:, None]
+    q = (w / s).round_().clamp_(-128, 127).to(torch.int8)
+    return {"qweight": q, "scales": scales}
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` input channels (the kernel's convention: w = (q - 8) * s + z).
+    Returns {"qweight": uint8 (N, K/2), "scales": bf16 (N, K/g), "zeros": bf16 (N, K/g)}."""
+    N, K = weight.shape
+    w = weight.detach().float().view(N, K // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scales = ((hi - lo) / 15).to(torch.bfloat16)
+    zeros = (lo + 8 * scales.float()).to(torch.bfloat16)
+    s = scales.float().where(scales > 0, 1.0)[..., None]
+    q = ((w - zeros.float()[..., None]) / s + 8).round_().clamp_(0, 15).to(torch.uint8).view(N, K)
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": zeros}
+
+
+def dequantize(tensors: dict[str, torch.Tensor], group_size: int | None = None) -> torch.Tensor:
+    """The fp32 weight (N, K) the serialized tensors stand for (tests and accuracy reports)."""
+    q = tensors["qweight"]
+    if q.dtype == torch.int8:
+        return q.float() * tensors["scales"].float()[:, None]
+    nibbles = torch.stack([q & 15, q >> 4], -1).view(q.shape[0], -1).float()  # (N, K)
+    expand = lambda t: t.float().repeat_interleave(group_size, 1)  # noqa: E731
+    return (nibbles - 8) * expand(tensors["scales"]) + expand(tensors["zeros"])
+
+
+# ---- the int4 kernel's packed layout --------------------------------------------------------------------
+
+PROBE_ROWS = 64  # a multiple of every packing block torch uses (64 AVX-512, 32 AVX2, 2 otherwise)
+
+
+def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """Portable nibbles (N, K/2) -> the CPU kernel's packed layout (N, K/2), via torch's own converter."""
+    N = qweight.shape[0]
+    q = torch.stack([qweight & 15, qweight >> 4], -1).view(N, -1).int()
+    return aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _nibble_sources(rows: int, K: int) -> torch.Tensor:
+    """For each nibble of torch's packed layout of a (rows, K) matrix, the row-major index of the weight it
+    holds. Learnt by packing probe matrices whose entries spell out their own index, 4 bits at a time, so
+    it follows whatever layout this torch and CPU use."""
+    index = torch.arange(rows * K)
+    source = torch.zeros(rows * K, dtype=torch.long)
+    for shift in range(0, max(1, (rows * K - 1).bit_length()), 4):
+        packed = aten._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).int().view(rows, K), 1)
+        source |= torch.stack([packed & 15, packed >> 4], -1).view(-1).long() << shift
+    return source
+
+
+@functools.lru_cache(maxsize=8)
+def _block_layout(rows: int, K: int) -> tuple[int, torch.Tensor] | None:
+    """(R, order) when torch packs blocks of R rows k by k, nibble j of each k holding row order[j] of its
+    block (what its AVX2, AVX-512 and plain layouts do): unpacking is then a transpose and a row reorder."""
+    source = _nibble_sources(rows, K)
+    for R in (64, 32, 16, 8, 4, 2):
+        if rows % R:
+            continue
+        grid = source.view(rows // R, K, R)
+        order = grid[0, 0] // K
+        blocks = torch.arange(rows // R)[:, None, None] * R
+        if sorted(order.tolist()) == list(range(R)) and torch.equal(
+            grid, (blocks + order) * K + torch.arange(K)[None, :, None]
+        ):
+            return R, torch.argsort(order)
+    return None
+
+
+def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The CPU kernel's packed layout (N, K/2) -> q (N, K), values 0..15."""
+    N = packed.shape[0]
+    rows = PROBE_ROWS if N % PROBE_ROWS == 0 else N  # torch packs block by block of rows
+    nibbles = torch.stack([packed & 15, packed >> 4], -1)
+    layout = _block_layout(rows, K)
+    if layout is not None:
+        R, rows_of = layout  # nibble j of block b at k holds row order[j]: row r is nibble argsort(order)[r]
+        return nibbles.view(N // R, K, R).transpose(1, 2).index_select(1, rows_of).reshape(N, K)
+    nibbles = nibbles.view(N // rows, -1)
+    return torch.empty_like(nibbles).index_copy_(1, _nibble_sources(rows, K), nibbles).view(N, K)
+
+
+# ---- modules --------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and one bf16 scale per output channel (inference only)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        t = quantize_int8(weight)
+        self.qweight, self.scales = t["qweight"].to(weight.device), t["scales"].to(weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _inference_only(self)
+        if x.device.type == "cpu" and x.numel() >= PREFILL_ROWS * self.in_features:
+            y = (F.linear(x.float(), self.qweight.float()) * self.scales.float()).to(x.dtype)
+        elif x.device.type == "cpu":
+            y = aten._weight_int8pack_mm(_kernel_input(x), self.qweight, self.scales.to(torch.bfloat16))
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:  # CUDA: gpt-fast's formulation, which torch.compile fuses into one kernel (untested here)
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with int4 weights, a bf16 scale and zero per group of input channels (CPU, inference
+    only). Kept in the kernel's packed layout; its state dict holds the portable one (module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        kw = dict(device=device)
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, **kw))
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, **kw)
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.set_portable(quantize_int4(weight, self.group_size))
+
+    def set_portable(self, t: dict[str, torch.Tensor]) -> None:
+        """Adopt portable tensors (see `quantize_int4`), packing them for the kernel."""
+        self.packed = pack_int4(t["qweight"])
+        self.scales_and_zeros = torch.stack([t["scales"], t["zeros"]], -1).transpose(0, 1).contiguous()
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        if self.packed.is_meta:
+            N, G = self.out_features, self.in_features // self.group_size
+            meta = lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+            return {"qweight": meta((N, self.in_features // 2), torch.uint8),
+                    "scales": meta((N, G), torch.bfloat16), "zeros": meta((N, G), torch.bfloat16)}  # fmt: skip
+        q = unpack_int4(self.packed, self.in_features)
+        qweight = q[:, 0::2] | (q[:, 1::2] << 4)
+        if not torch.equal(pack_int4(qweight), self.packed):
+            raise RuntimeError(
+                "could not read back torch's int4 packed layout; please report this torch version"
+            )
+        sz = self.scales_and_zeros.transpose(0, 1)
+        return {
+            "qweight": qweight,
+            "scales": sz[..., 0].contiguous(),
+            "zeros": sz[..., 1].contiguous(),
+        }
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight (N, K) this layer stands for."""
+        N, K, g = self.out_features, self.in_features, self.group_size
+        w = unpack_int4(self.packed, K).view(N, K // g, g).float()
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
+        scales, zeros = sz[..., :1], sz[..., 1:]
+        return w.mul_(scales).add_(zeros - 8 * scales).view(N, K)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, t in self.portable().items():
+            destination[prefix + name] = t
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        names = ("qweight", "scales", "zeros") + (("bias",) if self.bias is not None else ())
+        absent = [prefix + n for n in names if prefix + n not in state_dict]
+        if absent:
+            missing.extend(absent)
+            return
+        self.set_portable({n: state_dict[prefix + n] for n in names[:3]})
+        if self.bias is not None:
+            self.bias = nn.Parameter(state_dict[prefix + "bias"], requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _inference_only(self)
+        if x.device.type != "cpu":
+            raise RuntimeError("int4 weights run on the CPU only; move the model to the CPU or use int8")
+        if x.numel() >= PREFILL_ROWS * self.in_features:
+            y = F.linear(x.float(), self.dequantized()).to(x.dtype)
+        else:
+            sz = self.scales_and_zeros.to(torch.bfloat16)
+            y = aten._weight_int4pack_mm_for_cpu(_kernel_input(x), self.packed, self.group_size, sz)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
+
+
+def make_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
+    """A quantized module standing in for `linear`: empty on the meta device, else from its weight."""
+    w = linear.weight
+    kw = dict(bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    if config.scheme == "int8":
+        q = Int8Linear(linear.in_features, linear.out_features, **kw)
+    else:
+        q = Int4Linear(linear.in_features, linear.out_features, config.group_size, **kw)
+    q.train(linear.training)
+    if not w.is_meta:
+        with torch.no_grad():
+            q.set_weight(w)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return q
+
+
+# ---- which modules ----------------------------------------------------------------------------------------
+
+
+def fits_kernel(out_features: int, in_features: int, config: QuantConfig) -> bool:
+    """Whether the CPU kernels take this shape (the int8 one reads 16 input channels at a time, the int4 one
+    packs blocks of 16 output channels and groups of `group_size` inputs)."""
+    if config.scheme == "int8":
+        return in_features % 16 == 0
+    return out_features % 16 == 0 and in_features % config.group_size == 0
+
+
+def choose_modules(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The linear layers `config.scheme` quantizes in a CsmForConditionalGeneration (module docstring)."""
+    scopes = ("backbone_model.layers.", "depth_decoder.model.")
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and name.startswith(scopes)
+        and fits_kernel(m.out_features, m.in_features, config)
+    ]
+
+
+def quantize_modules(model: nn.Module, config: QuantConfig) -> None:
+    """Replace each module named in `config.modules` by its quantized form, one at a time (so only one
+    full-precision matrix is ever copied), dropping its full-precision weight and any prepacked copy."""
+    for name in config.modules:
+        model.set_submodule(name, make_linear(model.get_submodule(name), config))
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+
+
+def quant_config(
+    cls, config, stored: dict | None, scheme: str | None, group_size, source
+) -> QuantConfig | None:
+    """The quantization a load ends with: the checkpoint's own, or the one asked for (its modules chosen on
+    a model built on the meta device)."""
+    if stored is not None:
+        quant = QuantConfig.from_dict(stored, str(source))
+        if scheme is not None and (scheme, group_size or quant.group_size) != (
+            quant.scheme,
+            quant.group_size,
+        ):
+            asked = scheme + (f" (group_size {group_size})" if group_size else "")
+            raise CheckpointError(
+                f"{source.parent} is already quantized ({quant.scheme}, group_size {quant.group_size}); it cannot "
+                f"be loaded as {asked}: load it without quantize=, or quantize its full-precision checkpoint"
+            )
+        return quant
+    if scheme is None:
+        if group_size is not None:
+            raise ValueError("group_size is for int4 quantization: pass quantize='int4' too")
+        return None
+    quant = QuantConfig(scheme, group_size)
+    with torch.device("meta"):
+        quant.modules = choose_modules(cls(config), quant)
+    return quant
+
+
+def quantizing_transform(quant: QuantConfig, dtype: torch.dtype | None = None):
+    """A load_safetensors transform that replaces each chosen module's weight by its quantized tensors as
+    it is read. Every other tensor gets memory of its own (in `dtype` when given), so that nothing keeps the
+    file's mapping, and with it the full-precision weights read through it, resident."""
+    targets = set(quant.modules)
+
+    def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        module = name.removesuffix(".weight")
+        if module == name or module not in targets:
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                return {name: tensor.to(dtype)}
+            return {name: tensor.clone()}
+        parts = quantize_int8(tensor) if quant.scheme == "int8" else quantize_int4(tensor, quant.group_size)
+        return {f"{module}.{k}": v for k, v in parts.items()}
+
+    return transform

@@ -1,0 +1,312 @@
+"""Quantized weights (int8, int4): each layer against its dequantized weight, generation end to end, save and
+load, memory, and the errors users meet."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fixtures import write_reference_processor
+from reference_models import write_reference_csm
+
+import csm
+from csm import CsmForConditionalGeneration
+from csm.batching import BatchCore, RowJob
+from csm.checkpoint import CheckpointError
+from csm.generate import GenerationConfig, decode_rows
+from csm.quant import (
+    PREFILL_ROWS,
+    Int4Linear,
+    Int8Linear,
+    QuantConfig,
+    check_supported,
+    dequantize,
+    make_linear,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
+
+GREEDY = dict(do_sample=False, depth_decoder_do_sample=False)
+SCHEMES = ["int8", "int4"]
+# The depth decoder at width 64, so that int4's groups of 32 fit its every layer.
+DEPTH = dict(
+    num_codebooks=8,
+    backbone_hidden_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant") / "fp32"
+    write_reference_csm(path, seed=3, depth_decoder_config=DEPTH)
+    write_reference_processor(path)
+    return path
+
+
+def prompt(batch=2, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 300, (batch, length), generator=g)
+
+
+def linear(n, k, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(k, n, bias=False)
+    nn.init.normal_(layer.weight, std=0.02)
+    return layer.eval()
+
+
+# ---- one layer ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 3, 8, PREFILL_ROWS])  # the int kernels, and the prefill GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_equals_the_product_with_its_dequantized_weight(scheme, group_size, rows, dtype):
+    config = QuantConfig(scheme, group_size)
+    layer = linear(256, 512)
+    q = make_linear(layer, config)
+    x = torch.randn(rows, 512, dtype=dtype)
+    w = q.dequantized() if scheme == "int4" else dequantize(q.state_dict())
+    expected = x.float() @ w.t()
+    got = q(x)
+    assert got.dtype == dtype and got.shape == (rows, 256)
+    # bf16 activations (what the kernels read) and a bf16 result: ~2^-8 relative
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    weight_error = (w - layer.weight).norm() / layer.weight.norm()
+    assert weight_error < (0.01 if scheme == "int8" else 0.12)  # Gaussian weights: ~0.08 at 32, ~0.1 at 128
+
+
+def test_quantized_linear_takes_three_dimensional_input_and_a_bias():
+    layer = nn.Linear(64, 32, bias=True).eval()
+    for scheme in SCHEMES:
+        q = make_linear(layer, QuantConfig(scheme))
+        w = q.dequantized() if scheme == "int4" else dequantize(q.state_dict())
+        x = torch.randn(2, 5, 64)
+        torch.testing.assert_close(q(x), F.linear(x, w, layer.bias), rtol=0, atol=0.02)
+
+
+def test_int4_file_layout_is_the_portable_one_and_survives_the_kernels_packing():
+    w = linear(128, 64).weight
+    portable = quantize_int4(w, 32)
+    q = Int4Linear(64, 128, 32)
+    q.set_portable(portable)
+    saved = q.state_dict()
+    for name in ("qweight", "scales", "zeros"):
+        assert torch.equal(saved[name], portable[name])
+    assert saved["qweight"].shape == (128, 32) and saved["scales"].shape == (128, 2)
+    low = saved["qweight"][:, 0] & 15  # weight k = 0 in the low nibble, k = 1 in the high one
+    assert torch.equal(low.long(), unpack_int4(pack_int4(portable["qweight"]), 64)[:, 0].long())
+    torch.testing.assert_close(q.dequantized(), dequantize(portable, 32))
+
+
+def test_quantized_layers_refuse_training():
+    for scheme in SCHEMES:
+        q = make_linear(linear(64, 64).train(), QuantConfig(scheme))
+        assert not list(q.parameters())  # nothing an optimizer could train
+        x = torch.randn(2, 64, requires_grad=True)
+        with pytest.raises(RuntimeError, match="inference only.*fine-tune the full-precision"):
+            q(x)
+        with torch.no_grad():
+            q(x)
+        q.eval()
+        q(x)  # evaluating with autograd on is fine: the weights take no part in it
+
+
+# ---- the model ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_replaces_the_transformer_linears_and_keeps_embeddings_heads_and_codec(checkpoint, scheme):
+    model = CsmForConditionalGeneration.from_pretrained(checkpoint).quantize(scheme)
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    q = Int8Linear if scheme == "int8" else Int4Linear
+    assert kinds["backbone_model.layers.0.mlp.down_proj"] is q
+    assert kinds["depth_decoder.model.layers.1.self_attn.k_proj"] is q
+    assert kinds["depth_decoder.model.inputs_embeds_projector"] is q
+    assert len(model.quantization.modules) == 2 * 7 + 2 * 7 + 1
+    assert not isinstance(model.lm_head, q) and model.lm_head.weight.dtype == torch.float32
+    assert not any(isinstance(m, q) for m in model.codec_model.modules())
+    assert model.depth_decoder.codebooks_head.weight.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def quantized(checkpoint):
+    """Each scheme's model, quantized as it loads."""
+    return {
+        scheme: CsmForConditionalGeneration.from_pretrained(checkpoint, quantize=scheme) for scheme in SCHEMES
+    }
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_greedy_generation_with_quantized_weights_returns_decodable_audio(quantized, scheme):
+    model = quantized[scheme]
+    with pytest.warns(UserWarning, match="without end-of-audio"):
+        audio = model.generate(input_ids=prompt(), max_new_tokens=4, output_audio=True, **GREEDY)
+    assert [a.shape[0] for a in audio] == [4 * 1920] * 2 and all(torch.isfinite(a).all() for a in audio)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sampling_with_quantized_weights_streams_decodable_audio_that_follows_the_seed(quantized, scheme):
+    model = quantized[scheme]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights rarely end the audio
+        codes = [model.generate(input_ids=prompt(), max_new_tokens=4, seed=s) for s in (1, 2)]
+        chunks = list(model.generate_stream(input_ids=prompt(), max_new_tokens=4, chunk_frames=2, seed=1))
+    assert not torch.equal(codes[0], codes[1])
+    assert codes[0].shape == (2, 4, 8) and int(codes[0].max()) < 2048
+    audio = decode_rows(model, codes[0])
+    for row in range(2):  # the same seed gives the same codes, hence the same audio, streamed
+        streamed = torch.cat([c[row] for c in chunks])
+        assert torch.isfinite(streamed).all() and streamed.shape == (4 * 1920,)
+        torch.testing.assert_close(streamed, audio[row], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_runs_in_the_servers_batching_core(quantized, scheme):
+    model = quantized[scheme]
+    config = GenerationConfig.from_model(model)
+    core = BatchCore(model, max_batch_size=2, chunk_frames=2)
+    jobs = [
+        RowJob(
+            embed=lambda i=i: model.embed_inputs(prompt(1, 8 + i, seed=i))[0],
+            max_frames=3,
+            backbone=config.backbone,
+            depth_decoder=config.depth_decoder,
+            seed=i,
+        )
+        for i in range(2)
+    ]
+    for job in jobs:
+        core.add(job)
+    kinds = []
+    while core.live_rows():
+        kinds += [e.kind for e in core.step()]
+    core.close()
+    assert kinds.count("done") == 2 and "error" not in kinds
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 64)])
+def test_a_saved_quantized_model_loads_with_identical_outputs(checkpoint, tmp_path, scheme, group_size):
+    model = CsmForConditionalGeneration.from_pretrained(checkpoint).quantize(scheme, group_size=group_size)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization"]["scheme"] == scheme and config["quantization"]["group_size"] == group_size
+    loaded = CsmForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.quantization == model.quantization
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    ids = prompt()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(
+        loaded.generate(input_ids=ids, max_new_tokens=5, seed=3),
+        model.generate(input_ids=ids, max_new_tokens=5, seed=3),
+    )
+    assert (
+        CsmForConditionalGeneration.from_pretrained(tmp_path, quantize=scheme).quantization
+        == model.quantization
+    )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantizing_while_loading_equals_quantizing_after(checkpoint, quantized, scheme):
+    loaded = quantized[scheme]
+    after = CsmForConditionalGeneration.from_pretrained(checkpoint).quantize(scheme)
+    ids = prompt()
+    assert torch.equal(loaded(ids).logits, after(ids).logits)
+    assert torch.equal(
+        loaded.generate(input_ids=ids, max_new_tokens=4, **GREEDY),
+        after.generate(input_ids=ids, max_new_tokens=4, **GREEDY),
+    )
+
+
+def test_a_quantized_model_holds_no_full_precision_or_prepacked_copy_of_its_quantized_weights(
+    checkpoint, quantized
+):
+    model = quantized["int8"]
+    model.generate(input_ids=prompt(), max_new_tokens=2, **GREEDY)  # prepacks what it prepacks on CPU
+    for name in model.quantization.modules:
+        m = model.get_submodule(name)
+        tensors = [*m.parameters(), *m.buffers()]
+        assert all(not t.is_floating_point() or t.dim() < 2 for t in tensors), name  # int8 matrix, 1-D scales
+        assert getattr(m, "packed", None) is None
+    full = CsmForConditionalGeneration.from_pretrained(checkpoint)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    for name in model.quantization.modules:  # int8: 1 byte per weight and a scale per row, against 4
+        m = model.get_submodule(name)
+        assert nbytes(m.buffers()) < nbytes(full.get_submodule(name).parameters()) / 3.5, name
+    assert nbytes([*model.parameters(), *model.buffers()]) < nbytes([*full.parameters(), *full.buffers()])
+
+
+def test_quantized_checkpoint_cannot_be_fine_tuned(checkpoint, tmp_path):
+    from csm.train import FinetuneConfig, finetune
+
+    CsmForConditionalGeneration.from_pretrained(checkpoint, quantize="int8").save_pretrained(tmp_path / "q")
+    write_reference_processor(tmp_path / "q")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"audio": "a.wav", "text": "hi"}\n')
+    with pytest.raises(ValueError, match="int8-quantized weights, which cannot be trained"):
+        finetune(
+            FinetuneConfig(model=str(tmp_path / "q"), data=str(data), out=str(tmp_path / "out"), steps=1)
+        )
+
+
+def test_pipeline_takes_quantize(checkpoint):
+    tts = csm.pipeline("text-to-audio", model=str(checkpoint), device="cpu", quantize="int8")
+    assert tts.model.quantization.scheme == "int8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights rarely end the audio
+        out = tts("Hello there.", seed=0, max_seconds=0.3)
+    assert out["audio"].ndim == 1 and out["sampling_rate"] == 24000
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+def test_unknown_scheme_and_bad_group_sizes_are_refused(checkpoint):
+    model = CsmForConditionalGeneration.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'; use one of int8, int4"):
+        model.quantize("int3")
+    with pytest.raises(ValueError, match="group_size is for int4"):
+        model.quantize("int8", group_size=32)
+    with pytest.raises(ValueError, match="group_size must be one of 32, 64, 128, 256, got 48"):
+        model.quantize("int4", group_size=48)
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        CsmForConditionalGeneration.from_pretrained(checkpoint, quantize="fp4")
+    with pytest.raises(ValueError, match="pass quantize='int4' too"):
+        CsmForConditionalGeneration.from_pretrained(checkpoint, group_size=64)
+    model.quantize("int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        model.quantize("int4")
+
+
+def test_unsupported_devices_and_dtypes_are_refused(checkpoint):
+    with pytest.raises(ValueError, match="int4 weights are not supported on cuda"):
+        check_supported("int4", torch.device("cuda"))
+    with pytest.raises(ValueError, match="not supported on mps"):
+        check_supported("int8", torch.device("mps"))
+    check_supported("int8", torch.device("cuda"))  # the portable formulation, untested on a GPU
+    with pytest.raises(ValueError, match="float32 or bfloat16 model, not torch.float16"):
+        CsmForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16, quantize="int8")
+    with pytest.raises(RuntimeError, match="int4 weights run on the CPU only"):
+        make_linear(linear(64, 64), QuantConfig("int4"))(torch.randn(1, 64, device="meta"))
+
+
+def test_a_quantized_checkpoint_is_not_loaded_as_another_scheme(checkpoint, tmp_path):
+    CsmForConditionalGeneration.from_pretrained(checkpoint, quantize="int8").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"already quantized \(int8.*cannot be loaded as int4"):
+        CsmForConditionalGeneration.from_pretrained(tmp_path, quantize="int4")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization"]["format"] = "something-else"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantization format 'something-else' is not one this csm reads"):
+        CsmForConditionalGeneration.from_pretrained(tmp_path)
