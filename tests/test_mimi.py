@@ -442,3 +442,35 @@ def test_bfloat16_weights_encode_and_decode(small, tmp_path):
     assert (audio.float() - expected).norm() / expected.norm() < 0.05
     assert half.encode(random_audio(1, 4000)).shape == (1, 4, 3)
     assert half.streaming_decoder().step(codes).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("window", [250, 3])
+def test_streams_started_apart_decode_in_one_state(tmp_path, window):
+    """Rows of one decoder advanced by `step(codes, rows)`: each row's audio is its own stream's."""
+    reference = reference_model(**{**SMALL, "sliding_window": window})
+    ours = converted(reference, tmp_path)
+    clips = [random_codes(ours, 1, 9, seed=s) for s in range(3)]
+    decoder = ours.streaming_decoder(batch_size=4)
+    out = {r: [] for r in range(3)}
+    done = dict.fromkeys(range(3), 0)
+    # (rows, frames): row 1 starts two frames late, row 2 in row 0's slot's neighbour after a reset
+    plan = [([0], 2), ([0, 1], 1), ([1, 0], 2), ([2], 3), ([0, 1, 2], 2), ([2, 1], 2), ([0], 2), ([1, 2], 2)]
+    decoder.reset([3])  # a reset of an unused row changes nothing for the others
+    for rows, n in plan:
+        codes = torch.cat([clips[r][..., done[r] : done[r] + n] for r in rows])
+        audio = decoder.step(codes, rows)
+        assert audio.shape == (len(rows), 1, n * ours.samples_per_frame)
+        for i, r in enumerate(rows):
+            out[r].append(audio[i : i + 1])
+            done[r] += n
+    for r in range(3):
+        codes = clips[r][..., : done[r]]
+        torch.testing.assert_close(torch.cat(out[r], -1), ours.decode(codes), rtol=0, atol=1e-4)
+    # a row reset mid-way starts a fresh stream there
+    decoder.reset([1])
+    fresh = decoder.step(clips[2][..., :3], [1])
+    torch.testing.assert_close(fresh, ours.decode(clips[2][..., :3]), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="distinct"):
+        decoder.step(clips[0][..., :1].repeat(2, 1, 1), [0, 0])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        decoder.reset([4])

@@ -52,6 +52,11 @@ def short_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, s
 class _ConvState:
     previous: torch.Tensor | None  # (B, C_in, T) the input frames the next output still needs
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        if self.previous is None:
+            raise ValueError("streams that start apart need pad_mode='constant' (replicate pads from the start)")
+        self.previous[rows] = 0
+
 
 class Conv1d(StreamingModule):
     """Conv1d padded as Mimi does: on the left by `kernel - stride` (causal), and on the right up to
@@ -145,17 +150,23 @@ class Conv1d(StreamingModule):
 
     def _step(self, x: torch.Tensor, stream: StreamState) -> torch.Tensor:
         state: _ConvState = stream[self]
-        previous = state.previous
-        if previous is None:
+        if state.previous is None:
+            if stream.rows is not None:
+                raise ValueError("streams that start apart need pad_mode='constant' (replicate pads from the start)")
             if x.shape[-1] == 0:
                 return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
             previous = x[..., :1].expand(-1, -1, self.padding_total)
+        else:
+            previous = stream.take(state.previous)
         x = torch.cat([previous, x], dim=-1)
         if stream.final:
             x = pad1d(x, 0, -(x.shape[-1] - self.padding_total) % self.stride, self.pad_mode)
         frames = max(0, (x.shape[-1] - self.kernel) // self.stride + 1)
         consumed = frames * self.stride
-        state.previous = x[..., consumed:].contiguous()
+        if state.previous is None:
+            state.previous = x[..., consumed:].contiguous()
+        else:
+            state.previous = stream.keep(state.previous, x[..., consumed:])
         if frames == 0:
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
         return self._conv(x[..., : consumed + self.padding_total], 0)
@@ -245,6 +256,6 @@ class ConvTranspose1d(StreamingModule):
         state: _ConvState = stream[self]
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
-        x = torch.cat([state.previous, x], dim=-1)
-        state.previous = x[..., x.shape[-1] - (self.taps - 1) :].contiguous()
+        x = torch.cat([stream.take(state.previous), x], dim=-1)
+        state.previous = stream.keep(state.previous, x[..., x.shape[-1] - (self.taps - 1) :])
         return self._run(x, 0)

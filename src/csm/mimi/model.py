@@ -299,6 +299,10 @@ class MimiStreamingDecoder:
 
     Convolution overlaps and a sliding window of transformer keys are kept between steps, in buffers of
     fixed size, so a step costs the same however long the stream has run.
+
+    Its `batch_size` rows are independent streams. `step(codes)` advances all of them; `step(codes, rows)`
+    only those rows, so streams that started at different times (a server's requests) decode in one call
+    whenever they have the same number of frames; `reset(rows)` starts new streams in some rows.
     """
 
     def __init__(self, model: MimiModel, batch_size: int) -> None:
@@ -306,20 +310,36 @@ class MimiStreamingDecoder:
         self.batch_size = batch_size
         self.reset()
 
-    def reset(self) -> None:
-        """Start a new stream."""
+    def reset(self, rows: list[int] | torch.Tensor | None = None) -> None:
+        """Start a new stream in every row, or in `rows` only (the others go on)."""
         m = self.model
+        if rows is not None:
+            self.state.reset_rows(self._rows(rows))
+            return
         modules = [mod for mod in (m.upsample, m.decoder_transformer, m.decoder) if mod is not None]
         self.state = StreamState(modules, self.batch_size, m.device, m.dtype)
 
     @torch.no_grad()
-    def step(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, Q, n) -> audio (B, 1, n * 1920)."""
+    def step(self, codes: torch.Tensor, rows: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Codes (B, Q, n) -> audio (B, 1, n * 1920); with `rows`, codes (len(rows), Q, n) for those rows."""
         m = self.model
-        codes = m._check_codes(codes, self.batch_size)
+        index = None if rows is None else self._rows(rows)
+        codes = m._check_codes(codes, self.batch_size if index is None else len(index))
         if codes.shape[-1] == 0:
-            return torch.zeros(self.batch_size, m.config.audio_channels, 0, device=m.device, dtype=m.dtype)
-        return m._decode_latents(m.quantizer.decode(codes, m.dtype), self.state)
+            return torch.zeros(codes.shape[0], m.config.audio_channels, 0, device=m.device, dtype=m.dtype)
+        self.state.rows = index
+        try:
+            return m._decode_latents(m.quantizer.decode(codes, m.dtype), self.state)
+        finally:
+            self.state.rows = None
+
+    def _rows(self, rows) -> torch.Tensor:
+        index = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if index.numel() == 0 or len(set(index.tolist())) != index.numel():
+            raise ValueError(f"rows must be distinct row numbers, got {index.tolist()}")
+        if index.min() < 0 or index.max() >= self.batch_size:
+            raise ValueError(f"rows must lie in [0, {self.batch_size}), got {index.tolist()}")
+        return index.to(self.model.device)
 
 
 class MimiStreamingEncoder:

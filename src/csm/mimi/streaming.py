@@ -31,6 +31,9 @@ class StreamState:
         # Set while flushing the end of a stream: strided convolutions then pad their last partial
         # window, as the full (non-streaming) pass does at the end of a clip.
         self.final = False
+        # Set during a step of some rows only (MimiStreamingDecoder.step(codes, rows)): each state is then
+        # read and written at those rows, so streams at different points can share one state.
+        self.rows: torch.Tensor | None = None
         self._states: dict[nn.Module, Any] = {}
         for root in modules:
             for m in root.modules():
@@ -42,3 +45,21 @@ class StreamState:
 
     def __setitem__(self, module: nn.Module, state: Any) -> None:
         self._states[module] = state
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of a state tensor (B, ...) this step runs."""
+        return t if self.rows is None else t[self.rows]
+
+    def keep(self, t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Store `new`, the updated rows of the state tensor `t`; returns the state tensor to keep."""
+        if self.rows is None:
+            return new.contiguous()
+        if new.shape[1:] != t.shape[1:]:
+            raise ValueError(f"a state of shape {tuple(t.shape)} cannot take rows of shape {tuple(new.shape)}")
+        t[self.rows] = new
+        return t
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Start new streams in `rows`, the others going on."""
+        for state in self._states.values():
+            state.reset_rows(rows)

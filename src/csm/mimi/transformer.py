@@ -25,33 +25,52 @@ _ACTIVATIONS = {
 def rope(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim) for rotary embeddings at `positions`, computed in float32."""
+    """cos and sin (..., head_dim) for rotary embeddings at `positions` (...), computed in float32."""
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
     )
-    freqs = positions[:, None].float() * inv_freq
+    freqs = positions[..., None].float() * inv_freq
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 @dataclass
 class KVCache:
-    """The last `window` keys and values of every layer, in a ring indexed by position % window."""
+    """The last `window` keys and values of every layer, in a ring per row indexed by position % window.
+
+    Each row keeps its own positions, so rows can be streams that started at different times.
+    """
 
     keys: list[torch.Tensor]  # per layer (B, H_kv, window, head_dim)
     values: list[torch.Tensor]
-    positions: torch.Tensor  # (window,) position held by each slot, -1 while empty
-    offset: int = 0  # position of the next frame
-    slots: torch.Tensor | None = None  # ring slots of the current step's newest frames
+    positions: torch.Tensor  # (B, window) position held by each slot, -1 while empty
+    offsets: torch.Tensor  # (B,) position of each row's next frame
+    rows: torch.Tensor | None = None  # the rows the current step runs (None: all)
+    slots: torch.Tensor | None = None  # (rows, T') ring slots of the current step's newest frames
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values to attend to (the ring, then the new frames); the newest then enter the ring."""
-        keys = torch.cat([self.keys[layer], k], dim=2)
-        values = torch.cat([self.values[layer], v], dim=2)
-        window = self.positions.shape[0]
-        self.keys[layer].index_copy_(2, self.slots, k[:, :, -window:])
-        self.values[layer].index_copy_(2, self.slots, v[:, :, -window:])
+        ring_k, ring_v = self.keys[layer], self.values[layer]
+        if self.rows is not None:
+            ring_k, ring_v = ring_k[self.rows], ring_v[self.rows]
+        keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
+        newest = self.slots.shape[1]
+        rows = self.row_index()
+        # Advanced indices (rows, 1) and (rows, T') around a slice: the indexed dims come first.
+        self.keys[layer][rows, :, self.slots] = k[:, :, -newest:].transpose(1, 2)
+        self.values[layer][rows, :, self.slots] = v[:, :, -newest:].transpose(1, 2)
         return keys, values
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        self.positions[rows] = -1
+        self.offsets[rows] = 0
+
+    def row_index(self) -> torch.Tensor:
+        """(rows, 1): the rows the current step runs, as an index."""
+        rows = self.rows
+        if rows is None:
+            rows = torch.arange(self.offsets.shape[0], device=self.offsets.device)
+        return rows[:, None]
 
 
 class LayerScale(nn.Module):
@@ -122,7 +141,7 @@ class Transformer(StreamingModule):
         """x: (B, T, D) -> (B, T, D)."""
         T = x.shape[1]
         if stream is not None:
-            return self._step(x, stream[self]) if T else x
+            return self._step(x, stream[self], stream.rows) if T else x
         if T > self.window:
             # Past the window, a window at a time through a ring cache: the same result as one masked
             # pass, in memory and time linear in T instead of quadratic.
@@ -138,19 +157,26 @@ class Transformer(StreamingModule):
         return KVCache(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
-            positions=torch.full((self.window,), -1, device=device, dtype=torch.long),
+            positions=torch.full((batch_size, self.window), -1, device=device, dtype=torch.long),
+            offsets=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
-    def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         T = x.shape[1]
-        positions = torch.arange(cache.offset, cache.offset + T, device=x.device)
+        offsets = cache.offsets if rows is None else cache.offsets[rows]
+        positions = offsets[:, None] + torch.arange(T, device=x.device)  # (B, T): each row at its own point
         cos, sin = rope(positions, self.head_dim, self.theta, x.dtype)
-        held = torch.cat([cache.positions, positions])  # positions of the keys attended: ring, then new
-        delta = positions[:, None] - held[None, :]
-        mask = (delta >= 0) & (delta < self.window) & (held >= 0)
-        cache.slots = positions[-self.window :] % self.window
+        held = cache.positions if rows is None else cache.positions[rows]
+        held = torch.cat([held, positions], dim=1)  # positions of the keys attended: ring, then new
+        delta = positions[:, :, None] - held[:, None, :]
+        mask = ((delta >= 0) & (delta < self.window) & (held[:, None, :] >= 0))[:, None]  # (B, 1, T, S)
+        cache.rows, cache.slots = rows, positions[:, -self.window :] % self.window
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        cache.positions[cache.slots] = positions[-self.window :]
-        cache.offset += T
+        cache.positions[cache.row_index(), cache.slots] = positions[:, -self.window :]
+        if rows is None:
+            cache.offsets += T
+        else:
+            cache.offsets[rows] += T
+        cache.rows = cache.slots = None
         return x
