@@ -474,3 +474,21 @@ def test_streams_started_apart_decode_in_one_state(tmp_path, window):
         decoder.step(clips[0][..., :1].repeat(2, 1, 1), [0, 0])
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         decoder.reset([4])
+
+
+def test_a_row_wise_step_that_raises_leaves_every_stream_as_it_was(small, monkeypatch):
+    _, ours = small
+    codes = random_codes(ours, 2, 5, seed=7)
+    decoder = ours.streaming_decoder(batch_size=2)
+    first = decoder.step(codes[..., :2], [0, 1])
+    seanet = type(ours.decoder).forward
+
+    def exploding(self, x, stream=None):
+        raise RuntimeError("boom")  # after the upsampling and the transformer have run their part
+
+    monkeypatch.setattr(type(ours.decoder), "forward", exploding)
+    with pytest.raises(RuntimeError, match="boom"):
+        decoder.step(codes[..., 2:4], [0, 1])
+    monkeypatch.setattr(type(ours.decoder), "forward", seanet)
+    rest = torch.cat([decoder.step(codes[0:1, :, 2:5], [0]), decoder.step(codes[1:2, :, 2:5], [1])])
+    torch.testing.assert_close(torch.cat([first, rest], -1), ours.decode(codes), rtol=0, atol=1e-4)

@@ -54,7 +54,9 @@ class _ConvState:
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         if self.previous is None:
-            raise ValueError("streams that start apart need pad_mode='constant' (replicate pads from the start)")
+            raise ValueError(
+                "streams that start apart need pad_mode='constant' (replicate pads from the start)"
+            )
         self.previous[rows] = 0
 
 
@@ -152,7 +154,9 @@ class Conv1d(StreamingModule):
         state: _ConvState = stream[self]
         if state.previous is None:
             if stream.rows is not None:
-                raise ValueError("streams that start apart need pad_mode='constant' (replicate pads from the start)")
+                raise ValueError(
+                    "streams that start apart need pad_mode='constant' (replicate pads from the start)"
+                )
             if x.shape[-1] == 0:
                 return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
             previous = x[..., :1].expand(-1, -1, self.padding_total)

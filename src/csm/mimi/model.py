@@ -302,7 +302,8 @@ class MimiStreamingDecoder:
 
     Its `batch_size` rows are independent streams. `step(codes)` advances all of them; `step(codes, rows)`
     only those rows, so streams that started at different times (a server's requests) decode in one call
-    whenever they have the same number of frames; `reset(rows)` starts new streams in some rows.
+    whenever they have the same number of frames; `reset(rows)` starts new streams in some rows. A
+    `step(codes, rows)` that raises leaves every row's stream as it was, so its rows can be stepped again.
     """
 
     def __init__(self, model: MimiModel, batch_size: int) -> None:
@@ -327,11 +328,16 @@ class MimiStreamingDecoder:
         codes = m._check_codes(codes, self.batch_size if index is None else len(index))
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], m.config.audio_channels, 0, device=m.device, dtype=m.dtype)
-        self.state.rows = index
-        try:
+        if index is None:
             return m._decode_latents(m.quantizer.decode(codes, m.dtype), self.state)
+        self.state.rows, self.state.writes = index, []  # held back: a step that raises changes no row
+        try:
+            audio = m._decode_latents(m.quantizer.decode(codes, m.dtype), self.state)
+            for write in self.state.writes:
+                write()
+            return audio
         finally:
-            self.state.rows = None
+            self.state.rows = self.state.writes = None
 
     def _rows(self, rows) -> torch.Tensor:
         index = torch.as_tensor(rows, dtype=torch.long).flatten()

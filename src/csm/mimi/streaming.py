@@ -8,6 +8,8 @@ size allocated once, so the cost of a step does not grow with the length of the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,8 +34,10 @@ class StreamState:
         # window, as the full (non-streaming) pass does at the end of a clip.
         self.final = False
         # Set during a step of some rows only (MimiStreamingDecoder.step(codes, rows)): each state is then
-        # read and written at those rows, so streams at different points can share one state.
+        # read and written at those rows, so streams at different points can share one state; and its writes
+        # wait in `writes` until the whole step has run, so a step that raises leaves every row as it was.
         self.rows: torch.Tensor | None = None
+        self.writes: list[Callable[[], object]] | None = None
         self._states: dict[nn.Module, Any] = {}
         for root in modules:
             for m in root.modules():
@@ -55,9 +59,18 @@ class StreamState:
         if self.rows is None:
             return new.contiguous()
         if new.shape[1:] != t.shape[1:]:
-            raise ValueError(f"a state of shape {tuple(t.shape)} cannot take rows of shape {tuple(new.shape)}")
-        t[self.rows] = new
+            raise ValueError(
+                f"a state of shape {tuple(t.shape)} cannot take rows of shape {tuple(new.shape)}"
+            )
+        self.later(partial(t.index_copy_, 0, self.rows, new))
         return t
+
+    def later(self, write: Callable[[], object]) -> None:
+        """Run a state write now, or once the row-wise step has run whole."""
+        if self.writes is None:
+            write()
+        else:
+            self.writes.append(write)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Start new streams in `rows`, the others going on."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -47,6 +48,7 @@ class KVCache:
     offsets: torch.Tensor  # (B,) position of each row's next frame
     rows: torch.Tensor | None = None  # the rows the current step runs (None: all)
     slots: torch.Tensor | None = None  # (rows, T') ring slots of the current step's newest frames
+    later: Callable | None = None  # how the current step writes (StreamState.later); None: at once
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values to attend to (the ring, then the new frames); the newest then enter the ring."""
@@ -55,11 +57,17 @@ class KVCache:
             ring_k, ring_v = ring_k[self.rows], ring_v[self.rows]
         keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
         newest = self.slots.shape[1]
-        rows = self.row_index()
         # Advanced indices (rows, 1) and (rows, T') around a slice: the indexed dims come first.
-        self.keys[layer][rows, :, self.slots] = k[:, :, -newest:].transpose(1, 2)
-        self.values[layer][rows, :, self.slots] = v[:, :, -newest:].transpose(1, 2)
+        where = (self.row_index(), slice(None), self.slots)
+        self.write(self.keys[layer].__setitem__, where, k[:, :, -newest:].transpose(1, 2))
+        self.write(self.values[layer].__setitem__, where, v[:, :, -newest:].transpose(1, 2))
         return keys, values
+
+    def write(self, fn: Callable, *args) -> None:
+        if self.later is None:
+            fn(*args)
+        else:
+            self.later(partial(fn, *args))
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         self.positions[rows] = -1
@@ -141,7 +149,7 @@ class Transformer(StreamingModule):
         """x: (B, T, D) -> (B, T, D)."""
         T = x.shape[1]
         if stream is not None:
-            return self._step(x, stream[self], stream.rows) if T else x
+            return self._step(x, stream[self], stream) if T else x
         if T > self.window:
             # Past the window, a window at a time through a ring cache: the same result as one masked
             # pass, in memory and time linear in T instead of quadratic.
@@ -161,8 +169,9 @@ class Transformer(StreamingModule):
             offsets=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
-    def _step(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, cache: KVCache, stream: StreamState | None = None) -> torch.Tensor:
         T = x.shape[1]
+        rows = None if stream is None else stream.rows
         offsets = cache.offsets if rows is None else cache.offsets[rows]
         positions = offsets[:, None] + torch.arange(T, device=x.device)  # (B, T): each row at its own point
         cos, sin = rope(positions, self.head_dim, self.theta, x.dtype)
@@ -171,12 +180,14 @@ class Transformer(StreamingModule):
         delta = positions[:, :, None] - held[:, None, :]
         mask = ((delta >= 0) & (delta < self.window) & (held[:, None, :] >= 0))[:, None]  # (B, 1, T, S)
         cache.rows, cache.slots = rows, positions[:, -self.window :] % self.window
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
-        cache.positions[cache.row_index(), cache.slots] = positions[:, -self.window :]
-        if rows is None:
-            cache.offsets += T
-        else:
-            cache.offsets[rows] += T
-        cache.rows = cache.slots = None
+        cache.later = None if stream is None else stream.later
+        try:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, mask, cache, i)
+            cache.write(
+                cache.positions.__setitem__, (cache.row_index(), cache.slots), positions[:, -self.window :]
+            )
+            cache.write(cache.offsets.index_add_, 0, cache.row_index()[:, 0], torch.full_like(offsets, T))
+        finally:
+            cache.rows = cache.slots = cache.later = None
         return x
