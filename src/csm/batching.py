@@ -9,11 +9,18 @@ faults kept to that row.
     core.close()
 
 A job's prompt is embedded and prefilled when it is added (alone, into a free row); `step()` advances every
-live row by one frame and decodes each row's frames with its own streaming codec decoder, `chunk_frames` at a
-time. A row ends at its end-of-audio frame, at `max_frames`, or when `remove(row)` frees it.
+live row by one frame and decodes each row's frames, `chunk_frames` at a time. A row ends at its end-of-audio
+frame, at `max_frames`, or when `remove(row)` frees it.
+
+Decoding: with `batched_decode`, every row is a stream of one shared codec decoder and the rows decode
+together, one codec call per step for all rows with the same number of frames (chunks are aligned to every
+`chunk_frames`-th step, so a new row's first chunk may be shorter); a row's audio is then its solo audio up
+to float rounding. Without it, each row has a decoder of its own and its audio does not depend on the other
+rows at all (bit for bit: what `csm batch` promises).
 
 Faults: a job whose embed or prefill raises is not added (`add` raises, the row stays free); a row whose decode
-raises ends with an "error" event; when the shared step raises, each live row is stepped alone (without
+raises ends with an "error" event (batched: a shared codec call that raises changes no row's stream, and each of
+its rows is decoded alone: those that fail alone end, the others go on); when the shared step raises, each live row is stepped alone (without
 committing anything) to find the rows at fault, those end with "error", and the step runs again for the rest
 (should it raise again, every live row ends with "error": not one row's fault).
 Per-row random generators are rewound before that retry, so a seeded row's audio is the same as alone.
@@ -90,14 +97,21 @@ class BatchCore:
         max_seq_len: int = 2048,
         chunk_frames: int = 4,
         cuda_graph: bool | None = None,
+        batched_decode: bool = False,
     ):
         """`cuda_graph`: on CUDA, replay the frame step as CUDA graphs, the live rows in the smallest bucket
-        that holds them (None: csm.generate.CUDA_GRAPH_DEFAULT)."""
+        that holds them (None: csm.generate.CUDA_GRAPH_DEFAULT). `batched_decode`: decode the rows together
+        (module docstring); a codec whose convs pad by replication cannot, and decodes row by row."""
         self.model, self.max_batch_size, self.chunk_frames = model, max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         graphed = use_cuda_graph(model.device, cuda_graph)
         self.engine = FrameEngine(model, max_batch_size, self.max_seq_len, cuda_graph=graphed)
         self.rows: list[_Row | None] = [None] * max_batch_size
+        codec = model.codec_model
+        self.decoder = None  # the shared decoder, its row b being row b's stream
+        if batched_decode and codec.config.pad_mode == "constant":
+            self.decoder = codec.streaming_decoder(max_batch_size)
+        self.steps = 0
         self.shared_generator = torch.Generator(device=model.device).manual_seed(time.time_ns() % 2**31)
         self.batch_histogram: collections.Counter[int] = collections.Counter()  # live rows per step -> steps
         self.frames_generated = 0
@@ -130,7 +144,11 @@ class BatchCore:
         generator = None
         if job.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
-        decoder = self.model.codec_model.streaming_decoder(1) if job.decode else None
+        decoder = None
+        if job.decode and self.decoder is None:
+            decoder = self.model.codec_model.streaming_decoder(1)
+        elif job.decode:
+            self.decoder.reset([b])
         self.rows[b] = _Row(job, decoder, generator)
         return b
 
@@ -157,6 +175,8 @@ class BatchCore:
             return events
         live = self.live_rows()
         self.batch_histogram[len(live)] += 1
+        self.steps += 1
+        due, ends = [], {}
         for b in live:
             row = self.rows[b]
             frame = codes[b]
@@ -165,20 +185,70 @@ class BatchCore:
                 row.pending.append(frame)
                 row.job.codes.append(frame)
                 self.frames_generated += 1
-            done = ended or row.job.frames >= row.job.max_frames
-            try:
-                if row.pending and (
-                    done or (len(row.pending) >= self.chunk_frames and row.job.wants_audio())
-                ):
-                    events.append(self._flush(b, row))
-            except Exception as e:  # this row's decode: the others go on
-                events.append(RowEvent(b, row.job, "error", error=e))
-                self.remove(b)
-                continue
-            if done:
-                events.append(RowEvent(b, row.job, "done", reason="end" if ended else "max_frames"))
+            if ended or row.job.frames >= row.job.max_frames:
+                ends[b] = "end" if ended else "max_frames"
+            if row.pending and (b in ends or self._chunk_due(row)):
+                due.append(b)
+        events += self._flush_batched(due) if self.decoder is not None else self._flush_each(due)
+        for b, reason in ends.items():
+            if self.rows[b] is not None:  # not ended by a failed decode
+                events.append(RowEvent(b, self.rows[b].job, "done", reason=reason))
                 self.remove(b)
         return events
+
+    def _chunk_due(self, row: _Row) -> bool:
+        if self.decoder is not None:  # batched: every row's chunk at the same steps, so they decode together
+            return self.steps % self.chunk_frames == 0 and row.job.wants_audio()
+        return len(row.pending) >= self.chunk_frames and row.job.wants_audio()
+
+    def _flush_each(self, due: list[int]) -> list[RowEvent]:
+        events = []
+        for b in due:
+            try:
+                events.append(self._flush(b, self.rows[b]))
+            except Exception as e:  # this row's decode: the others go on
+                events.append(RowEvent(b, self.rows[b].job, "error", error=e))
+                self.remove(b)
+        return events
+
+    def _flush_batched(self, due: list[int]) -> list[RowEvent]:
+        """One codec call per group of rows with the same number of pending frames."""
+        events, groups = [], collections.defaultdict(list)
+        for b in due:
+            row = self.rows[b]
+            codes = torch.stack(row.pending, 1)  # (K, n)
+            row.pending = []
+            if row.job.decode:
+                groups[codes.shape[1]].append((b, codes))
+            else:
+                events.append(RowEvent(b, row.job, "audio", codes=codes))
+        for group in groups.values():
+            try:
+                audio = dict(zip([b for b, _ in group], self._decode(group), strict=True))
+            except Exception:  # the call changed no stream: find the rows at fault, one by one
+                audio = {}
+                for b, codes in group:
+                    try:
+                        audio[b] = self._decode([(b, codes)])[0]
+                    except Exception as e:
+                        events.append(RowEvent(b, self.rows[b].job, "error", error=e))
+                        self.remove(b)
+            for b, codes in group:
+                if b in audio:
+                    events.append(RowEvent(b, self.rows[b].job, "audio", codes=codes, audio=audio[b]))
+        return events
+
+    def _decode(self, group: list[tuple[int, torch.Tensor]]) -> list[np.ndarray]:
+        """Audio (samples,) float32 for each (row, codes (K, n)) of `group`, all with the same n: one call of
+        the shared decoder, or (one row) that row's own decoder."""
+        codes = torch.stack([c for _, c in group]).to(self.model.device)
+        with torch.inference_mode():
+            if self.decoder is not None:
+                decoded = self.decoder.step(codes, [b for b, _ in group])
+            else:
+                decoded = self.rows[group[0][0]].decoder.step(codes)
+        audio = decoded[:, 0].float().cpu().numpy()
+        return [np.ascontiguousarray(a, dtype=np.float32) for a in audio]
 
     def _ended(self, frame: torch.Tensor) -> bool:
         return bool(self.engine.rule.ends(frame))
@@ -246,9 +316,5 @@ class BatchCore:
     def _flush(self, b: int, row: _Row) -> RowEvent:
         codes = torch.stack(row.pending, 1)  # (K, n)
         row.pending = []
-        audio = None
-        if row.decoder is not None:
-            with torch.inference_mode():
-                decoded = row.decoder.step(codes[None].to(self.model.device))
-            audio = np.ascontiguousarray(decoded[0, 0].float().cpu().numpy(), dtype=np.float32)
+        audio = self._decode([(b, codes)])[0] if row.decoder is not None else None
         return RowEvent(b, row.job, "audio", codes=codes, audio=audio)

@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds a client may stop reading before it is dropped and its row freed (default: 30)",
     )
+    serve.add_argument(
+        "--batched-decode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode the audio of all requests in one codec call per step (default: on); with "
+        "--no-batched-decode each request has a decoder of its own, and a seeded request's audio is bit "
+        "for bit the same alone or batched",
+    )
 
     from .dialogue import add_dialogue_parser
 

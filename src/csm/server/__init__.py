@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
         "max_input_chars",
         "voices_dir",
         "stall_timeout",
+        "batched_decode",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -64,6 +64,7 @@ class ServerSettings:
     chunk_frames: int = 4  # frames decoded and sent together when streaming (0.32 s)
     max_buffered_chunks: int = 16  # audio chunks made but not yet sent, per request; beyond, decoding waits
     stall_timeout: float = 30.0  # seconds a client may stop reading before it is dropped and its row freed
+    batched_decode: bool = True  # the rows' audio decoded in one codec call (csm.batching)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_seconds: float = 60.0
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
@@ -160,7 +161,12 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     """The FastAPI app around a loaded model and processor; the scheduler runs while the app runs."""
     settings = settings or ServerSettings()
     scheduler = Scheduler(
-        model, settings.max_batch_size, settings.max_seq_len, settings.max_queue, settings.chunk_frames
+        model,
+        settings.max_batch_size,
+        settings.max_seq_len,
+        settings.max_queue,
+        settings.chunk_frames,
+        batched_decode=settings.batched_decode,
     )
     root = Path(settings.voices_dir).expanduser() if settings.voices_dir else voices_dir()
     loaded: dict[str, Voice] = {}

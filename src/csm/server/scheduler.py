@@ -74,8 +74,9 @@ class Scheduler:
         max_seq_len: int = 2048,
         max_queue: int = 64,
         chunk_frames: int = 4,
+        batched_decode: bool = True,
     ):
-        self.model = model
+        self.model, self.batched_decode = model, batched_decode
         self.max_batch_size, self.chunk_frames = max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         self.waiting: queue.Queue[SpeechJob] = queue.Queue(maxsize=max_queue)
@@ -94,7 +95,13 @@ class Scheduler:
 
     def start(self) -> None:
         if self._thread is None:
-            self.core = BatchCore(self.model, self.max_batch_size, self.max_seq_len, self.chunk_frames)
+            self.core = BatchCore(
+                self.model,
+                self.max_batch_size,
+                self.max_seq_len,
+                self.chunk_frames,
+                batched_decode=self.batched_decode,
+            )
             config = GenerationConfig.from_model(self.model)
             self.core.engine.capture_graphs(config.backbone, config.depth_decoder)  # CUDA graphs only
             self._thread = threading.Thread(target=self._run, name="csm-scheduler", daemon=True)
