@@ -203,6 +203,26 @@ def codec_decode(s: Suite, ours) -> None:
         s.record(
             f"codec streaming decode, batch {batch}, {chunk} frames a step", 1000 * seconds / 64, "ms/frame"
         )
+    # The server's case: 16 requests' streams, each at its own point; a decoder each, or one for all rows.
+    rows = 16
+    codes = torch.randint(0, 2048, (rows, K, 64), device=ours.device)
+    own = [codec.streaming_decoder(1) for _ in range(rows)]
+    shared, index = codec.streaming_decoder(rows), list(range(rows))
+
+    def per_request():
+        for t in range(0, 64, 4):
+            for r, decoder in enumerate(own):
+                decoder.step(codes[r : r + 1, :, t : t + 4])
+
+    def together():
+        for t in range(0, 64, 4):
+            shared.step(codes[..., t : t + 4], index)
+
+    for name, run in (("a decoder per request", per_request), ("one call for all rows", together)):
+        seconds = timed(run, s.args.repeats, ours.device)
+        s.record(
+            f"codec decode of {rows} streams, {name}", 1000 * seconds / 64, "ms per frame of all streams"
+        )
 
 
 def write_checkpoint(folder: Path, size: str, dtype: torch.dtype) -> None:
