@@ -310,3 +310,14 @@ def test_a_quantized_checkpoint_is_not_loaded_as_another_scheme(checkpoint, tmp_
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantization format 'something-else' is not one this csm reads"):
         CsmForConditionalGeneration.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow  # a cold CPU compile takes minutes per scheme
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_generation_with_quantized_weights_gives_the_eager_codes(checkpoint, scheme):
+    model = CsmForConditionalGeneration.from_pretrained(checkpoint, quantize=scheme)
+    greedy = dict(max_new_tokens=4, do_sample=False, depth_decoder_do_sample=False)
+    eager = model.generate(input_ids=prompt(), **greedy)
+    torch.testing.assert_close(
+        model.generate(input_ids=prompt(), compile=True, **greedy), eager, rtol=0, atol=0
+    )
