@@ -192,18 +192,9 @@ class Synthesizer:
             on_row(self._failed(request, e, line.started))
             return
         on_row(
-            {
-                "id": request.id,
-                "line": request.line,
-                "status": "ok",
-                "path": request.filename,
-                "seconds": round(len(audio) / self.rate, 4),
-                "frames": line.frames,
-                "sentences": len(line.chunks),
-                "cut_sentences": line.cut,
-                "seed": request.seed,
-                "generation_seconds": round(time.perf_counter() - line.started, 3),
-            }
+            self._ok(
+                request, audio, line.frames, line.started, sentences=len(line.chunks), cut_sentences=line.cut
+            )
         )
 
     def _dialogue(self, request: LineRequest, out: OutputDir, on_row) -> None:
@@ -230,19 +221,21 @@ class Synthesizer:
         except Exception as e:
             on_row(self._failed(request, e, started))
             return
-        on_row(
-            {
-                "id": request.id,
-                "line": request.line,
-                "status": "ok",
-                "path": request.filename,
-                "seconds": round(len(talk.audio) / self.rate, 4),
-                "frames": sum(t.frames for t in talk.turns),
-                "seed": request.seed,
-                "generation_seconds": round(time.perf_counter() - started, 3),
-                "turns": talk.manifest["turns"],  # per spoken turn: speaker, text, start and end in the file
-            }
-        )
+        turns = talk.manifest["turns"]  # per spoken turn: speaker, text, start and end in the file
+        on_row(self._ok(request, talk.audio, sum(t.frames for t in talk.turns), started, turns=turns))
+
+    def _ok(self, request: LineRequest, audio: np.ndarray, frames: int, started: float, **extra) -> dict:
+        return {
+            "id": request.id,
+            "line": request.line,
+            "status": "ok",
+            "path": request.filename,
+            "seconds": round(len(audio) / self.rate, 4),
+            "frames": frames,
+            **extra,
+            "seed": request.seed,
+            "generation_seconds": round(time.perf_counter() - started, 3),
+        }
 
     @staticmethod
     def _failed(request: LineRequest, error: Exception, started: float) -> dict:

@@ -13,7 +13,7 @@ from ..pipeline import split_sentences
 from ..planner import Turn, voice_turns
 from ..voice import Voice
 from .schemas import ContextTurn, DialogueRequest
-from .speech import ApiError, PlannedTurn, SpeechStream, server_error, sse
+from .speech import ApiError, PlannedTurn, SpeechStream, sse, sse_error
 
 log = logging.getLogger("csm.server")
 
@@ -130,10 +130,7 @@ async def dialogue_events(stream, speech: SpeechStream, seed: int | None):
                 yield sse({"type": "dialogue.turn.done", "turn": entry})
             sent = len(speech.entries)
     except Exception as e:
-        error = server_error(e)
-        log.error("request %s failed after audio was sent: %s", speech.request_id, error.message)
-        body = {"message": error.message, "type": error.type, "param": error.param, "code": None}
-        yield sse({"type": "error", "error": body})
+        yield sse_error(speech, e)
         return
     for entry in speech.entries[sent:]:
         yield sse({"type": "dialogue.turn.done", "turn": entry})

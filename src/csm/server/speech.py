@@ -229,6 +229,18 @@ def sse(event: dict) -> str:
     return f"data: {json.dumps(event)}\n\n"
 
 
+def sse_error(speech, e: Exception) -> str:
+    """The `error` event (OpenAI's error object) for a failure after audio was sent; logged with the request."""
+    error = server_error(e)
+    log.error("request %s failed after audio was sent: %s", speech.request_id, error.message)
+    return sse(
+        {
+            "type": "error",
+            "error": {"message": error.message, "type": error.type, "param": error.param, "code": None},
+        }
+    )
+
+
 async def sse_events(stream, speech: SpeechStream):
     """OpenAI's speech SSE: `speech.audio.delta` events with base64 audio, then `speech.audio.done`; a failure
     midway sends an `error` event (OpenAI's error object) and ends the stream."""
@@ -236,9 +248,6 @@ async def sse_events(stream, speech: SpeechStream):
         async for data in stream:
             yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
     except Exception as e:
-        error = server_error(e)
-        log.error("request %s failed after audio was sent: %s", speech.request_id, error.message)
-        body = {"message": error.message, "type": error.type, "param": error.param, "code": None}
-        yield sse({"type": "error", "error": body})
+        yield sse_error(speech, e)
         return
     yield sse({"type": "speech.audio.done", "usage": speech.usage()})

@@ -151,13 +151,7 @@ export class DialogueCard {
       const seconds = (performance.now() - started) / 1000;
       view.status(`Made ${view.player.received.toFixed(1)} s of dialogue in ${seconds.toFixed(1)} s (seed ${body.seed}).`);
     } catch (e) {
-      view.request?.abort(); // a failure midway: let go of the response too
-      view.player.stop();
-      if (e.name === "AbortError") view.status(`Stopped after ${view.player.received.toFixed(1)} s of audio.`);
-      else {
-        view.status("Ready.");
-        showError("dialogue-error", e.message);
-      }
+      showError("dialogue-error", view.failed(e));
     } finally {
       rows.forEach((row) => row.classList.remove("next"));
       view.end();

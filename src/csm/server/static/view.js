@@ -45,6 +45,19 @@ export class PlayerView {
     this.tick();
   }
 
+  // The request failed or was stopped midway: let go of the response, stop the audio, say so. Returns the
+  // error message to show ("" when the user stopped it).
+  failed(e) {
+    this.request?.abort();
+    this.player.stop();
+    if (e.name === "AbortError") {
+      this.status(`Stopped after ${this.player.received.toFixed(1)} s of audio.`);
+      return "";
+    }
+    this.status("Ready.");
+    return e.message;
+  }
+
   stop() {
     if (this.request) this.request.abort(); // the server sees the disconnect and frees the row
     this.player.stop();
