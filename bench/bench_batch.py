@@ -54,6 +54,7 @@ def run_batch(args, reqs: Path, out: Path, batch_size: int, ray: bool) -> tuple[
             str(args.max_seconds), "--seed", "0", "--batch-size", str(batch_size), "-q"]  # fmt: skip
     argv += ["--device", args.device] if args.device else []
     argv += ["--ray", "--workers", "2"] if ray else []
+    argv += ["--batched-decode"] if args.batched_decode else []
     t0 = time.perf_counter()
     assert main(argv) == 0, "the batch run failed"
     took = time.perf_counter() - t0
@@ -88,6 +89,7 @@ def main_bench() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-ray", action="store_true", help="leave out the Ray runs")
+    p.add_argument("--batched-decode", action="store_true", help="csm batch --batched-decode")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads of this process (default: torch's)"
     )

@@ -98,7 +98,9 @@ def main() -> int:
     p.add_argument("--max-frames", type=int, default=25, help="frame cap per request (12.5 per second)")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    p.add_argument("serve_args", nargs="*", help="more `csm serve` options, after --, e.g. -- --no-batched-decode")
+    p.add_argument(
+        "serve_args", nargs="*", help="more `csm serve` options, after --, e.g. -- --no-batched-decode"
+    )
     args = p.parse_args()
     if args.model is None:
         from csm.demo import write_demo_checkpoint
@@ -108,7 +110,13 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "csm", "serve", "--model", args.model, "--port", str(port)]
-    cmd += ["--max-frames", str(args.max_frames), "--max-batch-size", str(args.max_batch_size), *args.serve_args]
+    cmd += [
+        "--max-frames",
+        str(args.max_frames),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        *args.serve_args,
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

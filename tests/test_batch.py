@@ -3,6 +3,7 @@ invariance, and the same job on a local Ray instance."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -117,6 +118,22 @@ def test_batch_size_one_and_four_in_another_order_give_identical_files(ckpt, tmp
     assert len(one) == len(TEXTS) and one == four
     a, b = state(tmp_path / "one"), state(tmp_path / "four")
     assert {k: {**r, "line": 0} for k, r in a.items()} == {k: {**r, "line": 0} for k, r in b.items()}
+
+
+def test_batched_decode_gives_the_same_audio_within_a_16_bit_step_and_is_recorded(ckpt, tmp_path):
+    write(tmp_path / "a.jsonl", [r for r in lines() if r.get("format") != "flac"])
+    assert batch(ckpt, tmp_path / "a.jsonl", tmp_path / "own", "--batch-size", "4") == 0
+    assert (
+        batch(ckpt, tmp_path / "a.jsonl", tmp_path / "shared", "--batch-size", "4", "--batched-decode") == 0
+    )
+    own, shared = files(tmp_path / "own"), files(tmp_path / "shared")
+    assert own.keys() == shared.keys() and len(own) >= 4
+    for name in own:
+        a, _ = sf.read(io.BytesIO(own[name]), dtype="int16")
+        b, _ = sf.read(io.BytesIO(shared[name]), dtype="int16")
+        assert a.shape == b.shape and np.abs(a.astype(np.int32) - b).max() <= 1, name
+    assert json.loads((tmp_path / "shared" / "job.json").read_text())["batched_decode"] is True
+    assert batch(ckpt, tmp_path / "a.jsonl", tmp_path / "shared", "--batch-size", "4") == 2  # other settings
 
 
 KILLER = """

@@ -43,6 +43,7 @@ class JobSettings:
     top_k: int | None = None
     max_seconds: float | None = None  # per sentence
     quantize: str | None = None  # "int8" / "int4": quantized weights give other audio
+    batched_decode: bool = False  # one codec call for all rows: audio within one 16-bit step of a solo run's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +89,13 @@ class Synthesizer:
         (or once it failed). One line's failure ends that line alone."""
         requests = list(requests)
         dialogues = [r for r in requests if r.turns is not None]
-        core = BatchCore(self.model, self.batch_size, self.model.config.max_position_embeddings, CHUNK_FRAMES)
+        core = BatchCore(
+            self.model,
+            self.batch_size,
+            self.model.config.max_position_embeddings,
+            CHUNK_FRAMES,
+            batched_decode=self.settings.batched_decode,
+        )
         lines: dict[int, _Line] = {}  # id(job) -> its line
         todo = iter([r for r in requests if r.turns is None])
         try:
