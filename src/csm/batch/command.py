@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batched-decode",
         action="store_true",
-        help="decode the rows' audio in one codec call per step (faster; a line's audio then equals its solo "
-        "run's within one 16-bit step instead of bit for bit; recorded in the job)",
+        help="decode the rows' audio in one codec call per step (for GPUs, where a call per row costs more "
+        "than the frame step); a line's audio then equals its solo run's within one 16-bit step instead of bit "
+        "for bit; recorded in the job",
     )
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar or summary (errors still print)"
