@@ -262,6 +262,16 @@ def _pcm16(audio) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
+def _seed(args) -> int:
+    """--seed, or a new one, printed so that the run can be made again."""
+    if args.seed is not None:
+        return args.seed
+    seed = random.randrange(2**31)
+    if not args.quiet:
+        print(f"csm: seed {seed}", file=sys.stderr)
+    return seed
+
+
 def cmd_say(args) -> int:
     text = _read_text(args)
     if not text.strip():
@@ -270,11 +280,7 @@ def cmd_say(args) -> int:
         raise CliError("say where to write the audio: -o out.wav (or --stream, or -o - for stdout)")
     if args.stream and args.output not in (None, "-"):
         raise CliError("--stream writes to stdout; drop -o or use -o -")
-    seed = args.seed
-    if seed is None:
-        seed = random.randrange(2**31)
-        if not args.quiet:
-            print(f"csm: seed {seed}", file=sys.stderr)
+    seed = _seed(args)
     pipe = _load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
     options = dict(
         speaker=args.speaker,

@@ -132,11 +132,12 @@ def _json_turn(item, where: str, line: int, base: Path) -> ScriptTurn:
     unknown = sorted(set(item) - set(TURN_KEYS))
     if unknown:
         raise ScriptError(f"{where}: unknown key(s) {', '.join(unknown)}; a turn has {', '.join(TURN_KEYS)}")
-    speaker = item.get("speaker")
-    if isinstance(speaker, str) and speaker.strip().isdigit():
-        speaker = int(speaker)
-    if not isinstance(speaker, int) or isinstance(speaker, bool) or speaker < 0:
-        raise ScriptError(f"{where}: speaker must be a speaker id like 0, got {speaker!r}")
+    from .conversation import speaker_id
+
+    try:
+        speaker = speaker_id(item.get("speaker"))
+    except ValueError as e:
+        raise ScriptError(f"{where}: {e}") from None
     text = item.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ScriptError(f"{where}: the turn of speaker {speaker} has no text")
@@ -239,10 +240,9 @@ def _replace(path: Path, write) -> None:
 
 def cmd_dialogue(args) -> int:
     """`csm dialogue SCRIPT -o talk.wav`: the mix, talk.json beside it, and per-turn files with --turns-dir."""
-    import random
     import time
 
-    from .cli import CliError, _load_pipeline, _pcm16, _wav_header_unknown_length
+    from .cli import CliError, _load_pipeline, _pcm16, _seed, _wav_header_unknown_length
     from .voice import Voice
 
     turns = load_script(args.script)
@@ -261,11 +261,7 @@ def cmd_dialogue(args) -> int:
         out, manifest_path = _outputs(args, args.script)
         if args.turns_dir:
             Path(args.turns_dir).mkdir(parents=True, exist_ok=True)
-    seed = args.seed
-    if seed is None:
-        seed = random.randrange(2**31)
-        if not args.quiet:
-            print(f"csm: seed {seed}", file=sys.stderr)
+    seed = _seed(args)
     tts = _load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
     options = dict(temperature=args.temperature, top_k=args.top_k, max_seconds=args.max_seconds)
     rate, start = tts.sampling_rate, time.perf_counter()
