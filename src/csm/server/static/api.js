@@ -28,6 +28,18 @@ export async function api(path, init = {}) {
   return response;
 }
 
+// POST a JSON body; the response once it is ok, else the server's error thrown as an Error.
+export async function post(path, body, signal) {
+  const response = await api(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+    signal,
+  });
+  if (!response.ok) throw await errorOf(response);
+  return response;
+}
+
 // The server's message from OpenAI's error JSON `{"error": {"message": ...}}`, as a sentence.
 export async function errorOf(response) {
   let message = "";

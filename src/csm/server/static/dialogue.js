@@ -1,7 +1,7 @@
 // The Dialogue card: rows of speaker + text, spoken turn by turn, each in the context of the turns before it
 // (POST /v1/audio/dialogue with pcm over server-sent events), played as it comes; the row being heard is marked.
 
-import { api, errorOf, sentence } from "./api.js";
+import { post, sentence } from "./api.js";
 import { RATE, clock, wav } from "./player.js";
 import { sampling, save, showError } from "./speak.js";
 import { PlayerView, fromBase64, readEvents } from "./view.js";
@@ -138,13 +138,7 @@ export class DialogueCard {
     const started = performance.now();
     try {
       const signal = await view.begin();
-      const response = await api("/v1/audio/dialogue", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
-        signal,
-      });
-      if (!response.ok) throw await errorOf(response);
+      const response = await post("/v1/audio/dialogue", body, signal);
       view.state = "generating";
       view.status(`Speaking turn 1 of ${rows.length} (seed ${body.seed})…`);
       await readEvents(response, (event) => this.onEvent(event, rows));

@@ -1,6 +1,6 @@
 // The Speak card: text in, audio played while it is generated (POST /v1/audio/speech, pcm), and its download.
 
-import { api, errorOf } from "./api.js";
+import { post } from "./api.js";
 import { RATE, int16, wav } from "./player.js";
 import { PlayerView, readBody } from "./view.js";
 
@@ -62,13 +62,7 @@ export class SpeakCard {
     const started = performance.now();
     try {
       const signal = await view.begin();
-      const response = await api("/v1/audio/speech", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ ...body, response_format: "pcm" }),
-        signal,
-      });
-      if (!response.ok) throw await errorOf(response);
+      const response = await post("/v1/audio/speech", { ...body, response_format: "pcm" }, signal);
       view.state = "generating";
       view.status(`Generating (seed ${body.seed})…`);
       await readBody(response, (bytes) => view.player.push(bytes));
@@ -94,12 +88,7 @@ export class SpeakCard {
       $("download").disabled = true;
       this.view.status(`Making ${name}…`);
       try {
-        const response = await api("/v1/audio/speech", {
-          method: "POST",
-          headers: { "Content-Type": "application/json" },
-          body: JSON.stringify({ ...this.last, response_format: format }),
-        });
-        if (!response.ok) throw await errorOf(response);
+        const response = await post("/v1/audio/speech", { ...this.last, response_format: format });
         blob = await response.blob();
       } catch (e) {
         showError("error", e.message);
