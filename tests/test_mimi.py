@@ -492,3 +492,18 @@ def test_a_row_wise_step_that_raises_leaves_every_stream_as_it_was(small, monkey
     monkeypatch.setattr(type(ours.decoder), "forward", seanet)
     rest = torch.cat([decoder.step(codes[0:1, :, 2:5], [0]), decoder.step(codes[1:2, :, 2:5], [1])])
     torch.testing.assert_close(torch.cat([first, rest], -1), ours.decode(codes), rtol=0, atol=1e-4)
+
+
+def test_streams_started_apart_are_refused_where_convs_pad_by_replication(tmp_path):
+    ours = converted(reference_model(**{**SMALL, "pad_mode": "replicate"}), tmp_path)
+    codes = random_codes(ours, 2, 3)
+    decoder = ours.streaming_decoder(batch_size=2)
+    with pytest.raises(ValueError, match="pad_mode='constant'"):
+        decoder.step(codes[:1], [0])
+    with pytest.raises(ValueError, match="pad_mode='constant'"):
+        decoder.reset([1])
+    torch.testing.assert_close(decoder.step(codes), ours.decode(codes), rtol=0, atol=1e-4)  # all rows: fine
+    with pytest.raises(ValueError, match="pad_mode='constant'"):  # nor once the streams have begun
+        decoder.reset([1])
+    with pytest.raises(ValueError, match="pad_mode='constant'"):
+        decoder.step(codes[:1], [0])

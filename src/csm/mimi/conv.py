@@ -48,15 +48,19 @@ def short_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, s
     return packed_linear(windows, packed.tensors[0], bias).transpose(1, 2)
 
 
+APART_NEEDS_CONSTANT_PADDING = (
+    "streams that start apart need pad_mode='constant' (replicate pads from the start)"
+)
+
+
 @dataclass
 class _ConvState:
     previous: torch.Tensor | None  # (B, C_in, T) the input frames the next output still needs
+    replicate: bool = False  # padded by the stream's first sample: its rows cannot start apart
 
     def reset_rows(self, rows: torch.Tensor) -> None:
-        if self.previous is None:
-            raise ValueError(
-                "streams that start apart need pad_mode='constant' (replicate pads from the start)"
-            )
+        if self.replicate:
+            raise ValueError(APART_NEEDS_CONSTANT_PADDING)
         self.previous[rows] = 0
 
 
@@ -143,7 +147,7 @@ class Conv1d(StreamingModule):
         if not self.causal:
             raise ValueError("streaming needs causal convolutions (use_causal_conv=True)")
         if self.pad_mode == "replicate":
-            return _ConvState(previous=None)  # filled from the first sample of the stream
+            return _ConvState(previous=None, replicate=True)  # filled from the stream's first sample
         return _ConvState(
             previous=torch.zeros(
                 batch_size, self.conv.in_channels, self.padding_total, device=device, dtype=dtype
@@ -152,11 +156,9 @@ class Conv1d(StreamingModule):
 
     def _step(self, x: torch.Tensor, stream: StreamState) -> torch.Tensor:
         state: _ConvState = stream[self]
+        if state.replicate and stream.rows is not None:
+            raise ValueError(APART_NEEDS_CONSTANT_PADDING)
         if state.previous is None:
-            if stream.rows is not None:
-                raise ValueError(
-                    "streams that start apart need pad_mode='constant' (replicate pads from the start)"
-                )
             if x.shape[-1] == 0:
                 return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
             previous = x[..., :1].expand(-1, -1, self.padding_total)
@@ -167,10 +169,7 @@ class Conv1d(StreamingModule):
             x = pad1d(x, 0, -(x.shape[-1] - self.padding_total) % self.stride, self.pad_mode)
         frames = max(0, (x.shape[-1] - self.kernel) // self.stride + 1)
         consumed = frames * self.stride
-        if state.previous is None:
-            state.previous = x[..., consumed:].contiguous()
-        else:
-            state.previous = stream.keep(state.previous, x[..., consumed:])
+        state.previous = stream.keep(state.previous, x[..., consumed:])  # (a first step runs all rows)
         if frames == 0:
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0)
         return self._conv(x[..., : consumed + self.padding_total], 0)

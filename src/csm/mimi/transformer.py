@@ -47,6 +47,7 @@ class KVCache:
     positions: torch.Tensor  # (B, window) position held by each slot, -1 while empty
     offsets: torch.Tensor  # (B,) position of each row's next frame
     rows: torch.Tensor | None = None  # the rows the current step runs (None: all)
+    index: torch.Tensor | None = None  # (rows, 1): those rows as an index, all of them when rows is None
     slots: torch.Tensor | None = None  # (rows, T') ring slots of the current step's newest frames
     later: Callable | None = None  # how the current step writes (StreamState.later); None: at once
 
@@ -58,7 +59,7 @@ class KVCache:
         keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
         newest = self.slots.shape[1]
         # Advanced indices (rows, 1) and (rows, T') around a slice: the indexed dims come first.
-        where = (self.row_index(), slice(None), self.slots)
+        where = (self.index, slice(None), self.slots)
         self.write(self.keys[layer].__setitem__, where, k[:, :, -newest:].transpose(1, 2))
         self.write(self.values[layer].__setitem__, where, v[:, :, -newest:].transpose(1, 2))
         return keys, values
@@ -72,13 +73,6 @@ class KVCache:
     def reset_rows(self, rows: torch.Tensor) -> None:
         self.positions[rows] = -1
         self.offsets[rows] = 0
-
-    def row_index(self) -> torch.Tensor:
-        """(rows, 1): the rows the current step runs, as an index."""
-        rows = self.rows
-        if rows is None:
-            rows = torch.arange(self.offsets.shape[0], device=self.offsets.device)
-        return rows[:, None]
 
 
 class LayerScale(nn.Module):
@@ -179,15 +173,18 @@ class Transformer(StreamingModule):
         held = torch.cat([held, positions], dim=1)  # positions of the keys attended: ring, then new
         delta = positions[:, :, None] - held[:, None, :]
         mask = ((delta >= 0) & (delta < self.window) & (held[:, None, :] >= 0))[:, None]  # (B, 1, T, S)
-        cache.rows, cache.slots = rows, positions[:, -self.window :] % self.window
+        index = rows if rows is not None else torch.arange(len(offsets), device=offsets.device)
+        cache.rows, cache.index, cache.slots = (
+            rows,
+            index[:, None],
+            positions[:, -self.window :] % self.window,
+        )
         cache.later = None if stream is None else stream.later
         try:
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, mask, cache, i)
-            cache.write(
-                cache.positions.__setitem__, (cache.row_index(), cache.slots), positions[:, -self.window :]
-            )
-            cache.write(cache.offsets.index_add_, 0, cache.row_index()[:, 0], torch.full_like(offsets, T))
+            cache.write(cache.positions.__setitem__, (cache.index, cache.slots), positions[:, -self.window :])
+            cache.write(cache.offsets.index_add_, 0, index, torch.full_like(offsets, T))
         finally:
-            cache.rows = cache.slots = cache.later = None
+            cache.rows = cache.index = cache.slots = cache.later = None
         return x
