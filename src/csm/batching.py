@@ -189,7 +189,7 @@ class BatchCore:
                 ends[b] = "end" if ended else "max_frames"
             if row.pending and (b in ends or self._chunk_due(row)):
                 due.append(b)
-        events += self._flush_batched(due) if self.decoder is not None else self._flush_each(due)
+        events += self._flush(due)
         for b, reason in ends.items():
             if self.rows[b] is not None:  # not ended by a failed decode
                 events.append(RowEvent(b, self.rows[b].job, "done", reason=reason))
@@ -201,42 +201,44 @@ class BatchCore:
             return self.steps % self.chunk_frames == 0 and row.job.wants_audio()
         return len(row.pending) >= self.chunk_frames and row.job.wants_audio()
 
-    def _flush_each(self, due: list[int]) -> list[RowEvent]:
-        events = []
-        for b in due:
-            try:
-                events.append(self._flush(b, self.rows[b]))
-            except Exception as e:  # this row's decode: the others go on
-                events.append(RowEvent(b, self.rows[b].job, "error", error=e))
-                self.remove(b)
-        return events
-
-    def _flush_batched(self, due: list[int]) -> list[RowEvent]:
-        """One codec call per group of rows with the same number of pending frames."""
+    def _flush(self, due: list[int]) -> list[RowEvent]:
+        """Decode the rows' pending frames: one codec call per group of rows with the same number of frames
+        (batched), or per row (a decoder each)."""
         events, groups = [], collections.defaultdict(list)
         for b in due:
             row = self.rows[b]
             codes = torch.stack(row.pending, 1)  # (K, n)
             row.pending = []
             if row.job.decode:
-                groups[codes.shape[1]].append((b, codes))
+                shared = self.decoder is not None  # else a decoder each: a group of one per row
+                groups[codes.shape[1] if shared else ("row", b)].append((b, codes))
             else:
                 events.append(RowEvent(b, row.job, "audio", codes=codes))
         for group in groups.values():
-            try:
-                audio = dict(zip([b for b, _ in group], self._decode(group), strict=True))
-            except Exception:  # the call changed no stream: find the rows at fault, one by one
-                audio = {}
-                for b, codes in group:
-                    try:
-                        audio[b] = self._decode([(b, codes)])[0]
-                    except Exception as e:
-                        events.append(RowEvent(b, self.rows[b].job, "error", error=e))
-                        self.remove(b)
+            audio, failed = self._decode_group(group)
             for b, codes in group:
-                if b in audio:
+                if b in failed:
+                    events.append(RowEvent(b, self.rows[b].job, "error", error=failed[b]))
+                    self.remove(b)
+                else:
                     events.append(RowEvent(b, self.rows[b].job, "audio", codes=codes, audio=audio[b]))
         return events
+
+    def _decode_group(self, group: list[tuple[int, torch.Tensor]]) -> tuple[dict, dict]:
+        """({row: audio}, {row: exception}) for a group decoded together; when a call of several rows
+        raises (it changed no stream), each row is decoded alone to find the rows at fault."""
+        try:
+            return dict(zip([b for b, _ in group], self._decode(group), strict=True)), {}
+        except Exception as e:
+            if len(group) == 1:
+                return {}, {group[0][0]: e}
+        audio, failed = {}, {}
+        for b, codes in group:
+            try:
+                audio[b] = self._decode([(b, codes)])[0]
+            except Exception as e:
+                failed[b] = e
+        return audio, failed
 
     def _decode(self, group: list[tuple[int, torch.Tensor]]) -> list[np.ndarray]:
         """Audio (samples,) float32 for each (row, codes (K, n)) of `group`, all with the same n: one call of
@@ -312,9 +314,3 @@ class BatchCore:
         finally:
             self._restore(state, saved)
         return False
-
-    def _flush(self, b: int, row: _Row) -> RowEvent:
-        codes = torch.stack(row.pending, 1)  # (K, n)
-        row.pending = []
-        audio = self._decode([(b, codes)])[0] if row.decoder is not None else None
-        return RowEvent(b, row.job, "audio", codes=codes, audio=audio)
