@@ -173,6 +173,7 @@ class TextToAudioPipeline:
         self.defaults = self._check_options(defaults)
         self.sampling_rate = model.codec_model.sampling_rate
         self._voice_cache: dict[str, Voice] = {}
+        self.store_voice_codes = True  # a saved voice's codes go to its folder's codes.pt (csm batch: False)
 
     # ---- options ----------------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class TextToAudioPipeline:
         if isinstance(voice, (str, os.PathLike)):
             key = str(voice)
             if key not in self._voice_cache:
-                self._voice_cache[key] = Voice.named(key)
+                self._voice_cache[key] = Voice.named(key, store_codes=self.store_voice_codes)
             voice = self._voice_cache[key]
         return voice
 

@@ -74,6 +74,7 @@ class Synthesizer:
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         self.pipe, self.model, self.settings, self.batch_size = pipe, pipe.model, settings, batch_size
+        pipe.store_voice_codes = False  # a job writes into its output folder only, never into a voice's
         self.config = GenerationConfig.from_model(
             self.model, temperature=settings.temperature, top_k=settings.top_k
         )
@@ -241,6 +242,7 @@ class Synthesizer:
             "frames": frames,
             **extra,
             "seed": request.seed,
+            "request_hash": request.key,
             "generation_seconds": round(time.perf_counter() - started, 3),
         }
 
