@@ -157,6 +157,17 @@ def _as_waveforms(audio, count: int) -> list[np.ndarray]:
     return out
 
 
+def audio_format(path: str | os.PathLike) -> tuple[str, str]:
+    """The soundfile format and subtype that a file name's extension asks for; ValueError when there is none."""
+    path = Path(path)
+    fmt, subtype = _EXTRA_FORMATS.get(path.suffix.lower(), (None, None))
+    if fmt is None:
+        fmt = path.suffix.lstrip(".").upper()
+        if not fmt or fmt not in sf.available_formats():
+            raise ValueError(f"cannot tell the audio format of {path}: use .wav, .flac, .ogg, .opus or .mp3")
+    return fmt, subtype or sf.default_subtype(fmt)
+
+
 def save_audio(
     audio: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
     path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
@@ -176,14 +187,7 @@ def save_audio(
         path = Path(path).expanduser()
         if not path.parent.is_dir():
             raise ValueError(f"cannot write {path}: folder {path.parent} does not exist")
-        fmt, subtype = _EXTRA_FORMATS.get(path.suffix.lower(), (None, None))
-        if fmt is None:
-            fmt = path.suffix.lstrip(".").upper()
-            if fmt not in sf.available_formats():
-                raise ValueError(
-                    f"cannot tell the audio format of {path}: use .wav, .flac, .ogg, .opus or .mp3"
-                )
-        subtype = subtype or sf.default_subtype(fmt)
+        fmt, subtype = audio_format(path)
         if subtype not in _FLOAT_SUBTYPES:
             waveform = np.clip(waveform, -1.0, 1.0)  # integer PCM would wrap around instead of clipping
         try:
