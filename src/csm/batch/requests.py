@@ -19,9 +19,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..chunking import MAX_TEXT_CHARS
+
 FIELDS = ("id", "text", "turns", "voices", "pause", "speaker", "voice", "seed", "format")
 FORMATS = ("wav", "flac", "ogg", "opus", "mp3")
-MAX_TEXT_CHARS = 100_000  # csm.pipeline's limit for one text
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a file name on every filesystem, no folders
 
 
