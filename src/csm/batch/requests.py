@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..chunking import MAX_TEXT_CHARS
+
 FIELDS = ("id", "text", "turns", "voices", "pause", "speaker", "voice", "seed", "format")
 CSV_COLUMNS = ("id", "text", "speaker", "voice", "seed", "format")  # a CSV holds text lines, not dialogues
 FORMATS = ("wav", "flac", "ogg", "opus", "mp3")
-MAX_TEXT_CHARS = 100_000  # csm.pipeline's limit for one text
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a file name on every filesystem, no folders
 
 

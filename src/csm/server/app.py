@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..audio import SAMPLING_RATE, load_audio
+from ..chunking import MAX_CHUNK_CHARS, split_sentences
 from ..generate import GenerationConfig
-from ..pipeline import MAX_CHUNK_CHARS, split_sentences
 from ..planner import Turn, encode_turns, plan_prompt, voice_turns
 from ..voice import Voice, list_voices, voices_dir
 from .dialogue import context_turns, dialogue_events, dialogue_json, dialogue_turns
