@@ -277,7 +277,7 @@ def test_an_out_folder_of_other_files_or_another_jobs_settings_is_refused_untouc
 def test_a_job_that_finished_no_line_may_start_again_with_other_settings(ckpt, tmp_path, capsys):
     requests = write(tmp_path / "req.jsonl", [{"id": "x", "text": ""}, *lines(1)])
     assert batch(ckpt, requests, tmp_path / "out", "--skip-bad", "--temperature", "-1") == 2
-    assert "--temperature must be > 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "--temperature must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
     OutputDir.open(tmp_path / "out", {"model": "another", "seed": 3}).close()  # as if killed before any line
     assert batch(ckpt, requests, tmp_path / "out", "--skip-bad") == 1  # line 1 is bad
     assert json.loads((tmp_path / "out" / "job.json").read_text())["model"] == str(ckpt.resolve())

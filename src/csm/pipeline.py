@@ -140,6 +140,11 @@ class TextToAudioPipeline:
         default = GenerationConfig.from_model(self.model).max_new_tokens
         return max(default, math.ceil(rate * (3.0 + 0.1 * len(text)))), False  # ~15 chars/s, with room
 
+    def frame_budget(self, text: str, **options) -> int:
+        """The most frames one sentence `text` may take with these options (max_seconds, max_new_tokens, or
+        from its length): what a progress display counts up to."""
+        return self._frames(self._options(options), text)[0]
+
     def _sampling(self, opts: dict) -> dict:
         return {k: opts[k] for k in ("temperature", "top_k", "top_p", "do_sample") if opts.get(k) is not None}
 

@@ -48,6 +48,13 @@ class JobSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def sampling(self) -> dict:
+        """The generation options of the job's sampling settings; a temperature of 0 is greedy (the CLI's
+        `--temperature 0`)."""
+        if self.temperature == 0:
+            return {"do_sample": False, "top_k": self.top_k}
+        return {"temperature": self.temperature, "top_k": self.top_k}
+
 
 @dataclass
 class _Line:
@@ -75,9 +82,7 @@ class Synthesizer:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         self.pipe, self.model, self.settings, self.batch_size = pipe, pipe.model, settings, batch_size
         pipe.store_voice_codes = False  # a job writes into its output folder only, never into a voice's
-        self.config = GenerationConfig.from_model(
-            self.model, temperature=settings.temperature, top_k=settings.top_k
-        )
+        self.config = GenerationConfig.from_model(self.model, **settings.sampling())
         self.context = None
         if settings.context:
             clips = [(Path(c), t) for c, t in settings.context]
@@ -211,7 +216,7 @@ class Synthesizer:
         from ..conversation import converse
 
         s, started = self.settings, time.perf_counter()
-        options = {"temperature": s.temperature, "top_k": s.top_k, "max_seconds": s.max_seconds}
+        options = {**s.sampling(), "max_seconds": s.max_seconds}
         try:
             talk = converse(
                 self.pipe,

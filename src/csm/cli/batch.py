@@ -131,12 +131,7 @@ def run(args, load_pipeline, error=ValueError) -> int:
             raise error(str(e)) from None
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1) or args.cpus_per_worker < 1:
         raise error("--batch-size, --workers and --cpus-per-worker must be >= 1")
-    if args.max_seconds is not None and not args.max_seconds > 0:
-        raise error(f"--max-seconds must be > 0, got {args.max_seconds}")
-    if (args.temperature is not None and not args.temperature > 0) or (
-        args.top_k is not None and args.top_k < 0
-    ):
-        raise error("--temperature must be > 0 and --top-k >= 0 (0 turns top-k off)")
+    common.check_sampling(args)
     # The seed: given, else the job's (a rerun), else a new one, printed.
     job = OutputDir(args.out).job_settings() if Path(args.out).expanduser().is_dir() else None
     seed = args.seed if args.seed is not None else job["seed"] if job else random.randrange(2**31)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from pathlib import Path
 
+from . import common
 from .common import CliError
 
 
@@ -14,7 +16,10 @@ def add_parser(sub) -> None:
         "demo", help="run the whole path offline on a tiny random-weight model (its audio is noise)"
     )
     demo.add_argument(
-        "-o", "--output", default="csm-demo.wav", help="output audio file (default: %(default)s)"
+        "-o",
+        "--output",
+        default=None,
+        help="output audio file (default: csm-demo.wav beside the demo checkpoint, in ~/.cache/csm)",
     )
     demo.add_argument(
         "--text", default="Hello from csm. This model is tiny and random.", help="text to speak"
@@ -27,29 +32,36 @@ def add_parser(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from ..audio import save_audio
-    from ..demo import write_demo_checkpoint
+    from ..demo import default_demo_dir, write_demo_checkpoint
     from ..pipeline import pipeline
 
+    folder = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else default_demo_dir()
+    output = Path(args.output).expanduser() if args.output else folder.parent / "csm-demo.wav"
+    if args.output:
+        common.check_audio_file(output)
+    else:
+        common.check_folder(folder.parent, "--checkpoint-dir")
     print(
         "csm demo: a tiny model with RANDOM weights, built on the fly; its audio is noise, not speech.",
         file=sys.stderr,
     )
     start = time.perf_counter()
-    folder = write_demo_checkpoint(args.checkpoint_dir)
+    folder = write_demo_checkpoint(folder)
     pipe = pipeline("text-to-audio", model=folder, device="cpu", dtype="float32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights rarely end the audio on their own
         audio = pipe(args.text, seed=args.seed, max_seconds=1.0)["audio"]
     if len(audio) == 0:
         raise CliError("the demo model ended the audio at once; try another --seed")
-    save_audio(audio, args.output, sampling_rate=pipe.sampling_rate)
+    common.write_audio(output, audio, pipe.sampling_rate)
     took = time.perf_counter() - start
     print(
-        f"csm demo: wrote {args.output}: {len(audio) / pipe.sampling_rate:.1f} s of audio in {took:.1f} s "
+        f"csm demo: checkpoint: {folder}\n"
+        f"csm demo: wrote {output}: {len(audio) / pipe.sampling_rate:.1f} s of audio in {took:.1f} s "
         f"(processor, generation, codec, file: all working).\n"
+        f'Next, offline on the same tiny model: csm say "Hello." -o hello.wav --model {folder}\n'
         f'For real speech: csm say "Hello." -o hello.wav --model sesame/csm-1b '
-        f"(gated: accept its terms on huggingface.co and run `huggingface-cli login`), or --model LOCAL_DIR.",
+        f"(gated: accept its terms on huggingface.co and run `hf auth login`), or --model LOCAL_DIR.",
         file=sys.stderr,
     )
     return 0

@@ -68,6 +68,9 @@ def _replace(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, ValueError) as e:  # named by the file asked for, never the temporary one
+        reason = (e.strerror if isinstance(e, OSError) else str(e)) or type(e).__name__
+        raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -84,17 +87,29 @@ def cmd_dialogue(args) -> int:
     if all(t.audio is not None for t in turns):
         raise ScriptError(f"{name}: every turn has its audio already; there is nothing to speak")
     common.check_output(args, "the conversation", "talk.wav")
+    common.check_sampling(args)
     if not 0 <= args.pause <= 60:
         raise CliError(f"--pause must be between 0 and 60 seconds, got {args.pause}")
-    to_stdout = args.stream or args.output == "-"
-    if not to_stdout:
+    out = manifest_path = None
+    if not (args.stream or args.output == "-"):
         out, manifest_path = _outputs(args, args.script)
         if args.turns_dir:
+            common.check_folder(args.turns_dir, "--turns-dir")
             Path(args.turns_dir).mkdir(parents=True, exist_ok=True)
     seed = common.seed(args)
     tts = common.load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
-    options = dict(temperature=args.temperature, top_k=args.top_k, max_seconds=args.max_seconds)
+    options = common.sampling_options(args)
     rate, start = tts.sampling_rate, time.perf_counter()
+    with common.frame_caps(args) as caps:
+        where, samples = _speak(args, tts, turns, voices, seed, options, name, out, manifest_path)
+    if not args.quiet:
+        common.print_summary(where, samples, rate, time.perf_counter() - start, caps.note())
+    return 0
+
+
+def _speak(args, tts, turns, voices, seed, options, name, out, manifest_path) -> tuple[str, int]:
+    """Speak the script to stdout (streamed or whole) or into the files; returns where it went and its samples."""
+    rate = tts.sampling_rate
     if args.stream:
         conversation = tts.conversation(voices=voices, seed=seed, **options)
         stdout = sys.stdout.buffer
@@ -130,9 +145,7 @@ def cmd_dialogue(args) -> int:
         else:
             _write_dialogue(result, turns, args, out, manifest_path)
             where = f"{out} and {manifest_path}"
-    if not args.quiet:
-        common.print_summary(where, samples, rate, time.perf_counter() - start)
-    return 0
+    return where, samples
 
 
 def _bar(turns: list[ScriptTurn], show: bool):

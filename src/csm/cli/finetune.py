@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import common
 from .common import CliError
 
 
@@ -20,4 +21,7 @@ def cmd_finetune(argv: list[str]) -> int:
         raise CliError(f"`csm finetune` is not available in this install ({e})") from None
     parser = argparse.ArgumentParser(prog="csm finetune", description="Fine-tune CSM on your recordings.")
     add_finetune_arguments(parser)
-    return int(run_finetune(parser.parse_args(argv)) or 0)
+    args = parser.parse_args(argv)
+    if not args.prepare_only:
+        common.check_folder(args.out, "--out")
+    return int(run_finetune(args) or 0)

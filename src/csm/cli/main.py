@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` ran: `csm voice create` for `csm voice create ...`."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name is None:
+            return parser
+        parser = subs[0].choices[name]
+
+
 def one_line_warnings(message, category, filename, lineno, file=None, line=None):
     print(f"csm: warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
@@ -44,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["finetune"]:
             return finetune.cmd_finetune(argv[1:])
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the subcommand's parser, with its usage, not the top level's
+            command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_ERROR

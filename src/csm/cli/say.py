@@ -56,49 +56,95 @@ def read_text(args) -> str:
     return args.text
 
 
+CHUNK_FRAMES = 4  # frames between progress updates (and Ctrl-C points)
+
+
 def cmd_say(args) -> int:
+    import numpy as np
+
+    from ..chunking import MAX_CHUNK_CHARS, split_sentences
+    from .progress import SPEECH_CHARS_PER_SECOND, Progress, duration
+
     text = read_text(args)
     if not text.strip():
         raise CliError("the text is empty: there is nothing to say")
     common.check_output(args, "the audio", "out.wav")
+    common.check_sampling(args)
+    sentences = split_sentences(text, MAX_CHUNK_CHARS)
+    if not args.quiet and len(sentences) > 1:
+        speech = len(text) / SPEECH_CHARS_PER_SECOND
+        print(
+            f"csm: {len(sentences):,} sentences ({len(text):,} characters): about {duration(speech)} of "
+            "speech; an estimate of the time follows once the first frames are measured",
+            file=sys.stderr,
+        )
     seed = common.seed(args)
     pipe = common.load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
     options = dict(
         speaker=args.speaker,
         voice=args.voice,
         context=common.context(args),
-        temperature=args.temperature,
-        top_k=args.top_k,
-        max_seconds=args.max_seconds,
         seed=seed,
-        progress=not args.quiet,
+        **common.sampling_options(args),
     )
     start = time.perf_counter()
     rate = pipe.sampling_rate
-    if args.stream or args.output == "-":
-        out = sys.stdout.buffer
-        if args.format == "wav":
-            out.write(common.wav_header_unknown_length(rate))
-        samples = 0
+    with common.frame_caps(args) as caps:
         if args.stream:
-            for chunk in pipe.stream(text, **options):
+            out = sys.stdout.buffer
+            if args.format == "wav":
+                out.write(common.wav_header_unknown_length(rate))
+            samples = 0
+            for chunk in pipe.stream(text, progress=not args.quiet, **options):
                 out.write(common.pcm16(chunk))
                 out.flush()
                 samples += len(chunk)
+            where = "stdout"
         else:
-            audio = pipe(text, **options)["audio"]
-            out.write(common.pcm16(audio))
+            progress = Progress(pipe, sentences, options, args.quiet)
+            try:
+                for chunk in pipe.stream(text, CHUNK_FRAMES, progress=progress.sentences, **options):
+                    progress.add(chunk)
+            except KeyboardInterrupt:
+                progress.close()
+                return _interrupted(args, progress, rate)
+            finally:
+                progress.close()  # before any message
+            audio = np.concatenate(progress.pieces) if progress.pieces else np.zeros(0, np.float32)
+            if len(audio) == 0:
+                raise CliError(
+                    "the model ended the audio at once: nothing was generated (try another --seed)"
+                )
+            where = _write(args, audio, rate)
             samples = len(audio)
-        out.flush()
-        where = "stdout"
-    else:
-        from ..audio import save_audio
-
-        audio = pipe(text, **options)["audio"]
-        if len(audio) == 0:
-            raise CliError("the model ended the audio at once: nothing was generated (try another --seed)")
-        save_audio(audio, args.output, sampling_rate=rate)
-        samples, where = len(audio), args.output
     if not args.quiet:
-        common.print_summary(where, samples, rate, time.perf_counter() - start)
+        common.print_summary(where, samples, rate, time.perf_counter() - start, caps.note())
     return 0
+
+
+def _write(args, audio, rate: int) -> str:
+    if args.output == "-":
+        out = sys.stdout.buffer
+        if args.format == "wav":
+            out.write(common.wav_header_unknown_length(rate))
+        out.write(common.pcm16(audio))
+        out.flush()
+        return "stdout"
+    common.write_audio(args.output, audio, rate)
+    return args.output
+
+
+def _interrupted(args, progress, rate: int) -> int:
+    """Ctrl-C: the sentences finished so far go into the file (a valid one), and the run says so."""
+    audio = progress.finished()
+    done, total = progress.done, len(progress.chunks)
+    if not len(audio):
+        print("csm: interrupted before a sentence was finished: nothing was written", file=sys.stderr)
+        return 130
+    where = _write(args, audio, rate)
+    print(
+        f"csm: interrupted: wrote the {done} finished sentence(s) ({len(audio) / rate:.2f} s of audio) to "
+        f"{where}; {total - done} sentence(s) were not spoken",
+        file=sys.stderr,
+    )
+    return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from . import common
 from .common import CliError
 
 
@@ -54,6 +55,7 @@ def cmd_voice(args) -> int:
         name = args.name
         if not name or "/" in name or name.startswith("."):
             raise CliError(f"invalid voice name {name!r}: use letters, digits, - or _")
+        common.check_folder(root / name, "--voices-dir" if args.voices_dir else "$CSM_VOICES_DIR")
         voice = Voice.from_files(
             name, args.speaker, [(args.clip, args.transcript), *[(c, t) for c, t in args.add]]
         )
