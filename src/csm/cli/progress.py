@@ -89,9 +89,9 @@ class Progress:
         now = time.perf_counter()
         if self.clock is None:
             self.clock = (now, made)
-        elif self.rate is None and made - self.clock[1] >= self.MEASURE_AFTER:
-            self.rate = (made - self.clock[1]) / max(now - self.clock[0], 1e-9)
-            if self.bar is not None:
+        elif made - self.clock[1] >= self.MEASURE_AFTER:  # the rate since the first chunk, kept up to date
+            first, self.rate = self.rate is None, (made - self.clock[1]) / max(now - self.clock[0], 1e-9)
+            if first and self.bar is not None:
                 self.bar.write(
                     f"csm: {self.rate:.1f} frames/s ({self.rate / self.frame_rate:.2f} s of audio per second): "
                     f"about {duration(self._to_go())} to go",
@@ -100,13 +100,14 @@ class Progress:
         self._show()
 
     def _to_go(self) -> float:
-        """Seconds left: the frames the sentences left will take, about (their length as speech, at most
-        their budget), at the measured rate."""
-        speech = [len(c) / SPEECH_CHARS_PER_SECOND * self.frame_rate for c in self.chunks[self.index + 1 :]]
-        current = max(
-            len(self.chunks[self.index]) / SPEECH_CHARS_PER_SECOND * self.frame_rate - self._frames(), 0
-        )
-        return (current + sum(speech)) / self.rate
+        """Seconds left, about: the frames the sentences left will take (their length as speech, at most their
+        budget) at the measured rate."""
+        rest = sum(self._expected(c) for c in self.chunks[self.index + 1 :])
+        return (rest + max(self._expected(self.chunks[self.index]) - self._frames(), 0)) / self.rate
+
+    def _expected(self, chunk: str) -> float:
+        speech = len(chunk) / SPEECH_CHARS_PER_SECOND * self.frame_rate
+        return min(speech, self.pipe.frame_budget(chunk, **self.options))
 
     def _show(self) -> None:
         if self.bar is None or self.index < 0:
