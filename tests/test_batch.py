@@ -564,3 +564,11 @@ def test_an_out_folder_that_cannot_be_made_is_one_clear_line_before_the_model_lo
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
         assert f"--out {out}: cannot create this folder" in err[0] and "Errno" not in err[0]
+
+
+def test_temperature_zero_is_greedy_for_text_and_dialogue_lines(ckpt, tmp_path):
+    dialogue = {"id": "d", "turns": [{"speaker": 0, "text": "Hi."}, {"speaker": 1, "text": "Yo."}]}
+    requests = write(tmp_path / "req.jsonl", [*lines(2), dialogue])
+    assert batch(ckpt, requests, tmp_path / "out", "--temperature", "0") == 0
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["temperature"] == 0
+    assert all(r["status"] == "ok" for r in OutputDir(tmp_path / "out").state().values())
