@@ -273,13 +273,8 @@ def _decoded(handle) -> Iterator[tuple[int, str | None, str | None]]:
         try:
             yield n, raw.decode("utf-8"), None
         except UnicodeDecodeError as e:
-            yield (
-                n,
-                None,
-                (
-                    f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
-                ),
-            )
+            where = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+            yield n, None, f"not valid UTF-8 ({where}); save the file as UTF-8"
 
 
 def _json_lines(handle) -> Iterator[tuple[int, object, str | None]]:
