@@ -136,3 +136,15 @@ def test_a_cycle_and_a_private_import_are_found(tmp_path):
     edges = {name: imports(name, path, known)[0] for name, path in known.items()}
     assert find_cycle(edges) == ["csm.a", "csm.b", "csm.a"]
     assert imports("csm.a", known["csm.a"], known)[1] == ["csm.a imports _helper from csm.b (line 2)"]
+
+
+def test_cli_commands_import_only_the_shared_module_of_the_cli():
+    edges, _ = graph()
+    commands = [m for m in edges if m.startswith("csm.cli.") and m not in ("csm.cli.main", "csm.cli.common")]
+    assert "csm.cli.say" in commands and "csm.cli.batch" in commands
+    wrong = {
+        m: sorted(t for t in edges[m] if t.startswith("csm.cli") and t != "csm.cli.common") for m in commands
+    }
+    wrong = {m: t for m, t in wrong.items() if t and m != "csm.cli.__main__"}
+    assert not wrong, f"a command imports another part of the CLI than csm.cli.common: {wrong}"
+    assert not [t for t in edges["csm.cli.common"] if t.startswith("csm.cli")], "common imports a command"

@@ -143,11 +143,12 @@ def _json_turn(item, where: str, line: int, base: Path) -> ScriptTurn:
         raise ScriptError(f"{where}: the turn of speaker {speaker} has no text")
     audio = item.get("audio")
     if audio is not None:
-        if not isinstance(audio, str) or not audio.strip():
-            raise ScriptError(f"{where}: audio must be the path of a clip, got {audio!r:.40}")
+        try:
+            path = clip_path(audio, base)
+        except ValueError as e:
+            raise ScriptError(f"{where}: {e}") from None
         from .audio import load_audio
 
-        path = (base / audio).expanduser()
         if not path.is_file():
             raise ScriptError(f"{where}: audio file {audio} not found (paths are relative to the script)")
         try:
@@ -155,6 +156,14 @@ def _json_turn(item, where: str, line: int, base: Path) -> ScriptTurn:
         except (ValueError, OSError) as e:
             raise ScriptError(f"{where}: cannot read {audio}: {e}") from None
     return ScriptTurn(speaker, " ".join(text.split()), audio, line)
+
+
+def clip_path(audio, base: Path) -> Path:
+    """Where a turn's `audio` (a path relative to the script, or to the requests file of `csm batch`) points;
+    ValueError when it is not a path. Whether the file is there is the caller's to check."""
+    if not isinstance(audio, str) or not audio.strip():
+        raise ValueError(f"audio must be the path of a clip, got {audio!r:.40}")
+    return (base / audio).expanduser()
 
 
 def parse_voice_bindings(values: list[str], turns: list[ScriptTurn], name: str) -> dict[int, str]:
