@@ -8,7 +8,7 @@ import signal
 
 from .app import ServerSettings, create_app
 
-__all__ = ["ServerSettings", "create_app", "load_app", "main"]
+__all__ = ["ServerSettings", "create_app", "load_app", "main", "uvicorn_config"]
 
 
 def load_app(
@@ -31,6 +31,15 @@ def load_app(
     model.eval()
     processor = CsmProcessor.from_pretrained(model_path)
     return create_app(model, processor, settings or ServerSettings(model_name=str(model_path)))
+
+
+def uvicorn_config(app, **options):
+    """uvicorn's config for the app, with its protocol's deadline for request heads (`head_timeout`)."""
+    import uvicorn
+
+    from .limits import http_protocol
+
+    return uvicorn.Config(app, http=http_protocol(app.state.settings.head_timeout), **options)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -76,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     port = int(getattr(args, "port", None) or 8000)
     grace = getattr(args, "shutdown_grace", None)
     grace = 30.0 if grace is None else float(grace)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
+    config = uvicorn_config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
     server = uvicorn.Server(config)
     exit_now = server.handle_exit
 

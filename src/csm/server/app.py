@@ -16,14 +16,17 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
-from ..audio import SAMPLING_RATE, load_audio
+from ..audio import SAMPLING_RATE
 from ..generate import GenerationConfig
 from ..pipeline import MAX_CHUNK_CHARS, split_sentences
 from ..planner import Turn, encode_turns, plan_prompt, voice_turns
 from ..voice import Voice, list_voices, voices_dir
-from .dialogue import context_turns, dialogue_events, dialogue_json, dialogue_turns
+from .dialogue import context_turns, dialogue_events, dialogue_json, dialogue_turns, read_clip
 from .encode import MEDIA_TYPES
+from .errors import PARSE_FAILED, parse_failure_message, validation_message
+from .limits import BodyLimit
 from .scheduler import Scheduler, SpeechJob
 from .schemas import (
     DIALOGUE_RESPONSES,
@@ -66,7 +69,12 @@ class ServerSettings:
     stall_timeout: float = 30.0  # seconds a client may stop reading before it is dropped and its row freed
     batched_decode: bool = True  # the rows' audio decoded in one codec call (csm.batching)
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_upload_seconds: float = 60.0
+    max_upload_seconds: float = 60.0  # read from a clip's header, or while decoding: never more is decoded
+    max_body_bytes: int = (
+        32 * 1024 * 1024
+    )  # a JSON body: one clip at the upload limit in base64, and the rest
+    head_timeout: float = 10.0  # seconds for a request's line and headers (see limits.http_protocol)
+    read_timeout: float = 30.0  # seconds a client may pause while sending a body
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
 
@@ -148,15 +156,6 @@ class RequestContext:
                 cleanup()
 
 
-def validation_message(e: RequestValidationError) -> tuple[str, str | None]:
-    first = e.errors()[0] if e.errors() else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return f"the body must be JSON ({first.get('ctx', {}).get('error', 'invalid')})", None
-    return f"{param or 'body'}: {first.get('msg', 'invalid request')}", param
-
-
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app around a loaded model and processor; the scheduler runs while the app runs."""
     settings = settings or ServerSettings()
@@ -186,7 +185,15 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         responses=errors(400, 500),
     )
     app.state.scheduler, app.state.settings = scheduler, settings
-    app.add_middleware(RequestContext, settings=settings, scheduler=scheduler)
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        read_timeout=settings.read_timeout,
+    )
+    app.add_middleware(
+        RequestContext, settings=settings, scheduler=scheduler
+    )  # outermost: ids on every answer
     add_page(app)
 
     # ---- errors ------------------------------------------------------------------------------------
@@ -199,13 +206,18 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        message, param = validation_message(e)
+        message, param = validation_message(e, request.url.path, request.headers.get("content-type"))
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
+        message = str(e.detail)
+        if message == PARSE_FAILED:
+            message = parse_failure_message(e.__cause__)
+        elif isinstance(e.__context__, MultiPartException):
+            message = f"the upload is not valid multipart/form-data ({message}): send audio_file, name and transcript"
+        return error_response(e.status_code, message, kind, headers=e.headers)
 
     # ---- plain endpoints ---------------------------------------------------------------------------
 
@@ -252,17 +264,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             raise ApiError(
                 413, f"audio_file is larger than {settings.max_upload_bytes} bytes", param="audio_file"
             )
-        try:
-            audio = await asyncio.to_thread(load_audio, data)
-        except Exception as e:
-            raise ApiError(400, f"cannot read audio_file: {e}", param="audio_file") from None
+        audio = await asyncio.to_thread(read_clip, data, "audio_file", settings)
         seconds = len(audio) / SAMPLING_RATE
-        if seconds > settings.max_upload_seconds:
-            raise ApiError(
-                413,
-                f"audio_file is {seconds:.1f} s long; the limit is {settings.max_upload_seconds:g} s",
-                param="audio_file",
-            )
         if (root / name).exists():
             raise ApiError(409, f"a voice named {name!r} exists already", param="name")
         try:
