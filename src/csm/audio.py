@@ -19,9 +19,8 @@ import torch
 
 SAMPLING_RATE = 24_000
 MAX_CHANNELS = 8  # a 2-D array with both sides longer than this is not (channels, samples)
-MAX_BOUNDED_RATE = (
-    384_000  # a file read under a length limit may not claim a higher rate (the limit is in seconds)
-)
+MAX_CLIP_SECONDS = 60.0  # the longest clip read as context (server uploads, dialogue scripts)
+MAX_BOUNDED_RATE = 384_000  # the highest rate a file read under a length limit may have
 _BLOCK_SAMPLES = 1 << 20  # samples (over all channels) decoded at a time
 _UNKNOWN_FRAMES = 1 << 62  # libsndfile reports about 2**63 frames when a header does not say
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from ..audio import SAMPLING_RATE
+from ..audio import MAX_CLIP_SECONDS, SAMPLING_RATE
 from ..generate import GenerationConfig
 from ..pipeline import MAX_CHUNK_CHARS, split_sentences
 from ..planner import Turn, encode_turns, plan_prompt, voice_turns
@@ -69,7 +69,9 @@ class ServerSettings:
     stall_timeout: float = 30.0  # seconds a client may stop reading before it is dropped and its row freed
     batched_decode: bool = True  # the rows' audio decoded in one codec call (csm.batching)
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_upload_seconds: float = 60.0  # read from a clip's header, or while decoding: never more is decoded
+    max_upload_seconds: float = (
+        MAX_CLIP_SECONDS  # read from a clip's header, or while decoding: never more is decoded
+    )
     max_body_bytes: int = (
         32 * 1024 * 1024
     )  # a JSON body: one clip at the upload limit in base64, and the rest
