@@ -8,6 +8,7 @@ import asyncio
 import json
 
 MULTIPART_SLACK = 64 * 1024  # an upload's form fields and part headers, beyond the audio file itself
+MIN_BODY_RATE = 1024  # bytes per second a body must average once `read_timeout` has passed
 
 
 def error_body(message: str, param: str | None = None) -> bytes:
@@ -27,7 +28,10 @@ class _BodyRefused(Exception):
 class BodyLimit:
     """ASGI middleware: a body larger than its limit gets 413 (by Content-Length before a byte is read, or as
     soon as the count passes the limit, so nothing past it is buffered or spooled to disk); a client that sends
-    no body bytes for `read_timeout` seconds gets 408. Both close the connection.
+    no body bytes for `read_timeout` seconds, or trickles them (under MIN_BODY_RATE on average once
+    `read_timeout` has passed), gets 408 and the connection is closed. After a 413 the server reads on and
+    discards the rest of the body (for at most the head deadline, see `http_protocol`): a client still sending
+    gets to read the answer, where closing at once would reset the connection under it.
 
     Multipart bodies (voice uploads) may be `max_upload_bytes` plus room for the form fields; others (JSON)
     `max_body_bytes`.
@@ -52,12 +56,13 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _refuse(send, 413, f"the body is {int(length)} bytes; {rule}", param)
-        received, body_done, refused, started = 0, False, None, False
+        received, body_done, refused, started, since = 0, False, None, False, None
 
         async def limited_receive():
-            nonlocal received, body_done, refused
+            nonlocal received, body_done, refused, since
             if body_done:  # after the body, `receive` waits for a disconnect (while streaming): no deadline
                 return await receive()
+            since = since or asyncio.get_running_loop().time()
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout)
             except asyncio.TimeoutError:
@@ -72,6 +77,15 @@ class BodyLimit:
                 body_done = not message.get("more_body", False)
                 if received > limit:
                     refused = _BodyRefused(413, f"the body is more than {limit} bytes; {rule}", param)
+                    raise refused
+                took = asyncio.get_running_loop().time() - since
+                if not body_done and took > self.read_timeout and received < MIN_BODY_RATE * took:
+                    refused = _BodyRefused(
+                        408,
+                        f"the body arrives at {received / took:.0f} bytes/s; send it at {MIN_BODY_RATE} bytes/s "
+                        "or faster",
+                        None,
+                    )
                     raise refused
             return message
 
@@ -98,11 +112,9 @@ class BodyLimit:
 
 async def _refuse(send, status: int, message: str, param: str | None) -> None:
     body = error_body(message, param)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),  # the rest of the body is not worth reading
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 408:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -110,7 +122,8 @@ async def _refuse(send, status: int, message: str, param: str | None) -> None:
 def http_protocol(head_timeout: float):
     """uvicorn's h11 protocol with a deadline for each request's head (request line and headers): from the
     connection's start, or the end of the previous response, to the last header. Past it the connection gets
-    408 (if it sent anything) and is closed. Pass as `uvicorn.Config(http=...)`."""
+    408 (if it sent anything) and is closed; so is one still sending a body its answer refused (uvicorn reads and
+    discards such a body until it ends). Pass as `uvicorn.Config(http=...)`."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -143,10 +156,11 @@ def http_protocol(head_timeout: float):
                 self._head_timer = self.loop.call_later(head_timeout, self._head_expired)
 
         def _head_expired(self) -> None:
-            waiting = self.conn.their_state is h11.IDLE and (
-                self.cycle is None or self.cycle.response_complete
-            )
-            if not waiting or self.transport.is_closing():
+            answered = self.cycle is None or self.cycle.response_complete
+            if not answered or self.transport.is_closing():
+                return
+            if self.conn.their_state is not h11.IDLE:  # still sending a body that was answered already
+                self.transport.close()
                 return
             if self._head_bytes:
                 body = error_body(
