@@ -20,12 +20,17 @@ def silent_flac(seconds: float, rate: int = 96_000, channels: int = 2, claim: fl
         while left > 0:
             f.write(block[: min(left, len(block))])
             left -= len(block)
-    data = bytearray(buf.getvalue())
-    if claim is not None:
-        # STREAMINFO is the first metadata block: its total sample count is the low 36 bits of bytes 10-17.
-        at = data.index(b"fLaC") + 4 + 4 + 10
-        packed = int.from_bytes(data[at : at + 8], "big") & ~((1 << 36) - 1)
-        data[at : at + 8] = (packed | int(claim * rate)).to_bytes(8, "big")
+    data = buf.getvalue()
+    return data if claim is None else claim_length(data, claim, rate)
+
+
+def claim_length(flac: bytes, seconds: float, rate: int) -> bytes:
+    """The FLAC file with its header declaring `seconds` at `rate` (0: unknown, as a streamed FLAC says)."""
+    data = bytearray(flac)
+    # STREAMINFO is the first metadata block: its total sample count is the low 36 bits of bytes 10-17.
+    at = data.index(b"fLaC") + 4 + 4 + 10
+    packed = int.from_bytes(data[at : at + 8], "big") & ~((1 << 36) - 1)
+    data[at : at + 8] = (packed | int(seconds * rate)).to_bytes(8, "big")
     return bytes(data)
 
 

@@ -227,6 +227,7 @@ def errors(*statuses: int) -> dict:
         400: "invalid request (`param` names the field)",
         401: "missing or wrong API key",
         404: "unknown model or voice",
+        408: "the request head or body did not arrive in time",
         409: "the name is taken",
         413: "upload too large or too long",
         429: "too many requests waiting",
