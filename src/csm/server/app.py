@@ -158,7 +158,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         title="csm",
         summary="OpenAI-compatible text-to-speech with Sesame's CSM",
         lifespan=lifespan,
-        responses=errors(400, 500),
+        responses=errors(400, 408, 413, 500),  # 408, 413: limits.BodyLimit and http_protocol
     )
     app.state.scheduler, app.state.settings = scheduler, settings
     app.state.service = Service(model, processor, settings, scheduler)
