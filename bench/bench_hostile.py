@@ -9,7 +9,7 @@ header that does not say its length) as an upload, a speech context clip and a d
 bodies (with a Content-Length, and chunked), 300 MB uploads (both ways); request heads and bodies trickled a
 byte at a time (`--slow-sockets` of them); malformed requests (bad JSON, not UTF-8, no Content-Type, unknown
 fields, wrong types, odd voices); and valid requests throughout, which must still get audio. The server's peak
-RSS is read from /proc (VmHWM, reset after start-up), its open file descriptors sampled. Not a test: prints
+RSS is read from /proc (VmHWM, reset before each case), its open file descriptors sampled. Not a test: prints
 a markdown table to paste into BENCHMARKS.md.
 """
 
@@ -233,8 +233,12 @@ def main() -> int:
         httpx.post(base + "/v1/audio/speech", json=valid, timeout=120)  # warm up
         rss_start = proc_status(server.pid, "VmRSS")
         fds_start = open_fds(server.pid)
-        with open(f"/proc/{server.pid}/clear_refs", "w") as f:
-            f.write("5")  # VmHWM from here on
+
+        def reset_peak():  # VmHWM from here on
+            with open(f"/proc/{server.pid}/clear_refs", "w") as f:
+                f.write("5")
+
+        peak = rss_start
         fds_max = [fds_start]
         sampling = threading.Event()
 
@@ -248,31 +252,37 @@ def main() -> int:
         mix = cases(port, flac, valid)
         for name, attack in mix.items():
             t0 = time.time()
+            reset_peak()
             with ThreadPoolExecutor(args.repeat) as pool:
                 statuses = list(pool.map(lambda _, a=attack: a(), range(args.repeat)))
-            rows.append((name, collections.Counter(statuses), time.time() - t0))
+            time.sleep(0.5)  # a refused body is still being read and dropped
+            case_peak = proc_status(server.pid, "VmHWM")
+            peak = max(peak, case_peak)
+            rows.append((name, collections.Counter(statuses), time.time() - t0, case_peak))
             print(f"  {name}: {dict(rows[-1][1])}", file=sys.stderr)
         for body in (False, True):
             t0 = time.time()
+            reset_peak()
             ended = slow_sockets(port, args.slow_sockets, args.slow_seconds, body)
             name = f"{args.slow_sockets} sockets trickling a {'body' if body else 'head'}"
-            rows.append((name, ended, time.time() - t0))
+            case_peak = proc_status(server.pid, "VmHWM")
+            peak = max(peak, case_peak)
+            rows.append((name, ended, time.time() - t0, case_peak))
             print(f"  {name}: {dict(ended)}", file=sys.stderr)
         time.sleep(1.0)
         sampling.set()
         after = httpx.post(base + "/v1/audio/speech", json=valid, timeout=120).status_code
-        peak = proc_status(server.pid, "VmHWM")
         rss_end = proc_status(server.pid, "VmRSS")
         fds_end = open_fds(server.pid)
         print(
             f"model {args.model}, each case x{args.repeat} at once, {os.cpu_count()} CPUs, "
             f"server flags: {' '.join(args.serve_args) or '(defaults)'}"
         )
-        print("| case | statuses | seconds |")
-        print("|---|---|---|")
-        for name, statuses, took in rows:
+        print("| case | statuses | seconds | server peak RSS MB |")
+        print("|---|---|---|---|")
+        for name, statuses, took, case_peak in rows:
             shown = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
-            print(f"| {name} | {shown} | {took:.1f} |")
+            print(f"| {name} | {shown} | {took:.1f} | {case_peak:.0f} |")
         print()
         print(
             f"server RSS: {rss_start:.0f} MB before, peak {peak:.0f} MB, {rss_end:.0f} MB after; "
