@@ -3,6 +3,7 @@ uploads, trickled request heads, and requests whose errors must say what is wron
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -262,6 +263,21 @@ def test_connections_trickling_their_head_are_closed_at_the_deadline(server):
         s.close()
     time.sleep(0.2)
     assert open_fds() <= before + 2
+
+
+def test_csm_serve_runs_uvicorn_with_the_head_deadline(checkpoint, tmp_path, monkeypatch):
+    import signal
+
+    import uvicorn
+
+    from csm.server import main
+
+    configs = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **kw: configs.append(self.config))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    args = argparse.Namespace(model=str(checkpoint), port=0, voices_dir=str(tmp_path / "voices"))
+    assert main(args) == 0
+    assert configs[0].http.head_deadline == 10.0  # ServerSettings.head_timeout
 
 
 def test_a_silent_connection_and_an_idle_keep_alive_one_are_closed_too(server):

@@ -7,6 +7,7 @@ import logging
 import signal
 
 from .app import ServerSettings, create_app
+from .limits import uvicorn_config
 
 __all__ = ["ServerSettings", "create_app", "load_app", "main", "uvicorn_config"]
 
@@ -31,15 +32,6 @@ def load_app(
     model.eval()
     processor = CsmProcessor.from_pretrained(model_path)
     return create_app(model, processor, settings or ServerSettings(model_name=str(model_path)))
-
-
-def uvicorn_config(app, **options):
-    """uvicorn's config for the app, with its protocol's deadline for request heads (`head_timeout`)."""
-    import uvicorn
-
-    from .limits import http_protocol
-
-    return uvicorn.Config(app, http=http_protocol(app.state.settings.head_timeout), **options)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -128,6 +128,7 @@ def http_protocol(head_timeout: float):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutProtocol(H11Protocol):
+        head_deadline = head_timeout
         _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = False
 
@@ -175,3 +176,11 @@ def http_protocol(head_timeout: float):
             self.transport.close()
 
     return HeadTimeoutProtocol
+
+
+def uvicorn_config(app, **options):
+    """uvicorn's config for an app made by `create_app`, with the deadline for request heads of its settings
+    (`head_timeout`): how every server of ours must be run (plain `uvicorn.Config` has no such deadline)."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=http_protocol(app.state.settings.head_timeout), **options)
