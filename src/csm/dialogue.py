@@ -147,12 +147,14 @@ def _json_turn(item, where: str, line: int, base: Path) -> ScriptTurn:
             path = clip_path(audio, base)
         except ValueError as e:
             raise ScriptError(f"{where}: {e}") from None
-        from .audio import load_audio
+        from .audio import MAX_CLIP_SECONDS, AudioTooLong, load_audio
 
-        if not path.is_file():
+        if not path.exists():
             raise ScriptError(f"{where}: audio file {audio} not found (paths are relative to the script)")
-        try:
-            audio = load_audio(path)
+        try:  # bounded: an hour-long file is refused from its header, not decoded into gigabytes
+            audio = load_audio(path, max_seconds=MAX_CLIP_SECONDS)
+        except AudioTooLong as e:
+            raise ScriptError(f"{where}: {e}") from None
         except (ValueError, OSError) as e:
             raise ScriptError(f"{where}: cannot read {audio}: {e}") from None
     return ScriptTurn(speaker, " ".join(text.split()), audio, line)

@@ -7,8 +7,9 @@ import logging
 import signal
 
 from .app import ServerSettings, create_app
+from .limits import uvicorn_config
 
-__all__ = ["ServerSettings", "create_app", "load_app", "main"]
+__all__ = ["ServerSettings", "create_app", "load_app", "main", "uvicorn_config"]
 
 
 def load_app(
@@ -76,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     port = int(getattr(args, "port", None) or 8000)
     grace = getattr(args, "shutdown_grace", None)
     grace = 30.0 if grace is None else float(grace)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
+    config = uvicorn_config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
     server = uvicorn.Server(config)
     exit_now = server.handle_exit
 

@@ -16,8 +16,12 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
+from ..audio import MAX_CLIP_SECONDS
 from ..chunking import MAX_CHUNK_CHARS
+from .errors import PARSE_FAILED, parse_failure_message, validation_message
+from .limits import BodyLimit
 from .routes import dialogue, speech, status, voices
 from .scheduler import Scheduler
 from .schemas import errors
@@ -45,7 +49,10 @@ class ServerSettings:
     stall_timeout: float = 30.0  # seconds a client may stop reading before it is dropped and its row freed
     batched_decode: bool = True  # the rows' audio decoded in one codec call (csm.batching)
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_upload_seconds: float = 60.0
+    max_upload_seconds: float = MAX_CLIP_SECONDS  # checked from a clip's header, then while decoding it
+    max_body_bytes: int = 32 * 1024 * 1024  # a JSON body: a clip at the upload limit in base64, and more
+    head_timeout: float = 10.0  # seconds for a request's line and headers (see limits.http_protocol)
+    read_timeout: float = 30.0  # seconds a client may pause while sending a body
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
 
@@ -127,15 +134,6 @@ class RequestContext:
                 cleanup()
 
 
-def validation_message(e: RequestValidationError) -> tuple[str, str | None]:
-    first = e.errors()[0] if e.errors() else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return f"the body must be JSON ({first.get('ctx', {}).get('error', 'invalid')})", None
-    return f"{param or 'body'}: {first.get('msg', 'invalid request')}", param
-
-
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app around a loaded model and processor; the scheduler runs while the app runs."""
     settings = settings or ServerSettings()
@@ -160,11 +158,19 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         title="csm",
         summary="OpenAI-compatible text-to-speech with Sesame's CSM",
         lifespan=lifespan,
-        responses=errors(400, 500),
+        responses=errors(400, 408, 413, 500),  # 408, 413: limits.BodyLimit and http_protocol
     )
     app.state.scheduler, app.state.settings = scheduler, settings
     app.state.service = Service(model, processor, settings, scheduler)
-    app.add_middleware(RequestContext, settings=settings, scheduler=scheduler)
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        read_timeout=settings.read_timeout,
+    )
+    app.add_middleware(
+        RequestContext, settings=settings, scheduler=scheduler
+    )  # outermost: ids on all answers
     add_page(app)
     for router in (status.router, voices.router, speech.router, dialogue.router):
         app.include_router(router)
@@ -177,13 +183,18 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        message, param = validation_message(e)
+        message, param = validation_message(e, request.url.path, request.headers.get("content-type"))
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
+        message = str(e.detail)
+        if message == PARSE_FAILED:
+            message = parse_failure_message(e.__cause__)
+        elif isinstance(e.__context__, MultiPartException):
+            message = f"the upload is not valid multipart/form-data ({message}): send audio_file, name and transcript"
+        return error_response(e.status_code, message, kind, headers=e.headers)
 
     return app
 

@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from ...audio import SAMPLING_RATE, load_audio
+from ...audio import SAMPLING_RATE
 from ...voice import Voice, list_voices
+from ..dialogue import read_clip
 from ..schemas import VoiceCard, VoiceCreated, VoiceList, errors
 from ..service import VOICE_NAME, ServiceDep
 from ..speech import ApiError
@@ -46,17 +47,8 @@ async def create_voice(
         raise ApiError(
             413, f"audio_file is larger than {settings.max_upload_bytes} bytes", param="audio_file"
         )
-    try:
-        audio = await asyncio.to_thread(load_audio, data)
-    except Exception as e:
-        raise ApiError(400, f"cannot read audio_file: {e}", param="audio_file") from None
+    audio = await asyncio.to_thread(read_clip, data, "audio_file", settings)  # bounded: see read_clip
     seconds = len(audio) / SAMPLING_RATE
-    if seconds > settings.max_upload_seconds:
-        raise ApiError(
-            413,
-            f"audio_file is {seconds:.1f} s long; the limit is {settings.max_upload_seconds:g} s",
-            param="audio_file",
-        )
     if (root / name).exists():
         raise ApiError(409, f"a voice named {name!r} exists already", param="name")
     try:
