@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
+from pathlib import Path
 
 from .app import ServerSettings, create_app
+from .drain import run_server
 
-__all__ = ["ServerSettings", "create_app", "load_app", "main"]
+__all__ = ["ServerSettings", "create_app", "load_app", "main", "model_id"]
+
+
+def model_id(model: str) -> str:
+    """The id /v1/models gives for what --model named: a hub id as it is (`sesame/csm-1b`), a folder of the
+    hub's cache by its repo id, any other folder by its name: never a path of the server's disk."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model
+    path = path.resolve()
+    for part in path.parts:
+        if part.startswith("models--"):  # ~/.cache/huggingface/hub/models--sesame--csm-1b/snapshots/<hash>
+            return part.removeprefix("models--").replace("--", "/")
+    return path.name or "csm"
 
 
 def load_app(
@@ -30,18 +44,23 @@ def load_app(
     )
     model.eval()
     processor = CsmProcessor.from_pretrained(model_path)
-    return create_app(model, processor, settings or ServerSettings(model_name=str(model_path)))
+    settings = settings or ServerSettings(model_name=model_id(str(model_path)))
+    settings.model_path = settings.model_path or str(model_path)
+    return create_app(model, processor, settings)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the server: `csm serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--api-key KEY]`; on SIGTERM
     it stops admitting (503), lets in-flight requests finish within `--shutdown-grace` seconds, and exits 0."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked before loading the model)
     except ImportError:
         print("the server needs its extra: pip install 'csm-speech[server]'")
         return 1
-    settings = ServerSettings(model_name=str(args.model), api_key=getattr(args, "api_key", None))
+    name = getattr(args, "served_model_name", None) or model_id(str(args.model))
+    settings = ServerSettings(
+        model_name=name, model_path=str(args.model), api_key=getattr(args, "api_key", None)
+    )
     for name in (
         "max_batch_size",
         "max_queue",
@@ -75,17 +94,5 @@ def main(args: argparse.Namespace) -> int:
         return 2
     port = int(getattr(args, "port", None) or 8000)
     grace = getattr(args, "shutdown_grace", None)
-    grace = 30.0 if grace is None else float(grace)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
-    server = uvicorn.Server(config)
-    exit_now = server.handle_exit
-
-    def drain(sig, frame):  # stop admitting at once; uvicorn waits up to `grace` for in-flight requests
-        app.state.scheduler.draining = True
-        exit_now(sig, frame)
-
-    server.handle_exit = drain
-    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    run_server(app, host, port, 30.0 if grace is None else float(grace))
     return 0

@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,13 +24,15 @@ from ..audio import SAMPLING_RATE, load_audio
 from ..generate import GenerationConfig
 from ..pipeline import MAX_CHUNK_CHARS, split_sentences
 from ..planner import Turn, encode_turns, plan_prompt, voice_turns
-from ..voice import Voice, list_voices, voices_dir
+from ..voice import VOICE_FILE, Voice, voices_dir
 from .dialogue import context_turns, dialogue_events, dialogue_json, dialogue_turns
+from .docs import add_docs
 from .encode import MEDIA_TYPES
 from .scheduler import Scheduler, SpeechJob
 from .schemas import (
     DIALOGUE_RESPONSES,
     OPENAI_MODELS,
+    OPENAI_VOICES,
     SPEECH_RESPONSES,
     DialogueRequest,
     Health,
@@ -41,10 +46,22 @@ from .schemas import (
     VoiceRef,
     errors,
 )
-from .speech import ApiError, PlannedTurn, SpeechPlan, SpeechStream, audio_bytes, sse_events
+from .speech import (
+    ApiError,
+    PlannedTurn,
+    SpeechPlan,
+    SpeechStream,
+    audio_bytes,
+    context_overflow,
+    prompt_positions,
+    speaker_number,
+    sse_events,
+)
+from .voice_store import VoiceStore
 from .web import add_page
 
 log = logging.getLogger("csm.server")
+access = logging.getLogger("csm.access")
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 SPEED_HEADER = "resample: speed > 1 plays faster and higher, < 1 slower and lower (pitch follows)"
@@ -54,7 +71,8 @@ SPEED_HEADER = "resample: speed > 1 plays faster and higher, < 1 slower and lowe
 class ServerSettings:
     """Limits and defaults of one server."""
 
-    model_name: str = "csm"
+    model_name: str = "csm"  # the id /v1/models lists: never a local path (see `model_id`)
+    model_path: str | None = None  # what --model named: still accepted as a request's `model`
     max_batch_size: int = 8
     max_queue: int = 64  # waiting requests beyond the busy rows; more get 429
     max_seq_len: int = 2048  # positions per row: prompt tokens + frames
@@ -67,15 +85,24 @@ class ServerSettings:
     batched_decode: bool = True  # the rows' audio decoded in one codec call (csm.batching)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_seconds: float = 60.0
+    max_transcript_chars: int = 1000  # a voice's transcript: the words of at most a minute of speech
+    max_voices: int = 100  # voices saved through the API; more get 409
+    max_voices_bytes: int = 512 * 1024 * 1024  # disk the voices folder may take; more gets 409
+    voice_cache: int = 8  # saved voices kept in memory (the last used); others are read from disk when used
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
 
 
 def error_response(
-    status: int, message: str, type: str = "invalid_request_error", param: str | None = None, headers=None
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    headers=None,
+    code: str | None = None,
 ):
     return JSONResponse(
-        {"error": {"message": message, "type": type, "param": param, "code": None}},
+        {"error": {"message": message, "type": type, "param": param, "code": code}},
         status_code=status,
         headers=headers,
     )
@@ -85,10 +112,17 @@ class ClientStalled(Exception):
     """The client read nothing for `stall_timeout` seconds."""
 
 
+def authorized(header: bytes, key: str) -> bool:
+    """Whether an Authorization header carries `key` as a bearer token (the scheme in any case, RFC 9110)."""
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
 class RequestContext:
     """ASGI middleware around the whole app: an X-Request-ID on every response (the client's, or a new one), the
     API key check, 503 for new requests while draining, a time limit on each write to a client that stopped
-    reading, and a 500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers."""
+    reading, a 500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers, and
+    one access log line per request (`csm.access`: method, path, status, seconds, client, request id)."""
 
     def __init__(self, app, settings: ServerSettings, scheduler: Scheduler):
         self.app, self.settings, self.scheduler = app, settings, scheduler
@@ -96,16 +130,17 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"], state["cleanup"] = rid, []
-        started = False
+        started, status, outcome = False, 0, ""
 
         async def send_with_id(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
@@ -120,7 +155,7 @@ class RequestContext:
         try:
             key = self.settings.api_key
             if key and scope["path"].startswith("/v1/"):
-                if dict(scope["headers"]).get(b"authorization", b"") != f"Bearer {key}".encode():
+                if not authorized(dict(scope["headers"]).get(b"authorization", b""), key):
                     raise ApiError(
                         401,
                         "missing or wrong API key: send `Authorization: Bearer <key>`",
@@ -128,13 +163,19 @@ class RequestContext:
                     )
             if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
                 raise ApiError(503, "the server is shutting down; retry on another instance", "server_error")
-            await self.app(scope, receive, send_with_id)
+            self.scheduler.in_flight += 1
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self.scheduler.in_flight -= 1
         except ClientStalled:
+            outcome = " dropped"
             log.warning(
                 "request %s: the client read nothing for %g s; dropped", rid, self.settings.stall_timeout
             )
         except Exception as e:
             if started:  # the client sees an incomplete response, never a clean short file
+                outcome = " aborted"
                 log.error("request %s failed after audio was sent, transfer aborted: %s", rid, e)
             else:
                 if not isinstance(e, ApiError):
@@ -142,10 +183,24 @@ class RequestContext:
                     e = ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
                 elif e.status >= 500:
                     log.error("request %s failed: %s", rid, e.message)
-                await error_response(e.status, e.message, e.type, e.param)(scope, receive, send_with_id)
+                headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+                response = error_response(e.status, e.message, e.type, e.param, headers, e.code)
+                await response(scope, receive, send_with_id)
         finally:
             for cleanup in state["cleanup"]:
                 cleanup()
+            client = scope.get("client") or ("-", 0)
+            access.info(
+                '"%s %s" %d%s %.3fs client=%s:%s rid=%s',
+                scope["method"],
+                scope["path"],
+                status,
+                outcome,
+                time.perf_counter() - t0,
+                client[0],
+                client[1],
+                rid,
+            )
 
 
 def validation_message(e: RequestValidationError) -> tuple[str, str | None]:
@@ -169,7 +224,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         batched_decode=settings.batched_decode,
     )
     root = Path(settings.voices_dir).expanduser() if settings.voices_dir else voices_dir()
-    loaded: dict[str, Voice] = {}
+    store = VoiceStore(root, settings.max_voices, settings.max_voices_bytes, settings.voice_cache)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -184,10 +239,13 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         summary="OpenAI-compatible text-to-speech with Sesame's CSM",
         lifespan=lifespan,
         responses=errors(400, 500),
+        docs_url=None,  # add_docs serves them with local assets
+        redoc_url=None,
     )
-    app.state.scheduler, app.state.settings = scheduler, settings
+    app.state.scheduler, app.state.settings, app.state.voices = scheduler, settings, store
     app.add_middleware(RequestContext, settings=settings, scheduler=scheduler)
     add_page(app)
+    add_docs(app)
 
     # ---- errors ------------------------------------------------------------------------------------
 
@@ -195,7 +253,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     async def _api_error(request, e: ApiError):
         if e.status >= 500:
             log.error("request %s failed: %s", request.state.request_id, e.message)
-        return error_response(e.status, e.message, e.type, e.param)
+        return error_response(e.status, e.message, e.type, e.param, code=e.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
@@ -228,12 +286,18 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     @app.get("/v1/voices", response_model=VoiceList, responses=errors(401))
     async def voices():
         return VoiceList(
-            voices=[VoiceCard(id=name, name=name) for name in list_voices(root)],
+            voices=[VoiceCard(id=name, name=name) for name in store.names()],
             speakers='any speaker number, e.g. "0", without reference audio',
+            openai_voices=OPENAI_VOICES,
         )
 
     @app.post(
-        "/v1/voices", status_code=201, response_model=VoiceCreated, responses=errors(400, 401, 409, 413, 500)
+        "/v1/voices",
+        status_code=201,
+        response_model=VoiceCreated,
+        responses=errors(400, 401, 409, 413, 500),
+        description="Save a voice: a clip and its transcript. 409 when the name is taken (`code`: "
+        "voice_exists) or the server holds as many voices or bytes of them as it allows (voice_limit_reached).",
     )
     async def create_voice(
         audio_file: Annotated[UploadFile, File(description="a clip of the voice (wav, flac, mp3, ...)")],
@@ -247,6 +311,13 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             )
         if not transcript.strip():
             raise ApiError(400, "transcript must hold the words spoken in the clip", param="transcript")
+        if len(transcript) > settings.max_transcript_chars:
+            raise ApiError(
+                400,
+                f"transcript is {len(transcript)} characters; the limit is {settings.max_transcript_chars} "
+                "(the words of the clip, at most a minute of speech)",
+                param="transcript",
+            )
         data = await audio_file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise ApiError(
@@ -263,41 +334,51 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
                 f"audio_file is {seconds:.1f} s long; the limit is {settings.max_upload_seconds:g} s",
                 param="audio_file",
             )
-        if (root / name).exists():
-            raise ApiError(409, f"a voice named {name!r} exists already", param="name")
-        try:
-            voice = Voice(name, speaker, [(audio, transcript)])
-            await asyncio.to_thread(voice.save, root / name)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        loaded[name] = voice
+        check_voice_fits(audio, transcript, speaker)
+        await asyncio.to_thread(store.create, name, speaker, audio, transcript)
         return VoiceCreated(id=name, name=name, speaker=speaker, seconds=round(seconds, 3))
+
+    def check_voice_fits(audio, transcript: str, speaker: int) -> None:
+        """A voice is context in every prompt it speaks in: it may take at most half the model's context."""
+        limit = scheduler.max_seq_len
+        frames = int(np.ceil(len(audio) / SAMPLING_RATE * model.codec_model.frame_rate))
+        text = prompt_positions(processor, [], speaker, transcript.strip())
+        if text is not None and text + frames <= limit // 2:
+            return
+        clip_too_long = frames > limit // 4
+        raise ApiError(
+            400,
+            f"the voice would take {'more than all' if text is None else text + frames} of the model's "
+            f"{limit} context positions ({frames} for the clip's audio); at most {limit // 2} leave room to "
+            f"speak: use a {'shorter clip' if clip_too_long else 'shorter transcript'}",
+            param="audio_file" if clip_too_long else "transcript",
+        )
 
     # ---- speech ------------------------------------------------------------------------------------
 
     def resolve_voice(value: Any, param: str = "voice") -> tuple[int, Voice | None]:
+        """A speaker number (ASCII digits), a saved voice, or one of OpenAI's voice names (a saved voice of
+        that name wins) as (speaker, voice or None)."""
         if isinstance(value, VoiceRef):
-            value = value.id
-        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-            speaker = int(value)
-            if not 0 <= speaker < 1000:
-                raise ApiError(400, "a speaker number must be between 0 and 999", param=param)
+            value, param = value.id, f"{param}.id"
+        speaker = speaker_number(value, param)
+        if speaker is not None:
             return speaker, None
         if not isinstance(value, str) or not VOICE_NAME.match(value):
-            raise ApiError(400, "voice must be a saved voice name or a speaker number", param=param)
-        if value not in loaded:
-            if not (root / value / "voice.json").is_file():
-                known = ", ".join(list_voices(root)) or "none saved yet"
-                raise ApiError(
-                    404,
-                    f"unknown voice {value!r} (saved voices: {known}; or a speaker number)",
-                    param=param,
-                )
-            loaded[value] = Voice.load(root / value)
-        return loaded[value].speaker, loaded[value]
+            raise ApiError(
+                400,
+                "voice must be a saved voice name, one of OpenAI's voice names or a speaker number "
+                "(ASCII digits, 0-999)",
+                param=param,
+            )
+        if value.lower() in OPENAI_VOICES and not (root / value / VOICE_FILE).is_file():
+            return OPENAI_VOICES[value.lower()], None
+        voice = store.get(value, param)
+        return voice.speaker, voice
 
     def check_model(name: str | None) -> None:
-        if name not in (None, "", settings.model_name, "csm", *OPENAI_MODELS):
+        accepted = (None, "", settings.model_name, settings.model_path, "csm", *OPENAI_MODELS)
+        if name not in accepted:
             raise ApiError(
                 404, f"unknown model {name!r}; this server serves {settings.model_name!r}", param="model"
             )
@@ -325,13 +406,17 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         voices = [(voice, voice_turns(voice))] if voice is not None else []
         more_voices, given = context_turns(body.context, resolve_voice, settings)
         turn = PlannedTurn(speaker, text, split_sentences(text, settings.max_chunk_chars), seed=body.seed)
-        return SpeechPlan([*given, turn], config, [*voices, *more_voices])
+        params = ["voice"] * len(voices) + [
+            f"context.{i}.voice" for i, t in enumerate(body.context or []) if t.voice is not None
+        ]
+        return SpeechPlan([*given, turn], config, [*voices, *more_voices], voice_params=params)
 
     def prepare_dialogue(body: DialogueRequest) -> SpeechPlan:
         check_model(body.model)
         config = generation_config(body)
         voices, turns = dialogue_turns(body, resolve_voice, settings)
-        return SpeechPlan(turns, config, voices, pause=body.pause)
+        params = [f"voices.{key}" for key in body.voices]
+        return SpeechPlan(turns, config, voices, pause=body.pause, voice_params=params)
 
     def job_for(plan: SpeechPlan, turn: int, index: int, carried: list[Turn], frames_left: int) -> SpeechJob:
         """The job for chunk `index` of turn `turn`: the voices' clips and as many of the turns and chunks
@@ -343,8 +428,10 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             prompt = plan_prompt(
                 processor, plan.fixed, carried, spoken.speaker, text, budget, scheduler.max_seq_len, "keep"
             )
-        except ValueError as e:
-            raise ApiError(400, str(e), param=spoken.param) from None
+        except (
+            ValueError
+        ):  # the planner's message names the Python API's knobs: say what the request can change
+            raise context_overflow(processor, plan, spoken, text, scheduler.max_seq_len) from None
 
         def embed():  # on the scheduler's thread: clips are encoded there, once per request (voices: once)
             for voice, turns in plan.voices:
