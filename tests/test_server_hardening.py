@@ -221,7 +221,10 @@ def test_max_frames_bounds_the_whole_dialogue_not_each_turn(checkpoint, tmp_path
 
 
 def test_api_key_401_says_bearer_and_the_scheme_is_case_insensitive(checkpoint, tmp_path):
-    names = {"model_name": model_id(str(checkpoint)), "model_path": str(checkpoint)}  # as `csm serve` sets them
+    names = {
+        "model_name": model_id(str(checkpoint)),
+        "model_path": str(checkpoint),
+    }  # as `csm serve` sets them
     with serve(checkpoint, tmp_path, api_key="secret", **names) as c:
         r = c.get("/v1/models")
         assert_error(r, 401)
@@ -235,7 +238,11 @@ def test_api_key_401_says_bearer_and_the_scheme_is_case_insensitive(checkpoint, 
         assert health.json()["model"] == checkpoint.name == "demo"
         key = {"Authorization": "bearer secret"}
         assert c.get("/v1/models", headers=key).json()["data"][0]["id"] == "demo"
-        old_id = {"input": "Hi.", "model": str(checkpoint), "response_format": "pcm"}  # the id it listed before
+        old_id = {
+            "input": "Hi.",
+            "model": str(checkpoint),
+            "response_format": "pcm",
+        }  # the id it listed before
         assert c.post("/v1/audio/speech", json=old_id, headers=key).status_code == 200
 
 

@@ -161,8 +161,12 @@ class RequestContext:
                         "missing or wrong API key: send `Authorization: Bearer <key>`",
                         "authentication_error",
                     )
-            if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
-                raise ApiError(503, "the server is shutting down; retry on another instance", "server_error")
+            if self.scheduler.draining and scope["path"] not in (
+                "/health",
+                "/v1/stats",
+            ):  # expected: no error log
+                message = "the server is shutting down; retry on another instance"
+                return await error_response(503, message, "server_error")(scope, receive, send_with_id)
             self.scheduler.in_flight += 1
             try:
                 await self.app(scope, receive, send_with_id)
