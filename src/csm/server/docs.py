@@ -6,14 +6,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from importlib import resources
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 ASSETS = "/docs-assets"  # the package's files: swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js
 INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
+# ReDoc's menu shows its maker's logo from their CDN (hidden when it fails to load); our copy shows nothing.
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+EMPTY_IMAGE = "data:image/svg+xml,%3Csvg%20xmlns=%22http://www.w3.org/2000/svg%22/%3E"
 
 
 def content_policy(html: str) -> str:
@@ -38,6 +42,13 @@ def page(response: HTMLResponse) -> HTMLResponse:
 def add_docs(app: FastAPI) -> None:
     """Serve /docs, /docs/oauth2-redirect and /redoc with local assets; the app must be made with
     `docs_url=None, redoc_url=None` (FastAPI's own pages load from a CDN)."""
+    redoc_js = (resources.files("fastapi_offline") / "static" / "redoc.standalone.js").read_text("utf-8")
+    redoc_js = redoc_js.replace(REDOC_LOGO, EMPTY_IMAGE)
+
+    @app.get(f"{ASSETS}/redoc.standalone.js", include_in_schema=False)
+    async def redoc_script():
+        return Response(redoc_js, media_type="text/javascript", headers={"Cache-Control": "max-age=3600"})
+
     app.mount(ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets")
     redirect = "/docs/oauth2-redirect"
 
