@@ -9,6 +9,8 @@ import io
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import typing
 from concurrent.futures import ThreadPoolExecutor
 
@@ -299,3 +301,28 @@ def test_one_access_log_line_per_request_with_its_request_id(client, caplog):
     seconds = float(lines[0].split()[3].rstrip("s"))
     assert 0 < seconds < 60
     assert json.dumps(lines)  # plain strings
+
+
+# ---- item 15: server flags are checked before anything loads ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, wanted",
+    [
+        (["--max-frames", "0"], "--max-frames: must be > 0, got 0"),
+        (["--max-frames", "-5"], "--max-frames: must be > 0, got -5"),
+        (["--max-frames", "many"], "--max-frames: expected a whole number, got 'many'"),
+        (["--stall-timeout", "0"], "--stall-timeout: must be > 0, got 0"),
+        (["--stall-timeout", "nan"], "--stall-timeout: expected a number of seconds"),
+        (["--shutdown-grace", "-1"], "--shutdown-grace: must be >= 0, got -1"),
+        (["--port", "70000"], "--port: must be 0-65535, got 70000"),
+        (["--max-batch-size", "0"], "--max-batch-size: must be > 0, got 0"),
+        (["--max-voices", "-1"], "--max-voices: must be >= 0, got -1"),
+    ],
+)
+def test_bad_server_flags_are_one_line_errors_before_loading(tmp_path, flags, wanted):
+    cmd = [sys.executable, "-m", "csm", "serve", "--model", str(tmp_path / "no-such-model"), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and wanted in errors[0], r.stderr

@@ -20,6 +20,8 @@ import soundfile as sf
 from browser import console, find_chromium, start_chromium, wait_for
 from serving import SAMPLES_PER_FRAME, demo_checkpoint, serve
 
+from csm.server import app as server_app
+
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "src" / "csm" / "server" / "static"
 FRAMES = 20  # the module's server speaks at most 20 frames (1.6 s) per request unless a test raises it
@@ -286,8 +288,14 @@ def test_a_voice_recorded_from_the_microphone_appears_in_the_picker(browser, ser
     assert 0.8 < seconds < 5
 
 
-def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(browser, server, tmp_path):
+def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(
+    browser, server, tmp_path, monkeypatch
+):
     from selenium.webdriver.common.keys import Keys
+
+    # --max-frames bounds the whole request: each turn gets FRAMES (as if the model ended it there), 3 in all.
+    monkeypatch.setattr(server_app, "frames_for_text", lambda text, frame_rate: FRAMES)
+    monkeypatch.setattr(server.app.state.settings, "max_frames", 3 * FRAMES)
 
     clip = tmp_path / "bea.wav"
     sf.write(clip, 0.3 * np.sin(np.arange(12000) * 2 * np.pi * 330 / 24000), 24000)
