@@ -15,7 +15,7 @@ from serving import SAMPLES_PER_FRAME, assert_error, demo_checkpoint, serve, spe
 
 from csm import CsmProcessor
 from csm.audio import load_audio
-from csm.server import app as server_app
+from csm.server import service as server_service
 from csm.voice import encode_audio
 
 
@@ -31,7 +31,7 @@ def client(checkpoint, tmp_path_factory):
         pytest.MonkeyPatch.context() as mp,
         serve(checkpoint, tmp_path_factory.mktemp("dlg"), max_batch_size=4, max_frames=64) as c,
     ):
-        mp.setattr(server_app, "frames_for_text", lambda text, frame_rate: 4)
+        mp.setattr(server_service, "frames_for_text", lambda text, frame_rate: 4)
         yield c
 
 

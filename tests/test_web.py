@@ -20,7 +20,7 @@ import soundfile as sf
 from browser import console, find_chromium, start_chromium, wait_for
 from serving import SAMPLES_PER_FRAME, demo_checkpoint, serve
 
-from csm.server import app as server_app
+from csm.server import service as server_service
 
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "src" / "csm" / "server" / "static"
@@ -294,7 +294,7 @@ def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(
     from selenium.webdriver.common.keys import Keys
 
     # --max-frames bounds the whole request: each turn gets FRAMES (as if the model ended it there), 3 in all.
-    monkeypatch.setattr(server_app, "frames_for_text", lambda text, frame_rate: FRAMES)
+    monkeypatch.setattr(server_service, "frames_for_text", lambda text, frame_rate: FRAMES)
     monkeypatch.setattr(server.app.state.settings, "max_frames", 3 * FRAMES)
 
     clip = tmp_path / "bea.wav"

@@ -57,9 +57,9 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         print("the server needs its extra: pip install 'csm-speech[server]'")
         return 1
-    name = getattr(args, "served_model_name", None) or model_id(str(args.model))
+    served = getattr(args, "served_model_name", None) or model_id(str(args.model))
     settings = ServerSettings(
-        model_name=name, model_path=str(args.model), api_key=getattr(args, "api_key", None)
+        model_name=served, model_path=str(args.model), api_key=getattr(args, "api_key", None)
     )
     for name in (
         "max_batch_size",
@@ -67,12 +67,15 @@ def main(args: argparse.Namespace) -> int:
         "max_frames",
         "max_input_chars",
         "voices_dir",
+        "max_voices",
         "stall_timeout",
         "batched_decode",
     ):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
+    if getattr(args, "max_voices_mb", None) is not None:
+        settings.max_voices_bytes = int(args.max_voices_mb * 1024 * 1024)
     if settings.max_batch_size < 1:
         print(f"--max-batch-size must be >= 1, got {settings.max_batch_size}")
         return 2
@@ -92,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"cannot load {args.model}: {e}")
         return 2
-    port = int(getattr(args, "port", None) or 8000)
+    port = getattr(args, "port", None)
+    port = 8000 if port is None else int(port)  # 0: any free port
     grace = getattr(args, "shutdown_grace", None)
     run_server(app, host, port, 30.0 if grace is None else float(grace))
     return 0
