@@ -127,10 +127,8 @@ class RequestContext:
                         "missing or wrong API key: send `Authorization: Bearer <key>`",
                         "authentication_error",
                     )
-            if self.scheduler.draining and scope["path"] not in (
-                "/health",
-                "/v1/stats",
-            ):  # expected: no error log
+            if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
+                # expected while draining: answered, but not logged as a failure
                 message = "the server is shutting down; retry on another instance"
                 return await error_response(503, message, "server_error")(scope, receive, send_with_id)
             self.scheduler.in_flight += 1

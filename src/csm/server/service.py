@@ -115,9 +115,7 @@ class Service:
                 self.scheduler.max_seq_len,
                 "keep",
             )
-        except (
-            ValueError
-        ):  # the planner's message names the Python API's knobs: say what the request can change
+        except ValueError:  # the planner names Python knobs; the 400 names the request field at fault
             raise context_overflow(self.processor, plan, spoken, text, self.scheduler.max_seq_len) from None
 
         def embed():  # on the scheduler's thread: clips are encoded there, once per request (voices: once)
