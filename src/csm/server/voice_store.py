@@ -96,7 +96,7 @@ class VoiceStore:
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         self.root.mkdir(parents=True, exist_ok=True)
-        self._check_room(name, 0)  # before writing anything
+        self.check_room(name, 0)  # before writing anything
         partial = (
             self.root / f".new-{uuid.uuid4().hex}"
         )  # not a voice name: names start with a letter or digit
@@ -104,7 +104,7 @@ class VoiceStore:
             voice.save(partial)
             size = folder_bytes(partial)
             with self._lock:
-                self._check_room(name, size)
+                self.check_room(name, size)
                 try:
                     os.rename(partial, self.root / name)  # fails when the name appeared meanwhile
                 except OSError:
@@ -119,7 +119,8 @@ class VoiceStore:
     def _taken(name: str) -> ApiError:
         return ApiError(409, f"a voice named {name!r} exists already", param="name", code="voice_exists")
 
-    def _check_room(self, name: str, size: int) -> None:
+    def check_room(self, name: str, size: int = 0) -> None:
+        """ApiError 409 when `name` is taken or a new voice of `size` bytes would pass a cap."""
         if (self.root / name).exists():
             raise self._taken(name)
         count = len(self.names())

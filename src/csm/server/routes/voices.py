@@ -53,6 +53,7 @@ async def create_voice(
             "(the words of the clip, at most a minute of speech)",
             param="transcript",
         )
+    await asyncio.to_thread(service.voices.check_room, name)  # before the upload is read and decoded
     data = await audio_file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ApiError(
