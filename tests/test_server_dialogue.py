@@ -15,6 +15,7 @@ from serving import SAMPLES_PER_FRAME, assert_error, demo_checkpoint, serve, spe
 
 from csm import CsmProcessor
 from csm.audio import load_audio
+from csm.server import service as server_service
 from csm.voice import encode_audio
 
 
@@ -25,7 +26,12 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(checkpoint, tmp_path_factory):
-    with serve(checkpoint, tmp_path_factory.mktemp("dlg"), max_batch_size=4) as c:
+    # Each chunk may take 4 frames (as if the model said end-of-audio there); a request up to 64 in all.
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        serve(checkpoint, tmp_path_factory.mktemp("dlg"), max_batch_size=4, max_frames=64) as c,
+    ):
+        mp.setattr(server_service, "frames_for_text", lambda text, frame_rate: 4)
         yield c
 
 

@@ -20,6 +20,8 @@ import soundfile as sf
 from browser import console, find_chromium, start_chromium, wait_for
 from serving import SAMPLES_PER_FRAME, demo_checkpoint, serve
 
+from csm.server import service as server_service
+
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "src" / "csm" / "server" / "static"
 FRAMES = 20  # the module's server speaks at most 20 frames (1.6 s) per request unless a test raises it
@@ -87,6 +89,23 @@ def test_static_files_ship_in_the_wheel_and_the_sdist(tmp_path):
     with tarfile.open(sdist) as archive:
         shipped = {Path(n).name for n in archive.getnames() if "/src/csm/server/static/" in n}
     assert shipped >= wanted
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_api_docs_load_their_assets_from_this_server(server, path):
+    """/docs and /redoc name only this server's files (FastAPI's own pages load Swagger UI and ReDoc from a
+    CDN: blank offline), and a Content-Security-Policy holds them to it."""
+    page = server.get(path)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "connect-src 'self'" in policy and "https:" not in policy
+    assert not re.search(r"https?://", page.text.replace("https://github.com/swagger-api", ""))
+    assets = re.findall(r'(?:src|href)="(/[^"]+)"', page.text)
+    assert any(a.endswith(".js") for a in assets), assets
+    for asset in assets:
+        response = server.get(asset)
+        assert response.status_code == 200 and len(response.content) > 100, asset
+        assert "cdn.redoc.ly" not in response.text  # ReDoc's logo: our copy names none
 
 
 # ---- in a real browser ---------------------------------------------------------------------------------
@@ -269,8 +288,14 @@ def test_a_voice_recorded_from_the_microphone_appears_in_the_picker(browser, ser
     assert 0.8 < seconds < 5
 
 
-def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(browser, server, tmp_path):
+def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(
+    browser, server, tmp_path, monkeypatch
+):
     from selenium.webdriver.common.keys import Keys
+
+    # --max-frames bounds the whole request: each turn gets FRAMES (as if the model ended it there), 3 in all.
+    monkeypatch.setattr(server_service, "frames_for_text", lambda text, frame_rate: FRAMES)
+    monkeypatch.setattr(server.app.state.settings, "max_frames", 3 * FRAMES)
 
     clip = tmp_path / "bea.wav"
     sf.write(clip, 0.3 * np.sin(np.arange(12000) * 2 * np.pi * 330 / 24000), 24000)
@@ -344,6 +369,36 @@ def test_with_an_api_key_the_page_asks_for_it_and_shows_nothing_else(browser, se
         settings.api_key = None
         browser.execute_script("sessionStorage.clear()")
     console(browser)  # the 401s of the wrong key are logged as failed loads: expected here
+
+
+def loaded_from(driver) -> set[str]:
+    """The origins of every resource the page loaded."""
+    urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    return {re.match(r"^[a-z]+://[^/]+", u).group(0) for u in urls if not u.startswith(("data:", "blob:"))}
+
+
+def test_api_docs_render_every_operation_with_no_network(browser, server):
+    """Swagger UI at /docs and ReDoc at /redoc render the API from this server alone (this machine has no
+    internet, so a CDN would leave them blank), with no console error (a refused load would be one)."""
+    from selenium.webdriver.common.by import By
+
+    console(browser)
+    base = str(server.base_url)
+    paths = set(server.get("/openapi.json").json()["paths"])
+    browser.get(base + "/docs")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"), message="Swagger UI")
+    shown = {
+        e.get_attribute("data-path") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+    }
+    assert shown == paths
+    assert loaded_from(browser) == {base}
+    assert console(browser) == []
+    browser.get(base + "/redoc")
+    wait_for(lambda: "/v1/audio/speech" in browser.find_element(By.TAG_NAME, "body").text, message="ReDoc")
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert all(p in text for p in paths), [p for p in paths if p not in text]
+    assert loaded_from(browser) == {base}
+    assert console(browser) == []
 
 
 def test_page_fits_a_phone_screen(browser, server):

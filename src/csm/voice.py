@@ -183,8 +183,8 @@ class Voice:
 
 
 def list_voices(folder: str | os.PathLike | None = None) -> list[str]:
-    """Names of the voices saved in the voices folder."""
+    """Names of the voices saved in the voices folder (hidden folders, such as a voice being written, left out)."""
     root = Path(folder).expanduser() if folder is not None else voices_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / VOICE_FILE).is_file())
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / VOICE_FILE).is_file())

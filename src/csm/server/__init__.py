@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
+from pathlib import Path
 
 from .app import ServerSettings, create_app
+from .drain import run_server
 from .limits import uvicorn_config
 
-__all__ = ["ServerSettings", "create_app", "load_app", "main", "uvicorn_config"]
+__all__ = ["ServerSettings", "create_app", "load_app", "main", "model_id", "uvicorn_config"]
+
+
+def model_id(model: str) -> str:
+    """The id /v1/models gives for what --model named: a hub id as it is (`sesame/csm-1b`), a folder of the
+    hub's cache by its repo id, any other folder by its name: never a path of the server's disk."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model
+    path = path.resolve()
+    for part in path.parts:
+        if part.startswith("models--"):  # ~/.cache/huggingface/hub/models--sesame--csm-1b/snapshots/<hash>
+            return part.removeprefix("models--").replace("--", "/")
+    return path.name or "csm"
 
 
 def load_app(
@@ -31,30 +45,38 @@ def load_app(
     )
     model.eval()
     processor = CsmProcessor.from_pretrained(model_path)
-    return create_app(model, processor, settings or ServerSettings(model_name=str(model_path)))
+    settings = settings or ServerSettings(model_name=model_id(str(model_path)))
+    settings.model_path = settings.model_path or str(model_path)
+    return create_app(model, processor, settings)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the server: `csm serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--api-key KEY]`; on SIGTERM
     it stops admitting (503), lets in-flight requests finish within `--shutdown-grace` seconds, and exits 0."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked before loading the model)
     except ImportError:
         print("the server needs its extra: pip install 'csm-speech[server]'")
         return 1
-    settings = ServerSettings(model_name=str(args.model), api_key=getattr(args, "api_key", None))
+    served = getattr(args, "served_model_name", None) or model_id(str(args.model))
+    settings = ServerSettings(
+        model_name=served, model_path=str(args.model), api_key=getattr(args, "api_key", None)
+    )
     for name in (
         "max_batch_size",
         "max_queue",
         "max_frames",
         "max_input_chars",
         "voices_dir",
+        "max_voices",
         "stall_timeout",
         "batched_decode",
     ):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
+    if getattr(args, "max_voices_mb", None) is not None:
+        settings.max_voices_bytes = int(args.max_voices_mb * 1024 * 1024)
     if settings.max_batch_size < 1:
         print(f"--max-batch-size must be >= 1, got {settings.max_batch_size}")
         return 2
@@ -74,19 +96,9 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"cannot load {args.model}: {e}")
         return 2
-    port = int(getattr(args, "port", None) or 8000)
+    port = getattr(args, "port", None)
+    port = 8000 if port is None else int(port)  # 0: any free port
     grace = getattr(args, "shutdown_grace", None)
     grace = 30.0 if grace is None else float(grace)
-    config = uvicorn_config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
-    server = uvicorn.Server(config)
-    exit_now = server.handle_exit
-
-    def drain(sig, frame):  # stop admitting at once; uvicorn waits up to `grace` for in-flight requests
-        app.state.scheduler.draining = True
-        exit_now(sig, frame)
-
-    server.handle_exit = drain
-    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler lets us exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    run_server(app, host, port, grace)
     return 0

@@ -6,8 +6,10 @@ and refuses new requests while draining, for every route at once."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -20,6 +22,7 @@ from starlette.formparsers import MultiPartException
 
 from ..audio import MAX_CLIP_SECONDS
 from ..chunking import MAX_CHUNK_CHARS
+from .docs import add_docs
 from .errors import PARSE_FAILED, parse_failure_message, validation_message
 from .limits import BodyLimit
 from .routes import dialogue, speech, status, voices
@@ -30,6 +33,7 @@ from .speech import ApiError
 from .web import add_page
 
 log = logging.getLogger("csm.server")
+access = logging.getLogger("csm.access")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 
@@ -37,7 +41,8 @@ REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 class ServerSettings:
     """Limits and defaults of one server."""
 
-    model_name: str = "csm"
+    model_name: str = "csm"  # the id /v1/models lists: never a local path (see `model_id`)
+    model_path: str | None = None  # what --model named: still accepted as a request's `model`
     max_batch_size: int = 8
     max_queue: int = 64  # waiting requests beyond the busy rows; more get 429
     max_seq_len: int = 2048  # positions per row: prompt tokens + frames
@@ -53,15 +58,24 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024  # a JSON body: a clip at the upload limit in base64, and more
     head_timeout: float = 10.0  # seconds for a request's line and headers (see limits.http_protocol)
     read_timeout: float = 30.0  # seconds a client may pause while sending a body
+    max_transcript_chars: int = 1000  # a voice's transcript: the words of at most a minute of speech
+    max_voices: int = 100  # voices saved through the API; more get 409
+    max_voices_bytes: int = 512 * 1024 * 1024  # disk the voices folder may take; more gets 409
+    voice_cache: int = 8  # saved voices kept in memory (the last used); others are read from disk when used
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
 
 
 def error_response(
-    status: int, message: str, type: str = "invalid_request_error", param: str | None = None, headers=None
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    headers=None,
+    code: str | None = None,
 ):
     return JSONResponse(
-        {"error": {"message": message, "type": type, "param": param, "code": None}},
+        {"error": {"message": message, "type": type, "param": param, "code": code}},
         status_code=status,
         headers=headers,
     )
@@ -71,10 +85,17 @@ class ClientStalled(Exception):
     """The client read nothing for `stall_timeout` seconds."""
 
 
+def authorized(header: bytes, key: str) -> bool:
+    """Whether an Authorization header carries `key` as a bearer token (the scheme in any case, RFC 9110)."""
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
 class RequestContext:
     """ASGI middleware around the whole app: an X-Request-ID on every response (the client's, or a new one), the
     API key check, 503 for new requests while draining, a time limit on each write to a client that stopped
-    reading, and a 500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers."""
+    reading, a 500 (or an aborted transfer, once bytes were sent) for anything that escaped the handlers, and
+    one access log line per request (`csm.access`: method, path, status, seconds, client, request id)."""
 
     def __init__(self, app, settings: ServerSettings, scheduler: Scheduler):
         self.app, self.settings, self.scheduler = app, settings, scheduler
@@ -82,16 +103,17 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"], state["cleanup"] = rid, []
-        started = False
+        started, status, outcome = False, 0, ""
 
         async def send_with_id(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
@@ -106,21 +128,29 @@ class RequestContext:
         try:
             key = self.settings.api_key
             if key and scope["path"].startswith("/v1/"):
-                if dict(scope["headers"]).get(b"authorization", b"") != f"Bearer {key}".encode():
+                if not authorized(dict(scope["headers"]).get(b"authorization", b""), key):
                     raise ApiError(
                         401,
                         "missing or wrong API key: send `Authorization: Bearer <key>`",
                         "authentication_error",
                     )
             if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
-                raise ApiError(503, "the server is shutting down; retry on another instance", "server_error")
-            await self.app(scope, receive, send_with_id)
+                # expected while draining: answered, but not logged as a failure
+                message = "the server is shutting down; retry on another instance"
+                return await error_response(503, message, "server_error")(scope, receive, send_with_id)
+            self.scheduler.in_flight += 1
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self.scheduler.in_flight -= 1
         except ClientStalled:
+            outcome = " dropped"
             log.warning(
                 "request %s: the client read nothing for %g s; dropped", rid, self.settings.stall_timeout
             )
         except Exception as e:
             if started:  # the client sees an incomplete response, never a clean short file
+                outcome = " aborted"
                 log.error("request %s failed after audio was sent, transfer aborted: %s", rid, e)
             else:
                 if not isinstance(e, ApiError):
@@ -128,10 +158,24 @@ class RequestContext:
                     e = ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
                 elif e.status >= 500:
                     log.error("request %s failed: %s", rid, e.message)
-                await error_response(e.status, e.message, e.type, e.param)(scope, receive, send_with_id)
+                headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+                response = error_response(e.status, e.message, e.type, e.param, headers, e.code)
+                await response(scope, receive, send_with_id)
         finally:
             for cleanup in state["cleanup"]:
                 cleanup()
+            client = scope.get("client") or ("-", 0)
+            access.info(
+                '"%s %s" %d%s %.3fs client=%s:%s rid=%s',
+                scope["method"],
+                scope["path"],
+                status,
+                outcome,
+                time.perf_counter() - t0,
+                client[0],
+                client[1],
+                rid,
+            )
 
 
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
@@ -159,9 +203,12 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         summary="OpenAI-compatible text-to-speech with Sesame's CSM",
         lifespan=lifespan,
         responses=errors(400, 408, 413, 500),  # 408, 413: limits.BodyLimit and http_protocol
+        docs_url=None,  # add_docs serves them with local assets
+        redoc_url=None,
     )
     app.state.scheduler, app.state.settings = scheduler, settings
     app.state.service = Service(model, processor, settings, scheduler)
+    app.state.voices = app.state.service.voices
     app.add_middleware(
         BodyLimit,
         max_body_bytes=settings.max_body_bytes,
@@ -172,6 +219,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         RequestContext, settings=settings, scheduler=scheduler
     )  # outermost: ids on all answers
     add_page(app)
+    add_docs(app)
     for router in (status.router, voices.router, speech.router, dialogue.router):
         app.include_router(router)
 
@@ -179,7 +227,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     async def _api_error(request, e: ApiError):
         if e.status >= 500:
             log.error("request %s failed: %s", request.state.request_id, e.message)
-        return error_response(e.status, e.message, e.type, e.param)
+        return error_response(e.status, e.message, e.type, e.param, code=e.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):

@@ -13,7 +13,7 @@ from ..conversation import dialogue_manifest
 from ..planner import Turn, voice_turns
 from ..voice import Voice
 from .schemas import ContextTurn, DialogueRequest
-from .speech import ApiError, PlannedTurn, SpeechStream, sse, sse_error
+from .speech import ApiError, PlannedTurn, SpeechStream, speaker_number, sse, sse_error
 
 log = logging.getLogger("csm.server")
 
@@ -82,8 +82,9 @@ def dialogue_turns(
     speakers = sorted({t.speaker for t in body.turns})
     voices = []
     for key, name in body.voices.items():
-        at = f"voices.{key}"
-        if not key.isdigit() or int(key) not in speakers:
+        at = f"voices.{key}" if key.isascii() and key.isprintable() and len(key) <= 16 else "voices"
+        speaker = speaker_number(key, "voices")
+        if speaker is None or speaker not in speakers:
             raise ApiError(
                 400,
                 f"{at}: voices binds speaker ids that speak in the dialogue ({', '.join(map(str, speakers))})",
@@ -92,7 +93,7 @@ def dialogue_turns(
         _, voice = resolve_voice(name, at)
         if voice is None:
             raise ApiError(400, f"{at} must name a saved voice", param=at)
-        voices.append((voice, voice_turns(voice, speaker=int(key))))
+        voices.append((voice, voice_turns(voice, speaker=speaker)))
     turns = []
     for i, turn in enumerate(body.turns):
         text = " ".join(turn.text.split())

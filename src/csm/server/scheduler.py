@@ -83,6 +83,7 @@ class Scheduler:
         self.core: BatchCore | None = None
         self.completed = self.failed = self.cancelled = 0
         self.draining = False  # set on SIGTERM: the app admits no new requests; those in flight finish
+        self.in_flight = 0  # HTTP requests being served (counted by the app): a drain waits for none
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

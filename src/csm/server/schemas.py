@@ -10,13 +10,27 @@ from .encode import FORMATS, MEDIA_TYPES
 
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
+# OpenAI's voice names (the `openai` client's list), each bound to a speaker number in alphabetical order, so
+# that code written for OpenAI speaks at its first request; a saved voice of the same name wins.
+OPENAI_VOICES = {
+    name: speaker
+    for speaker, name in enumerate(
+        sorted(
+            ["alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse"]
+            + ["marin", "cedar"]
+        )
+    )
+}
+
 
 class VoiceRef(BaseModel):
     """OpenAI's voice object: `{"id": "..."}`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | int = Field(description="a saved voice's name or a speaker number")
+    id: str | int = Field(
+        description="a saved voice's name, one of OpenAI's voice names, or a speaker number"
+    )
 
 
 class ContextTurn(BaseModel):
@@ -48,7 +62,9 @@ class SpeechRequest(BaseModel):
         min_length=1, max_length=4096, description="the text to speak (the server may set a lower limit)"
     )
     voice: str | int | VoiceRef = Field(
-        "0", description='a saved voice (see /v1/voices) or a speaker number such as "0"'
+        "0",
+        description='a saved voice (see /v1/voices), one of OpenAI\'s voice names ("alloy", ...: each speaks '
+        'as a speaker number, see /v1/voices) or a speaker number such as "0"',
     )
     instructions: str | None = Field(
         None, description="accepted for compatibility; CSM takes no instructions"
@@ -189,6 +205,10 @@ class VoiceList(BaseModel):
     object: Literal["list"] = "list"
     voices: list[VoiceCard]
     speakers: str
+    openai_voices: dict[str, int] = Field(
+        description="OpenAI's voice names and the speaker number each speaks as (a saved voice of the same "
+        "name wins)"
+    )
 
 
 class VoiceCreated(BaseModel):

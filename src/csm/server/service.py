@@ -8,14 +8,24 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, Request
 
+from ..audio import SAMPLING_RATE
 from ..generate import GenerationConfig
 from ..planner import Turn, encode_turns, plan_prompt
-from ..voice import Voice, list_voices, voices_dir
+from ..voice import VOICE_FILE, Voice, voices_dir
 from .scheduler import Scheduler, SpeechJob
-from .schemas import OPENAI_MODELS, VoiceRef
-from .speech import ApiError, SpeechPlan, SpeechStream
+from .schemas import OPENAI_MODELS, OPENAI_VOICES, VoiceRef
+from .speech import (
+    ApiError,
+    SpeechPlan,
+    SpeechStream,
+    context_overflow,
+    prompt_positions,
+    speaker_number,
+)
+from .voice_store import VoiceStore
 
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -32,31 +42,49 @@ class Service:
     def __init__(self, model, processor, settings, scheduler: Scheduler):
         self.model, self.processor, self.settings, self.scheduler = model, processor, settings, scheduler
         self.root = Path(settings.voices_dir).expanduser() if settings.voices_dir else voices_dir()
-        self.loaded: dict[str, Voice] = {}  # saved voices read once, and voices created through the API
+        self.voices = VoiceStore(
+            self.root, settings.max_voices, settings.max_voices_bytes, settings.voice_cache
+        )
 
     def resolve_voice(self, value: Any, param: str = "voice") -> tuple[int, Voice | None]:
+        """A speaker number (ASCII digits), a saved voice, or one of OpenAI's voice names (a saved voice of
+        that name wins) as (speaker, voice or None)."""
         if isinstance(value, VoiceRef):
-            value = value.id
-        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-            speaker = int(value)
-            if not 0 <= speaker < 1000:
-                raise ApiError(400, "a speaker number must be between 0 and 999", param=param)
+            value, param = value.id, f"{param}.id"
+        speaker = speaker_number(value, param)
+        if speaker is not None:
             return speaker, None
         if not isinstance(value, str) or not VOICE_NAME.match(value):
-            raise ApiError(400, "voice must be a saved voice name or a speaker number", param=param)
-        if value not in self.loaded:
-            if not (self.root / value / "voice.json").is_file():
-                known = ", ".join(list_voices(self.root)) or "none saved yet"
-                raise ApiError(
-                    404,
-                    f"unknown voice {value!r} (saved voices: {known}; or a speaker number)",
-                    param=param,
-                )
-            self.loaded[value] = Voice.load(self.root / value)
-        return self.loaded[value].speaker, self.loaded[value]
+            raise ApiError(
+                400,
+                "voice must be a saved voice name, one of OpenAI's voice names or a speaker number "
+                "(ASCII digits, 0-999)",
+                param=param,
+            )
+        if value.lower() in OPENAI_VOICES and not (self.root / value / VOICE_FILE).is_file():
+            return OPENAI_VOICES[value.lower()], None
+        voice = self.voices.get(value, param)
+        return voice.speaker, voice
+
+    def check_voice_fits(self, audio: np.ndarray, transcript: str, speaker: int) -> None:
+        """A voice is context in every prompt it speaks in: it may take at most half the model's context."""
+        limit = self.scheduler.max_seq_len
+        frames = int(np.ceil(len(audio) / SAMPLING_RATE * self.model.codec_model.frame_rate))
+        text = prompt_positions(self.processor, [], speaker, transcript.strip())
+        if text is not None and text + frames <= limit // 2:
+            return
+        clip_too_long = frames > limit // 4
+        raise ApiError(
+            400,
+            f"the voice would take {'more than all' if text is None else text + frames} of the model's "
+            f"{limit} context positions ({frames} for the clip's audio); at most {limit // 2} leave room to "
+            f"speak: use a {'shorter clip' if clip_too_long else 'shorter transcript'}",
+            param="audio_file" if clip_too_long else "transcript",
+        )
 
     def check_model(self, name: str | None) -> None:
-        if name not in (None, "", self.settings.model_name, "csm", *OPENAI_MODELS):
+        accepted = (None, "", self.settings.model_name, self.settings.model_path, "csm", *OPENAI_MODELS)
+        if name not in accepted:
             raise ApiError(
                 404, f"unknown model {name!r}; this server serves {self.settings.model_name!r}", param="model"
             )
@@ -87,8 +115,8 @@ class Service:
                 self.scheduler.max_seq_len,
                 "keep",
             )
-        except ValueError as e:
-            raise ApiError(400, str(e), param=spoken.param) from None
+        except ValueError:  # the planner names Python knobs; the 400 names the request field at fault
+            raise context_overflow(self.processor, plan, spoken, text, self.scheduler.max_seq_len) from None
 
         def embed():  # on the scheduler's thread: clips are encoded there, once per request (voices: once)
             for voice, turns in plan.voices:

@@ -17,7 +17,7 @@ from ..audio import SAMPLING_RATE
 from ..chunking import CrossfadeStream
 from ..conversation import manifest_entry
 from ..generate import GenerationConfig
-from ..planner import Turn
+from ..planner import Turn, plan_prompt
 from ..voice import Voice
 from .encode import AudioEncoder
 from .scheduler import QueueFull, Scheduler, SpeechJob, Unavailable
@@ -29,10 +29,32 @@ class ApiError(Exception):
     """An error answered as OpenAI's error JSON with `status`."""
 
     def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type, param
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+MAX_SPEAKER = 999
+
+
+def speaker_number(value: str | int, param: str) -> int | None:
+    """The speaker number `value` names (an int, or a string of ASCII digits such as "0"); None when it is no
+    number (a voice name, or digits of another script such as "²" or "٣"); ApiError 400 when out of range."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            return None
+        value = int(value) if len(value) <= 6 else MAX_SPEAKER + 1  # never int() of thousands of digits
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if not 0 <= value <= MAX_SPEAKER:
+        raise ApiError(400, f"a speaker number must be between 0 and {MAX_SPEAKER}", param=param)
+    return value
 
 
 def server_error(e: Exception) -> ApiError:
@@ -66,16 +88,50 @@ class SpeechPlan:
     config: GenerationConfig
     voices: list[tuple[Voice, list[Turn]]] = field(default_factory=list)  # clips kept in every prompt
     pause: float = 0.0  # seconds of silence between spoken turns
+    voice_params: list[str] = field(default_factory=list)  # the request field of each voice, for errors
 
     @property
     def fixed(self) -> list[Turn]:
         return [t for _, turns in self.voices for t in turns]
 
 
+def prompt_positions(processor, fixed: list[Turn], speaker: int, text: str) -> int | None:
+    """Context positions `fixed` turns and `speaker` saying `text` take; None past the processor's limit."""
+    try:
+        return plan_prompt(processor, fixed, [], speaker, text, 1, 1 << 40).length
+    except ValueError:
+        return None
+
+
+def context_overflow(processor, plan: SpeechPlan, spoken: PlannedTurn, text: str, limit: int) -> ApiError:
+    """The 400 for a chunk that leaves no room for audio in the model's context of `limit` positions. It
+    blames the saved voices when their clips and transcripts take over half of it, else the text; never the
+    turns before (they leave the window first)."""
+    voices = prompt_positions(processor, plan.fixed, spoken.speaker, "") if plan.fixed else 0
+    if voices is None or voices > limit // 2:
+        names = ", ".join(repr(voice.name) for voice, _ in plan.voices)
+        taken = "more than all" if voices is None else f"{voices}"
+        return ApiError(
+            400,
+            f"the saved voice(s) {names} take {taken} of the model's {limit} context positions (their clips "
+            "and transcripts), leaving too little room to speak: use a voice with shorter clips",
+            param=plan.voice_params[0] if plan.voice_params else "voice",
+        )
+    total = prompt_positions(processor, plan.fixed, spoken.speaker, text)
+    taken = "more than all" if total is None else f"{total}"
+    return ApiError(
+        400,
+        f"{spoken.param} (a sentence of {len(text)} characters, with the voices' clips) takes {taken} of the "
+        f"model's {limit} context positions, leaving no room to speak it: shorten the sentence",
+        param=spoken.param,
+    )
+
+
 class SpeechStream:
     """One request's audio, turn after turn and chunk after chunk: each chunk is a scheduler job whose context
     holds the voices' clips, the turns before it and the chunks of its turn before it, with the audio made for
     them (as `csm.conversation` does), joined with crossfades within a turn and `pause` between turns.
+    `max_frames` bounds the whole request (every turn and chunk together): once spent, nothing more is spoken.
     `entries` gets each spoken turn's start and end (seconds in the audio) as it is done."""
 
     def __init__(
@@ -142,18 +198,27 @@ class SpeechStream:
             if turn.given is not None:
                 history.append(turn.given)
                 continue
+            if self.frames >= self.max_frames:  # the request's budget is spent: later turns are not spoken
+                log.info(
+                    "request %s: its %d frames are spent; turns from %d on are not spoken",
+                    self.request_id,
+                    self.max_frames,
+                    t,
+                )
+                break
             if self.entries and len(gap):
                 self.samples += len(gap)
                 yield gap
             start, frames = self.samples, 0
             joiner, done, parts, codes = CrossfadeStream(SAMPLING_RATE), [], [], []
             for index, text in enumerate(turn.chunks):
-                if index and frames >= self.max_frames:
+                if index and self.frames >= self.max_frames:
                     break
                 if self.first is not None:
                     (job, first), self.first = self.first, None
                 else:
-                    job, first = await self._run(t, index, [*history, *done], self.max_frames - frames, True)
+                    left = self.max_frames - self.frames
+                    job, first = await self._run(t, index, [*history, *done], left, True)
                 joiner.start_sentence(last=index == len(turn.chunks) - 1)
                 chunk_parts = []
                 async for piece in audio_chunks(job, first):

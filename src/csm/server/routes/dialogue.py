@@ -21,7 +21,8 @@ def prepare_dialogue(service: Service, body: DialogueRequest) -> SpeechPlan:
     service.check_model(body.model)
     config = service.generation_config(body)
     voices, turns = dialogue_turns(body, service.resolve_voice, service.settings)
-    return SpeechPlan(turns, config, voices, pause=body.pause)
+    params = [f"voices.{key}" for key in body.voices]
+    return SpeechPlan(turns, config, voices, pause=body.pause, voice_params=params)
 
 
 @router.post("/v1/audio/dialogue", response_class=Response, responses=DIALOGUE_RESPONSES)

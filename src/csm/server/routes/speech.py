@@ -38,7 +38,10 @@ def prepare(service: Service, body: SpeechRequest) -> SpeechPlan:
     voices = [(voice, voice_turns(voice))] if voice is not None else []
     more_voices, given = context_turns(body.context, service.resolve_voice, settings)
     turn = PlannedTurn(speaker, text, split_sentences(text, settings.max_chunk_chars), seed=body.seed)
-    return SpeechPlan([*given, turn], config, [*voices, *more_voices])
+    params = ["voice"] * len(voices) + [
+        f"context.{i}.voice" for i, t in enumerate(body.context or []) if t.voice is not None
+    ]
+    return SpeechPlan([*given, turn], config, [*voices, *more_voices], voice_params=params)
 
 
 @router.post("/v1/audio/speech", response_class=Response, responses=SPEECH_RESPONSES)
