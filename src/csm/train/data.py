@@ -209,7 +209,7 @@ def encode_clips(todo: dict[str, Path], codec, folder: Path, progress: bool = Fa
             wav = torch.from_numpy(load_audio(path, target_rate=SAMPLING_RATE))
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
-        codes = codec.encode(wav.to(codec.device, codec.dtype)[None, None])[0].T  # (F, K)
+        codes = codec.encode(wav.to(codec.device, codec.dtype)[None, None]).audio_codes[0].T  # (F, K)
         tmp = folder / f".{digest}.{os.getpid()}.tmp"
         save_file({"codes": codes.to(torch.int16).cpu().contiguous()}, tmp, metadata={"source": path.name})
         os.replace(tmp, _cache_path(folder, digest))
