@@ -518,3 +518,87 @@ def test_streams_started_apart_are_refused_where_convs_pad_by_replication(tmp_pa
         decoder.reset([1])
     with pytest.raises(ValueError, match="pad_mode='constant'"):
         decoder.step(codes[:1], [0])
+
+
+# The reference's API at its edges: output objects, forward, its arguments, config keys.
+
+
+def test_encode_and_decode_results_index_like_the_reference(small):
+    reference, ours = small
+    audio = random_audio(2, 5000)
+    with torch.no_grad():
+        a, b = ours.encode(audio), reference.encode(audio)
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)  # the codes, not batch row 0
+        torch.testing.assert_close(a["audio_codes"], b["audio_codes"], rtol=0, atol=0)
+        assert len(a.to_tuple()) == 1 and list(a.keys()) == ["audio_codes"]
+        codes = a.audio_codes
+        x, y = ours.decode(codes), reference.decode(codes)
+        torch.testing.assert_close(x[0], y[0], rtol=0, atol=1e-4)  # the audio, not batch row 0
+        torch.testing.assert_close(x.to_tuple()[0], y.to_tuple()[0], rtol=0, atol=1e-4)
+        (as_tuple,) = ours.decode(codes, return_dict=False)
+        torch.testing.assert_close(as_tuple, y.audio_values, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_quantizers", [None, 2])
+def test_forward_encodes_then_decodes_like_the_reference(small, num_quantizers):
+    reference, ours = small
+    audio = random_audio(2, 4500)
+    mask = torch.ones(2, 4500, dtype=torch.long)
+    with torch.no_grad():
+        for kwargs in ({}, {"padding_mask": mask}):
+            a = ours(audio, num_quantizers=num_quantizers, **kwargs)
+            b = reference(audio, num_quantizers=num_quantizers, **kwargs)
+            torch.testing.assert_close(a.audio_codes, b.audio_codes, rtol=0, atol=0)
+            assert a.audio_values.shape == b.audio_values.shape == (2, 1, 4500)  # cut to the input
+            torch.testing.assert_close(a.audio_values, b.audio_values, rtol=0, atol=1e-4)
+            torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-4)
+        given = ours(audio, audio_codes=a.audio_codes)
+        torch.testing.assert_close(given.audio_values, a.audio_values, rtol=0, atol=0)
+        short = torch.ones(2, 3000)
+        torch.testing.assert_close(
+            ours.decode(a.audio_codes, padding_mask=short).audio_values,
+            reference.decode(a.audio_codes, padding_mask=short).audio_values,
+            rtol=0,
+            atol=1e-4,
+        )
+
+
+def test_streamed_encode_arguments_give_the_reference_codes(small):
+    reference, ours = small
+    audio = random_audio(1, 1920 * 6)
+    chunks = [audio[..., : 1920 * 2], audio[..., 1920 * 2 : 1920 * 5], audio[..., 1920 * 5 :]]
+    with torch.no_grad():
+        ours_codes, ref_codes = [], []
+        cache, ref_state = None, {}
+        for chunk in chunks:
+            out = ours.encode(chunk, use_streaming=True, padding_cache=cache)
+            cache = out.padding_cache
+            ours_codes.append(out.audio_codes)
+            r = reference.encode(chunk, use_streaming=True, **ref_state)
+            ref_state = dict(padding_cache=r.padding_cache, encoder_past_key_values=r.encoder_past_key_values)
+            ref_codes.append(r.audio_codes)
+    torch.testing.assert_close(torch.cat(ours_codes, -1), torch.cat(ref_codes, -1), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(ours_codes, -1), ours.encode(audio).audio_codes, rtol=0, atol=0)
+
+
+def test_streamed_decode_arguments_equal_one_decode(small):
+    _, ours = small
+    codes = random_codes(ours, 1, 6)
+    out, state = [], None
+    for part in (codes[..., :2], codes[..., 2:3], codes[..., 3:]):
+        step = ours.decode(part, decoder_past_key_values=state, use_streaming=True)
+        state = step.decoder_past_key_values
+        out.append(step.audio_values)
+    torch.testing.assert_close(torch.cat(out, -1), ours.decode(codes).audio_values, rtol=0, atol=1e-4)
+    with pytest.raises(TypeError, match="previous decode"):
+        ours.decode(codes, decoder_past_key_values=object())
+
+
+def test_config_keeps_keys_it_does_not_model_like_the_reference(tmp_path):
+    ours = MimiConfig(num_quantizers=8, my_note="kept", use_cache=True)
+    ref = transformers.MimiConfig(num_quantizers=8, my_note="kept", use_cache=True)
+    assert ours.my_note == ref.my_note == "kept"
+    assert ours.to_dict()["my_note"] == "kept"
+    ours.save_pretrained(tmp_path)
+    assert MimiConfig.from_pretrained(tmp_path).my_note == "kept"
+    assert transformers.MimiConfig.from_pretrained(tmp_path).my_note == "kept"
