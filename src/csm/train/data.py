@@ -242,7 +242,7 @@ def tokenize(sample: Sample, frames: list[int], processor, max_length: int) -> t
             f"{sample.where}: the chat template placed {len(parts) - 1} audio tokens for {len(frames)} clips"
         )
     text = parts[0] + "".join(processor.audio_token * n + p for n, p in zip(frames, parts[1:], strict=True))
-    ids = processor.tokenizer.encode(text, add_special_tokens=False).ids
+    ids = processor.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) > max_length:
         raise DataError(
             f"{sample.where}: {len(ids)} tokens (text and {sum(frames)} audio frames), more than the "
