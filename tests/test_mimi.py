@@ -602,3 +602,14 @@ def test_config_keeps_keys_it_does_not_model_like_the_reference(tmp_path):
     ours.save_pretrained(tmp_path)
     assert MimiConfig.from_pretrained(tmp_path).my_note == "kept"
     assert transformers.MimiConfig.from_pretrained(tmp_path).my_note == "kept"
+
+
+def test_from_pretrained_takes_device_map_and_torch_dtype(small, tmp_path):
+    reference, ours = small
+    reference.save_pretrained(tmp_path)
+    half = MimiModel.from_pretrained(tmp_path, device_map="cpu", torch_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
+    auto = MimiModel.from_pretrained(tmp_path, device_map="auto", dtype="auto")
+    assert auto.dtype == torch.float32
+    with pytest.raises(ValueError, match="one device"):
+        MimiModel.from_pretrained(tmp_path, device_map={"encoder": "cpu", "decoder": "meta"})

@@ -349,16 +349,13 @@ def generate(
             "their audio may be cut short (raise max_new_tokens or max_seconds)",
             stacklevel=2,
         )
+    if logits is not None:
+        logits = tuple(logits[: codes.shape[1]])  # one per frame kept
     if code_prompt is not None:
         codes = torch.cat([code_prompt.to(codes.dtype), codes], 1)
     audio = decode_rows(model, codes) if output_audio else None
     if not return_dict_in_generate:
         return audio if output_audio else codes
-    logits = (
-        None
-        if logits is None
-        else tuple(logits[: codes.shape[1] - (0 if code_prompt is None else code_prompt.shape[1])])
-    )
     return CsmGenerateOutput(
         sequences=codes,
         scores=tuple(processed_scores(x, config.backbone) for x in logits) if output_scores else None,
