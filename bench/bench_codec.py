@@ -89,7 +89,7 @@ def main() -> None:
     with torch.inference_mode():
         for batch in args.batch:
             audio = torch.randn(batch, 1, samples, generator=torch.Generator().manual_seed(0)) * 0.1
-            codes = ours.encode(audio)
+            codes = ours.encode(audio).audio_codes
             rows = {
                 "encode": compare(
                     lambda a=audio: ours.encode(a), lambda a=audio: reference.encode(a), args.repeats

@@ -85,10 +85,10 @@ def test_codes_and_audio_match_reference_on_small_config(tmp_path, kv_heads):
     audio = random_audio(2, 24000 + 777)
     with torch.no_grad():
         expected = reference.encode(audio).audio_codes
-        codes = ours.encode(audio)
+        codes = ours.encode(audio).audio_codes
         torch.testing.assert_close(codes, expected, rtol=0, atol=0)
         torch.testing.assert_close(
-            ours.decode(codes), reference.decode(codes).audio_values, rtol=0, atol=1e-4
+            ours.decode(codes).audio_values, reference.decode(codes).audio_values, rtol=0, atol=1e-4
         )
 
 
@@ -97,11 +97,11 @@ def test_codes_and_audio_match_reference_on_default_config(full_size):
     audio = random_audio(1, 2 * 24000 + 321)
     with torch.no_grad():
         expected = reference.encode(audio).audio_codes
-        codes = ours.encode(audio)
+        codes = ours.encode(audio).audio_codes
         assert codes.shape == expected.shape == (1, 32, 26)
         assert (codes == expected).float().mean() >= 0.999
         torch.testing.assert_close(
-            ours.decode(codes), reference.decode(codes).audio_values, rtol=0, atol=1e-3
+            ours.decode(codes).audio_values, reference.decode(codes).audio_values, rtol=0, atol=1e-3
         )
 
 
@@ -122,10 +122,10 @@ def test_config_variants_match_reference(tmp_path, variant):
     ours = converted(reference, tmp_path)
     audio = random_audio(2, 5000)
     with torch.no_grad():
-        codes = ours.encode(audio)
+        codes = ours.encode(audio).audio_codes
         torch.testing.assert_close(codes, reference.encode(audio).audio_codes, rtol=0, atol=0)
         torch.testing.assert_close(
-            ours.decode(codes), reference.decode(codes).audio_values, rtol=0, atol=1e-3
+            ours.decode(codes).audio_values, reference.decode(codes).audio_values, rtol=0, atol=1e-3
         )
 
 
@@ -133,12 +133,13 @@ def test_config_without_resampling_runs():
     # frame_rate equal to the SEANet rate drops downsample/upsample (the reference cannot run this one).
     ours = MimiModel(MimiConfig.from_dict({**SMALL, "frame_rate": 25.0})).eval()
     assert ours.downsample is None and ours.upsample is None and ours.samples_per_frame == 960
-    codes = ours.encode(random_audio(1, 3000))
+    codes = ours.encode(random_audio(1, 3000)).audio_codes
     assert codes.shape == (1, 4, 4) and ours.encoded_length(3000) == 4
-    assert ours.decode(codes).shape == (1, 1, 4 * 960)
+    assert ours.decode(codes).audio_values.shape == (1, 1, 4 * 960)
     stream = ours.streaming_decoder()
     torch.testing.assert_close(
-        torch.cat([stream.step(codes[..., :1]), stream.step(codes[..., 1:])], -1), ours.decode(codes)
+        torch.cat([stream.step(codes[..., :1]), stream.step(codes[..., 1:])], -1),
+        ours.decode(codes).audio_values,
     )
 
 
@@ -148,10 +149,10 @@ def test_sliding_window_matches_reference_past_the_window(tmp_path):
     ours = converted(reference, tmp_path)
     audio = random_audio(1, 30 * 1920)
     with torch.no_grad():
-        codes = ours.encode(audio)
+        codes = ours.encode(audio).audio_codes
         torch.testing.assert_close(codes, reference.encode(audio).audio_codes, rtol=0, atol=0)
         torch.testing.assert_close(
-            ours.decode(codes), reference.decode(codes).audio_values, rtol=0, atol=1e-4
+            ours.decode(codes).audio_values, reference.decode(codes).audio_values, rtol=0, atol=1e-4
         )
 
 
@@ -159,13 +160,13 @@ def test_fewer_codebooks_match_reference(small):
     reference, ours = small
     audio = random_audio(1, 9000)
     with torch.no_grad():
-        codes = ours.encode(audio, num_quantizers=2)
+        codes = ours.encode(audio, num_quantizers=2).audio_codes
         torch.testing.assert_close(
             codes, reference.encode(audio, num_quantizers=2).audio_codes, rtol=0, atol=0
         )
-        torch.testing.assert_close(codes, ours.encode(audio)[:, :2])
+        torch.testing.assert_close(codes, ours.encode(audio).audio_codes[:, :2])
         torch.testing.assert_close(
-            ours.decode(codes), reference.decode(codes).audio_values, rtol=0, atol=1e-4
+            ours.decode(codes).audio_values, reference.decode(codes).audio_values, rtol=0, atol=1e-4
         )
 
 
@@ -173,7 +174,7 @@ def test_fewer_codebooks_match_reference(small):
 def test_encoded_length_matches_reference_and_encode(small, samples):
     reference, ours = small
     assert ours.encoded_length(samples) == int(reference.get_encoded_length(torch.tensor(samples)))
-    assert ours.encode(random_audio(1, samples)).shape[-1] == ours.encoded_length(samples)
+    assert ours.encode(random_audio(1, samples)).audio_codes.shape[-1] == ours.encoded_length(samples)
     lengths = torch.tensor([samples, samples + 1])
     assert ours.encoded_length(lengths).tolist() == [
         ours.encoded_length(samples),
@@ -184,7 +185,7 @@ def test_encoded_length_matches_reference_and_encode(small, samples):
 def test_sizes(full_size):
     _, ours = full_size
     assert (ours.sampling_rate, ours.frame_rate, ours.samples_per_frame) == (24000, 12.5, 1920)
-    assert ours.decode(random_codes(ours, 2, 3)).shape == (2, 1, 3 * 1920)
+    assert ours.decode(random_codes(ours, 2, 3)).audio_values.shape == (2, 1, 3 * 1920)
 
 
 # Checkpoints and configs.
@@ -235,7 +236,9 @@ def test_loads_codec_from_csm_checkpoint(small, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = MimiModel.from_pretrained(tmp_path)
     codes = random_codes(ours, 1, 4)
-    torch.testing.assert_close(loaded.decode(codes), ours.decode(codes), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.decode(codes).audio_values, ours.decode(codes).audio_values, rtol=0, atol=0
+    )
 
 
 # Batches.
@@ -251,7 +254,7 @@ def test_batched_encode_gives_each_clip_its_own_codes(small):
         batch[i, :, : clip.shape[-1]] = clip
         batch[i, :, clip.shape[-1] :] = 0.7  # whatever the padding holds must not matter
         mask[i, : clip.shape[-1]] = 1
-    codes = ours.encode(batch, padding_mask=mask)
+    codes = ours.encode(batch, padding_mask=mask).audio_codes
     with torch.no_grad():
         for i, clip in enumerate(clips):
             alone = reference.encode(clip).audio_codes[0]
@@ -269,7 +272,7 @@ def test_batched_encode_on_default_config(full_size):
     for i, clip in enumerate(clips):
         batch[i, :, : clip.shape[-1]] = clip
         mask[i, : clip.shape[-1]] = True
-    codes = ours.encode(batch, padding_mask=mask)
+    codes = ours.encode(batch, padding_mask=mask).audio_codes
     with torch.no_grad():
         for i, clip in enumerate(clips):
             alone = reference.encode(clip).audio_codes[0]
@@ -279,9 +282,11 @@ def test_batched_encode_on_default_config(full_size):
 def test_batched_decode_matches_one_by_one(small):
     _, ours = small
     codes = random_codes(ours, 3, 6)
-    audio = ours.decode(codes)
+    audio = ours.decode(codes).audio_values
     for i in range(3):
-        torch.testing.assert_close(audio[i : i + 1], ours.decode(codes[i : i + 1]), rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            audio[i : i + 1], ours.decode(codes[i : i + 1]).audio_values, rtol=0, atol=1e-4
+        )
 
 
 # Streams.
@@ -292,7 +297,7 @@ def test_streaming_decode_equals_full_decode(tmp_path, window):
     reference = reference_model(**{**SMALL, "sliding_window": window})
     ours = converted(reference, tmp_path)
     codes = random_codes(ours, 2, 23)
-    expected = ours.decode(codes)
+    expected = ours.decode(codes).audio_values
     stream = ours.streaming_decoder(batch_size=2)
     chunks, start = [], 0
     for n in [1, 2, 0, 3, 1, 1, 5, 1, 9]:
@@ -307,7 +312,7 @@ def test_streaming_decode_on_default_config(full_size):
     codes = random_codes(ours, 1, 6)
     stream = ours.streaming_decoder(batch_size=1)
     audio = torch.cat([stream.step(codes[..., i : i + 1]) for i in range(6)], dim=-1)
-    torch.testing.assert_close(audio, ours.decode(codes), rtol=0, atol=1e-4)
+    torch.testing.assert_close(audio, ours.decode(codes).audio_values, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("window", [250, 3])
@@ -322,7 +327,7 @@ def test_streaming_encode_equals_full_encode(tmp_path, window):
         start += n
     chunks.append(stream.flush())
     assert start >= audio.shape[-1]
-    torch.testing.assert_close(torch.cat(chunks, dim=-1), ours.encode(audio), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(chunks, dim=-1), ours.encode(audio).audio_codes, rtol=0, atol=0)
 
 
 @settings(max_examples=15, deadline=None)
@@ -334,7 +339,7 @@ def test_streaming_encode_equals_full_encode_for_any_chunking(small, samples, cu
     bounds = [0, *sorted(c for c in cuts if c < samples), samples]
     chunks = [stream.step(audio[..., a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
     codes = torch.cat([*chunks, stream.flush()], dim=-1)
-    torch.testing.assert_close(codes, ours.encode(audio), rtol=0, atol=0)
+    torch.testing.assert_close(codes, ours.encode(audio).audio_codes, rtol=0, atol=0)
 
 
 def test_streaming_encoder_gives_a_frame_per_frame_of_audio(small):
@@ -374,8 +379,8 @@ def test_streams_run_side_by_side(small):
     for i in range(4):
         out_a.append(first.step(a[..., i : i + 1]))
         out_b.append(second.step(b[..., i : i + 1]))
-    torch.testing.assert_close(torch.cat(out_a, -1), ours.decode(a), rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.cat(out_b, -1), ours.decode(b), rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat(out_a, -1), ours.decode(a).audio_values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat(out_b, -1), ours.decode(b).audio_values, rtol=0, atol=1e-4)
 
 
 def test_later_audio_does_not_change_earlier_codes(small):
@@ -383,7 +388,9 @@ def test_later_audio_does_not_change_earlier_codes(small):
     audio = random_audio(1, 6 * 1920)
     changed = audio.clone()
     changed[..., 4 * 1920 :] = 0.5
-    torch.testing.assert_close(ours.encode(audio)[..., :4], ours.encode(changed)[..., :4], rtol=0, atol=0)
+    torch.testing.assert_close(
+        ours.encode(audio).audio_codes[..., :4], ours.encode(changed).audio_codes[..., :4], rtol=0, atol=0
+    )
 
 
 # Errors.
@@ -425,7 +432,7 @@ def test_errors_name_the_problem(small):
 
 def test_zero_frames_decode_to_no_audio(small):
     _, ours = small
-    assert ours.decode(torch.zeros(2, 4, 0, dtype=torch.long)).shape == (2, 1, 0)
+    assert ours.decode(torch.zeros(2, 4, 0, dtype=torch.long)).audio_values.shape == (2, 1, 0)
 
 
 def test_bfloat16_weights_encode_and_decode(small, tmp_path):
@@ -437,10 +444,10 @@ def test_bfloat16_weights_encode_and_decode(small, tmp_path):
         half.quantizer.semantic_residual_vector_quantizer.layers[0].codebook.embed_sum.dtype == torch.float32
     )
     codes = random_codes(ours, 1, 5)
-    audio, expected = half.decode(codes), ours.decode(codes)
+    audio, expected = half.decode(codes).audio_values, ours.decode(codes).audio_values
     assert audio.dtype == torch.bfloat16
     assert (audio.float() - expected).norm() / expected.norm() < 0.05
-    assert half.encode(random_audio(1, 4000)).shape == (1, 4, 3)
+    assert half.encode(random_audio(1, 4000)).audio_codes.shape == (1, 4, 3)
     assert half.streaming_decoder().step(codes).dtype == torch.bfloat16
 
 
@@ -465,11 +472,11 @@ def test_streams_started_apart_decode_in_one_state(tmp_path, window):
             done[r] += n
     for r in range(3):
         codes = clips[r][..., : done[r]]
-        torch.testing.assert_close(torch.cat(out[r], -1), ours.decode(codes), rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.cat(out[r], -1), ours.decode(codes).audio_values, rtol=0, atol=1e-4)
     # a row reset mid-way starts a fresh stream there
     decoder.reset([1])
     fresh = decoder.step(clips[2][..., :3], [1])
-    torch.testing.assert_close(fresh, ours.decode(clips[2][..., :3]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(fresh, ours.decode(clips[2][..., :3]).audio_values, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="distinct"):
         decoder.step(clips[0][..., :1].repeat(2, 1, 1), [0, 0])
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
@@ -491,7 +498,9 @@ def test_a_row_wise_step_that_raises_leaves_every_stream_as_it_was(small, monkey
         decoder.step(codes[..., 2:4], [0, 1])
     monkeypatch.setattr(type(ours.decoder), "forward", seanet)
     rest = torch.cat([decoder.step(codes[0:1, :, 2:5], [0]), decoder.step(codes[1:2, :, 2:5], [1])])
-    torch.testing.assert_close(torch.cat([first, rest], -1), ours.decode(codes), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([first, rest], -1), ours.decode(codes).audio_values, rtol=0, atol=1e-4
+    )
 
 
 def test_streams_started_apart_are_refused_where_convs_pad_by_replication(tmp_path):
@@ -502,8 +511,105 @@ def test_streams_started_apart_are_refused_where_convs_pad_by_replication(tmp_pa
         decoder.step(codes[:1], [0])
     with pytest.raises(ValueError, match="pad_mode='constant'"):
         decoder.reset([1])
-    torch.testing.assert_close(decoder.step(codes), ours.decode(codes), rtol=0, atol=1e-4)  # all rows: fine
+    torch.testing.assert_close(
+        decoder.step(codes), ours.decode(codes).audio_values, rtol=0, atol=1e-4
+    )  # all rows: fine
     with pytest.raises(ValueError, match="pad_mode='constant'"):  # nor once the streams have begun
         decoder.reset([1])
     with pytest.raises(ValueError, match="pad_mode='constant'"):
         decoder.step(codes[:1], [0])
+
+
+# The reference's API at its edges: output objects, forward, its arguments, config keys.
+
+
+def test_encode_and_decode_results_index_like_the_reference(small):
+    reference, ours = small
+    audio = random_audio(2, 5000)
+    with torch.no_grad():
+        a, b = ours.encode(audio), reference.encode(audio)
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)  # the codes, not batch row 0
+        torch.testing.assert_close(a["audio_codes"], b["audio_codes"], rtol=0, atol=0)
+        assert len(a.to_tuple()) == 1 and list(a.keys()) == ["audio_codes"]
+        codes = a.audio_codes
+        x, y = ours.decode(codes), reference.decode(codes)
+        torch.testing.assert_close(x[0], y[0], rtol=0, atol=1e-4)  # the audio, not batch row 0
+        torch.testing.assert_close(x.to_tuple()[0], y.to_tuple()[0], rtol=0, atol=1e-4)
+        (as_tuple,) = ours.decode(codes, return_dict=False)
+        torch.testing.assert_close(as_tuple, y.audio_values, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_quantizers", [None, 2])
+def test_forward_encodes_then_decodes_like_the_reference(small, num_quantizers):
+    reference, ours = small
+    audio = random_audio(2, 4500)
+    mask = torch.ones(2, 4500, dtype=torch.long)
+    with torch.no_grad():
+        for kwargs in ({}, {"padding_mask": mask}):
+            a = ours(audio, num_quantizers=num_quantizers, **kwargs)
+            b = reference(audio, num_quantizers=num_quantizers, **kwargs)
+            torch.testing.assert_close(a.audio_codes, b.audio_codes, rtol=0, atol=0)
+            assert a.audio_values.shape == b.audio_values.shape == (2, 1, 4500)  # cut to the input
+            torch.testing.assert_close(a.audio_values, b.audio_values, rtol=0, atol=1e-4)
+            torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-4)
+        given = ours(audio, audio_codes=a.audio_codes)
+        torch.testing.assert_close(given.audio_values, a.audio_values, rtol=0, atol=0)
+        short = torch.ones(2, 3000)
+        torch.testing.assert_close(
+            ours.decode(a.audio_codes, padding_mask=short).audio_values,
+            reference.decode(a.audio_codes, padding_mask=short).audio_values,
+            rtol=0,
+            atol=1e-4,
+        )
+
+
+def test_streamed_encode_arguments_give_the_reference_codes(small):
+    reference, ours = small
+    audio = random_audio(1, 1920 * 6)
+    chunks = [audio[..., : 1920 * 2], audio[..., 1920 * 2 : 1920 * 5], audio[..., 1920 * 5 :]]
+    with torch.no_grad():
+        ours_codes, ref_codes = [], []
+        cache, ref_state = None, {}
+        for chunk in chunks:
+            out = ours.encode(chunk, use_streaming=True, padding_cache=cache)
+            cache = out.padding_cache
+            ours_codes.append(out.audio_codes)
+            r = reference.encode(chunk, use_streaming=True, **ref_state)
+            ref_state = dict(padding_cache=r.padding_cache, encoder_past_key_values=r.encoder_past_key_values)
+            ref_codes.append(r.audio_codes)
+    torch.testing.assert_close(torch.cat(ours_codes, -1), torch.cat(ref_codes, -1), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(ours_codes, -1), ours.encode(audio).audio_codes, rtol=0, atol=0)
+
+
+def test_streamed_decode_arguments_equal_one_decode(small):
+    _, ours = small
+    codes = random_codes(ours, 1, 6)
+    out, state = [], None
+    for part in (codes[..., :2], codes[..., 2:3], codes[..., 3:]):
+        step = ours.decode(part, decoder_past_key_values=state, use_streaming=True)
+        state = step.decoder_past_key_values
+        out.append(step.audio_values)
+    torch.testing.assert_close(torch.cat(out, -1), ours.decode(codes).audio_values, rtol=0, atol=1e-4)
+    with pytest.raises(TypeError, match="previous decode"):
+        ours.decode(codes, decoder_past_key_values=object())
+
+
+def test_config_keeps_keys_it_does_not_model_like_the_reference(tmp_path):
+    ours = MimiConfig(num_quantizers=8, my_note="kept", use_cache=True)
+    ref = transformers.MimiConfig(num_quantizers=8, my_note="kept", use_cache=True)
+    assert ours.my_note == ref.my_note == "kept"
+    assert ours.to_dict()["my_note"] == "kept"
+    ours.save_pretrained(tmp_path)
+    assert MimiConfig.from_pretrained(tmp_path).my_note == "kept"
+    assert transformers.MimiConfig.from_pretrained(tmp_path).my_note == "kept"
+
+
+def test_from_pretrained_takes_device_map_and_torch_dtype(small, tmp_path):
+    reference, ours = small
+    reference.save_pretrained(tmp_path)
+    half = MimiModel.from_pretrained(tmp_path, device_map="cpu", torch_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
+    auto = MimiModel.from_pretrained(tmp_path, device_map="auto", dtype="auto")
+    assert auto.dtype == torch.float32
+    with pytest.raises(ValueError, match="one device"):
+        MimiModel.from_pretrained(tmp_path, device_map={"encoder": "cpu", "decoder": "meta"})

@@ -76,16 +76,19 @@ def test_renders_the_template_like_the_reference(ref, ours):
 
 def test_single_conversation_with_several_clips_matches_reference(ref, ours):
     expected = ref.apply_chat_template(CONTEXT, tokenize=True, return_dict=True)
-    assert_same(expected, ours.apply_chat_template(CONTEXT))
-    assert ours.apply_chat_template(CONTEXT)["input_values_cutoffs"].tolist() == [[4096, 34096, 36017]]
+    assert_same(expected, ours.apply_chat_template(CONTEXT, tokenize=True, return_dict=True))
+    assert ours.apply_chat_template(CONTEXT, tokenize=True, return_dict=True)[
+        "input_values_cutoffs"
+    ].tolist() == [[4096, 34096, 36017]]
 
 
 def test_batch_of_conversations_of_different_lengths_matches_reference(ref, ours):
     batch = [CONTEXT, [turn("1", "Short.")], CONTEXT[1:], [turn("0", "Hi.", clip(2000)), turn("1", "Bye.")]]
     assert_same(
-        ref.apply_chat_template(batch, tokenize=True, return_dict=True), ours.apply_chat_template(batch)
+        ref.apply_chat_template(batch, tokenize=True, return_dict=True),
+        ours.apply_chat_template(batch, tokenize=True, return_dict=True),
     )
-    ids = ours.apply_chat_template(batch, return_dict=False)
+    ids = ours.apply_chat_template(batch, tokenize=True, return_dict=False)
     assert torch.equal(ids, ref.apply_chat_template(batch, tokenize=True))
 
 
@@ -97,7 +100,9 @@ def test_labels_match_reference_under_the_same_seed(ref, ours, ratio):
         batch, tokenize=True, return_dict=True, output_labels=True, depth_decoder_labels_ratio=ratio
     )
     torch.manual_seed(7)
-    got = ours.apply_chat_template(batch, output_labels=True, depth_decoder_labels_ratio=ratio)
+    got = ours.apply_chat_template(
+        batch, tokenize=True, return_dict=True, output_labels=True, depth_decoder_labels_ratio=ratio
+    )
     assert_same(expected, got)
     labels = got["labels"]
     assert set(labels.unique().tolist()) <= {-101, -100, AUDIO_ID, AUDIO_EOS_ID}
@@ -131,24 +136,24 @@ def test_audio_files_are_loaded_like_the_reference(tmp_path, ref, ours):
     ]
     expected = ref.apply_chat_template(conv, tokenize=True, return_dict=True)
     with pytest.warns(UserWarning, match="channels"):
-        assert_same(expected, ours.apply_chat_template(conv))
+        assert_same(expected, ours.apply_chat_template(conv, tokenize=True, return_dict=True))
 
 
 def test_tensor_audio_int_roles_and_block_order_are_accepted(ours):
-    expected = ours.apply_chat_template(CONTEXT)
+    expected = ours.apply_chat_template(CONTEXT, tokenize=True, return_dict=True)
     friendly = [
         {"role": int(t["role"]), "content": [{**b, "audio": torch.from_numpy(b["audio"])} if "audio" in b else b
                                              for b in reversed(t["content"])]}
         for t in CONTEXT
     ]  # fmt: skip
-    for name, value in ours.apply_chat_template(friendly).items():
+    for name, value in ours.apply_chat_template(friendly, tokenize=True, return_dict=True).items():
         assert torch.equal(value, expected[name]), name
 
 
 def test_arrays_at_another_rate_are_resampled(ours):
     conv = [turn("0", "Hi.", clip(16000)), turn("1", "Bye.")]
     conv[0]["content"][1]["sampling_rate"] = 16000
-    assert ours.apply_chat_template(conv)["input_values"].shape[-1] == 24000
+    assert ours.apply_chat_template(conv, tokenize=True, return_dict=True)["input_values"].shape[-1] == 24000
     assert ours("[0]x<|AUDIO|>", audio=clip(16000), sampling_rate=16000)["input_values"].shape[-1] == 24000
 
 
@@ -165,7 +170,9 @@ def test_saved_files_are_read_by_the_reference_and_by_us(tmp_path, ours):
     ours.save_pretrained(tmp_path)
     reloaded_ref = ReferenceProcessor.from_pretrained(str(tmp_path))
     reloaded = CsmProcessor.from_pretrained(tmp_path)
-    expected = ours.apply_chat_template([CONTEXT, CONTEXT[3:]], output_labels=True)
+    expected = ours.apply_chat_template(
+        [CONTEXT, CONTEXT[3:]], tokenize=True, return_dict=True, output_labels=True
+    )
     torch.manual_seed(0)
     assert_same(
         reloaded_ref.apply_chat_template(
@@ -173,7 +180,12 @@ def test_saved_files_are_read_by_the_reference_and_by_us(tmp_path, ours):
         ),
         expected,
     )
-    assert_same(expected, reloaded.apply_chat_template([CONTEXT, CONTEXT[3:]], output_labels=True))
+    assert_same(
+        expected,
+        reloaded.apply_chat_template(
+            [CONTEXT, CONTEXT[3:]], tokenize=True, return_dict=True, output_labels=True
+        ),
+    )
 
 
 def test_template_found_in_tokenizer_config_and_context_from_config_json(tmp_path, folder, ours):
@@ -203,7 +215,7 @@ def test_tokens_named_only_in_tokenizer_config_are_added_like_the_reference(tmp_
 
 
 def test_batch_inputs_move_and_cast_only_floating_tensors(ours):
-    inputs = ours.apply_chat_template(CONTEXT)
+    inputs = ours.apply_chat_template(CONTEXT, tokenize=True, return_dict=True)
     assert isinstance(inputs, BatchInputs) and inputs.input_ids is inputs["input_ids"]
     half = inputs.to("cpu").to(torch.float16)
     assert half.input_values.dtype == torch.float16 and half.input_ids.dtype == torch.long
@@ -255,25 +267,27 @@ def test_save_audio_writes_one_file_per_path(tmp_path, ours):
 )
 def test_bad_conversations_raise_value_error_naming_the_turn(ours, conversation, message):
     with pytest.raises(ValueError, match=message):
-        ours.apply_chat_template(conversation)
+        ours.apply_chat_template(conversation, tokenize=True, return_dict=True)
 
 
 def test_bad_conversation_in_a_batch_names_conversation_and_turn(ours):
     with pytest.raises(ValueError, match=r"conversation 1, turn 0: role"):
-        ours.apply_chat_template([CONTEXT, [turn("x", "Hi.")]])
+        ours.apply_chat_template([CONTEXT, [turn("x", "Hi.")]], tokenize=True, return_dict=True)
 
 
 def test_unreadable_audio_file_names_turn_and_path(tmp_path, ours):
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match=r"turn 1: could not read audio from .*junk.mp3"):
-        ours.apply_chat_template([CONTEXT[0], turn("1", "Hi.", str(junk)), turn("0", "x")])
+        ours.apply_chat_template(
+            [CONTEXT[0], turn("1", "Hi.", str(junk)), turn("0", "x")], tokenize=True, return_dict=True
+        )
 
 
 def test_too_long_conversation_names_the_overflowing_turn(folder):
     short = CsmProcessor.from_pretrained(folder, max_length=50)
     with pytest.raises(ValueError, match=r"is \d+ tokens .* context of 50; it overflows at turn 1"):
-        short.apply_chat_template(CONTEXT)
+        short.apply_chat_template(CONTEXT, tokenize=True, return_dict=True)
     with pytest.raises(ValueError, match=r"text 0 is \d+ tokens"):
         short("[0]" + "word " * 100)
 
@@ -317,7 +331,7 @@ def test_odd_text_gives_reference_inputs_or_value_error(ref, ours, texts, role):
         turn(str(role), texts[-1])
     ]
     try:
-        got = ours.apply_chat_template(conv)
+        got = ours.apply_chat_template(conv, tokenize=True, return_dict=True)
     except ValueError:
         assert any(
             "<|AUDIO|>" in t or "<|audio_eos|>" in t or any(0xD800 <= ord(ch) <= 0xDFFF for ch in t)
@@ -344,10 +358,109 @@ odd_audio = st.one_of(
 def test_odd_audio_gives_reference_inputs_or_value_error(ref, ours, audios):
     conv = [turn(str(i % 2), f"turn {i}", a) for i, a in enumerate(audios)] + [turn("0", "end")]
     try:
-        got = ours.apply_chat_template(conv, output_labels=True)
+        got = ours.apply_chat_template(conv, tokenize=True, return_dict=True, output_labels=True)
     except ValueError:
         return
     assert got["input_values"].shape[0] == 1 and torch.isfinite(got["input_values"]).all()
     torch.manual_seed(0)
     expected = ref.apply_chat_template(conv, tokenize=True, return_dict=True, output_labels=True)
     assert_same(expected, got)
+
+
+# The reference's API at its edges.
+
+
+def test_defaults_render_then_return_input_ids_like_the_reference(ours, ref):
+    assert ours.apply_chat_template(CONTEXT) == ref.apply_chat_template(CONTEXT)
+    ids = ours.apply_chat_template(CONTEXT, tokenize=True)
+    assert isinstance(ids, torch.Tensor)
+    assert torch.equal(ids, ref.apply_chat_template(CONTEXT, tokenize=True))
+
+
+def test_rendering_takes_audio_blocks_without_audio_like_the_reference(ours, ref):
+    conv = [
+        {"role": "0", "content": [{"type": "text", "text": "Hi."}, {"type": "audio"}]},
+        {"role": "1", "content": [{"type": "text", "text": "Hello."}]},
+    ]
+    assert ours.apply_chat_template(conv, tokenize=False) == ref.apply_chat_template(conv, tokenize=False)
+    with pytest.raises(ValueError, match="needs exactly one of 'audio'"):
+        ours.apply_chat_template(conv, tokenize=True)
+
+
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        [turn("speaker", "Hi.")],
+        [turn("0", "Hi."), turn("1", "Hello.")],  # a context turn without audio
+        [{"role": "0", "content": [{"type": "audio", "audio": clip(1920)}]}],  # a last turn without text
+    ],
+)
+def test_malformed_conversations_raise_what_the_reference_raises_and_a_value_error(ours, ref, conversation):
+    import jinja2
+
+    with pytest.raises(jinja2.TemplateError):
+        ref.apply_chat_template(conversation, tokenize=False)
+    for tokenize in (False, True):
+        with pytest.raises(jinja2.TemplateError) as caught:
+            ours.apply_chat_template(conversation, tokenize=tokenize)
+        assert isinstance(caught.value, ValueError) and "turn" in str(caught.value)
+
+
+def test_generation_prompt_and_continued_final_message_like_the_reference(ours, ref):
+    for kwargs in (dict(add_generation_prompt=True), dict(continue_final_message=True)):
+        assert ours.apply_chat_template(CONTEXT, **kwargs) == ref.apply_chat_template(CONTEXT, **kwargs)
+        assert_same(
+            ref.apply_chat_template(CONTEXT, tokenize=True, return_dict=True, **kwargs),
+            ours.apply_chat_template(CONTEXT, tokenize=True, return_dict=True, **kwargs),
+        )
+    assert not ours.apply_chat_template(CONTEXT, continue_final_message=True).endswith("<|end_of_text|>")
+
+
+def test_padding_max_length_and_return_tensors_like_the_reference(ours, ref):
+    batch = [CONTEXT, CONTEXT[3:]]
+    text_only = [CONTEXT[3:], [turn("0", "Hi.")]]  # the reference's padding="max_length" fails with audio
+    kwargs = dict(tokenize=True, return_dict=True, padding="max_length", max_length=20)
+    expected = ref.apply_chat_template(text_only, **kwargs)
+    got = ours.apply_chat_template(text_only, **kwargs)
+    assert got["input_ids"].shape[-1] == 20
+    assert_same(expected, got)
+    with_audio = ours.apply_chat_template(batch, **{**kwargs, "max_length": 120})
+    longest = ours.apply_chat_template(batch, tokenize=True, return_dict=True)
+    width = longest["input_ids"].shape[-1]
+    assert with_audio["input_ids"].shape[-1] == 120 and width < 120
+    assert torch.equal(with_audio["input_ids"][:, -width:], longest["input_ids"])  # left padding
+    assert not with_audio["attention_mask"][:, :-width].any()
+    with pytest.raises(ValueError, match="more than max_length"):
+        ours.apply_chat_template(batch, **{**kwargs, "max_length": 10})
+    with pytest.raises(ValueError, match="only supports"):
+        ref.apply_chat_template(batch, tokenize=True, return_tensors="np")
+    with pytest.raises(ValueError, match="PyTorch tensors only"):
+        ours.apply_chat_template(batch, tokenize=True, return_tensors="np")
+
+
+def test_call_with_return_tensors_like_the_reference(ours, ref):
+    texts = ["[0]Hello there.<|AUDIO|>", "[1]How are you?"]
+    audio = [clip(5000, 4)]
+    expected = ref(texts, audio=audio, return_tensors="pt")
+    assert_same(expected, ours(texts, audio=audio, return_tensors="pt"))
+
+
+def test_tokenizer_is_called_like_the_reference_tokenizer(ours, ref):
+    tok, reference = ours.tokenizer, ref.tokenizer
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (
+        reference.pad_token_id,
+        reference.bos_token_id,
+        reference.eos_token_id,
+    )
+    text = "The quick brown fox. How are you?"
+    assert tok(text)["input_ids"] == reference(text)["input_ids"]
+    assert tok.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False)
+    batch = [text, "Hello."]
+    got = tok(batch, padding=True, return_tensors="pt")
+    expected = reference(batch, padding=True, return_tensors="pt")
+    for name in ("input_ids", "attention_mask"):
+        assert torch.equal(got[name], expected[name]), name
+    ids = got["input_ids"][0]
+    assert tok.decode(ids) == reference.decode(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert tok.convert_tokens_to_ids("<|AUDIO|>") == reference.convert_tokens_to_ids("<|AUDIO|>")

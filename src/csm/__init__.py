@@ -4,7 +4,7 @@ from .audio import load_audio, save_audio
 from .config import CsmConfig, CsmDepthDecoderConfig
 from .conversation import Conversation, DialogueAudio
 from .engine import Sampling
-from .generate import GenerationConfig
+from .generate import CsmGenerateOutput, GenerationConfig
 from .mimi import MimiConfig, MimiModel
 from .model import (
     CsmBackboneModel,
@@ -13,17 +13,20 @@ from .model import (
     CsmForConditionalGeneration,
 )
 from .pipeline import TextToAudioPipeline, pipeline
-from .processor import BatchInputs, CsmProcessor
+from .processor import BatchInputs, ConversationError, CsmProcessor, CsmTokenizer
 from .voice import Voice, list_voices
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchInputs",
+    "ConversationError",
+    "CsmTokenizer",
     "Conversation",
     "DialogueAudio",
     "CsmBackboneModel",
     "CsmProcessor",
+    "CsmGenerateOutput",
     "GenerationConfig",
     "MimiConfig",
     "MimiModel",

@@ -48,6 +48,60 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, allow_patterns: list[
         ) from None
 
 
+def best_device() -> torch.device:
+    """cuda, then mps, then cpu: where device_map="auto" puts the model."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def loading_device(device=None, device_map=None) -> torch.device | None:
+    """The one device to load onto from `device` or the reference's `device_map`: "cuda", "cpu", "mps",
+    "cuda:1", a GPU index, a torch.device, "auto" (the best device here) or a dict sending every module
+    to the same device ({"": "cuda"}). A map that splits the model over devices is refused."""
+    if device_map is None:
+        return None if device is None else torch.device(device)
+    if isinstance(device_map, dict):
+        targets = set(device_map.values())
+        if len(targets) != 1:
+            raise ValueError(
+                f"device_map sends modules to {sorted(map(str, targets))}: this model loads onto one device; "
+                'pass device_map="cuda" (or "auto", "cpu", a device)'
+            )
+        device_map = targets.pop()
+    if device_map == "auto":
+        chosen = best_device()
+    elif isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
+        try:
+            chosen = torch.device(device_map)
+        except (RuntimeError, ValueError):
+            chosen = None
+        if chosen is None:
+            raise ValueError(
+                f"device_map {device_map!r} is not a device: use 'auto', 'cuda', 'cpu', 'mps', 'cuda:N' or a GPU index"
+            )
+    else:
+        raise ValueError(
+            f"device_map must be a device name, index or 'auto', got {type(device_map).__name__}"
+        )
+    if device is not None and torch.device(device) != chosen:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device_map={device_map!r} asks for CUDA, which this machine lacks; use 'auto' or 'cpu'"
+        )
+    return chosen
+
+
+def loading_dtype(dtype=None, torch_dtype=None):
+    """`dtype`, or its older name `torch_dtype` (the reference accepts both)."""
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
+    return dtype if dtype is not None else torch_dtype
+
+
 def read_json(folder: Path, name: str = CONFIG_NAME) -> dict:
     """Read a JSON file from a checkpoint folder, with a clear error when it is absent."""
     file = folder / name

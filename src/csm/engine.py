@@ -176,21 +176,21 @@ class FrameEngine:
         if attention_mask is None:
             attention_mask = torch.ones(b, T, dtype=torch.long, device=device)
         attention_mask = attention_mask.bool()
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(
-            min=0
-        )  # the reference's positions under padding
+        # The reference's positions under padding: real tokens count from 0, padded ones sit at 0.
+        positions = torch.where(attention_mask, attention_mask.long().cumsum(-1) - 1, 0)
         valid = self.valid[rows]
         valid.zero_()
         valid[:, :T] = attention_mask
         slots, steps = torch.arange(T, device=device)[None], torch.arange(T, device=device)[:, None]
-        # A padded query sees only itself: finite garbage instead of a fully masked row.
-        mask = (valid[:, None, None, :T] & (slots <= steps)) | (slots == steps)
+        # A padded query sees no padded key (itself included): fully masked under left padding, as the
+        # reference's attention, which gives such a row zeros.
+        mask = valid[:, None, None, :T] & (slots <= steps)
         backbone = self.model.backbone_model
         with kv_rows(backbone, rows):
             h = backbone.run_layers(embeds, positions, mask, torch.arange(T, device=device))
         self.hidden[rows] = h[:, -1]
         self.slot[rows] = T
-        self.position[rows] = attention_mask.sum(-1)
+        self.position[rows] = positions[:, -1] + 1  # after right padding: 1, as the reference counts on
         self.finished[rows] = False
         for row in range(*rows.indices(self.batch_size)):
             self.next_slot_bound[row] = T

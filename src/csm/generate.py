@@ -14,6 +14,50 @@ import torch
 
 from .engine import FrameEngine, Sampling, use_cuda_graph
 from .frames import FrameRule
+from .output import ModelOutput
+
+# What generate uses for a setting that generation_config.json leaves out: csm-1b's values.
+GENERATION_DEFAULTS = {
+    "max_new_tokens": 125,
+    **{k: getattr(Sampling(), k) for k in ("do_sample", "temperature", "top_k", "top_p")},
+    **{"depth_decoder_" + k: getattr(Sampling(), k) for k in ("do_sample", "temperature", "top_k", "top_p")},
+}
+
+
+class GenerationSettings(dict):
+    """`model.generation_config`: generation_config.json's entries, read and written as keys or as
+    attributes (`model.generation_config.max_new_tokens = 250`), as the reference's GenerationConfig is.
+    A sampling setting the file leaves out reads as the value generate uses (GENERATION_DEFAULTS)."""
+
+    def __getattr__(self, name: str):
+        if name in self:
+            return self[name]
+        if name in GENERATION_DEFAULTS:
+            return GENERATION_DEFAULTS[name]
+        raise AttributeError(f"generation_config has no {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        self.pop(name, None)
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def to_diff_dict(self) -> dict:
+        return dict(self)
+
+
+@dataclass
+class CsmGenerateOutput(ModelOutput):
+    """generate(..., return_dict_in_generate=True): the reference's CsmGenerateOutput, less the caches,
+    attentions and hidden states it does not keep."""
+
+    sequences: torch.Tensor | None = None  # (B, frames, K); a code prompt's frames come first
+    scores: tuple[torch.Tensor, ...] | None = None  # per frame, codebook 0's processed scores (B, V)
+    logits: tuple[torch.Tensor, ...] | None = None  # per frame, codebook 0's raw logits (B, V)
+    audio: list[torch.Tensor] | None = None  # with output_audio=True
 
 
 @dataclass
@@ -25,11 +69,20 @@ class GenerationConfig:
     depth_decoder: Sampling = field(default_factory=Sampling)
 
     @classmethod
-    def from_model(cls, model, **overrides) -> GenerationConfig:
-        """The checkpoint's generation_config.json, then overrides by the reference's argument names
-        (`temperature`, `top_k`, `do_sample`, `top_p`, `depth_decoder_temperature`, ..., `max_new_tokens`)."""
+    def from_model(cls, model, generation_config=None, **overrides) -> GenerationConfig:
+        """The checkpoint's generation_config.json, then `generation_config` (a dict of the reference's
+        names), then overrides by name (`temperature`, `top_k`, `do_sample`, `top_p`,
+        `depth_decoder_temperature`, ..., `max_new_tokens`)."""
+        if generation_config is not None and not isinstance(generation_config, dict):
+            to_dict = getattr(generation_config, "to_dict", None)
+            if to_dict is None:
+                raise TypeError(
+                    f"generation_config must be a dict of settings, got {type(generation_config).__name__}"
+                )
+            generation_config = to_dict()
         values = {
             **(getattr(model, "generation_config", None) or {}),
+            **(generation_config or {}),
             **{k: v for k, v in overrides.items() if v is not None},
         }
         names = {f.name for f in fields(Sampling)}
@@ -59,18 +112,33 @@ def frames_for(model, max_new_tokens: int | None, max_seconds: float | None) -> 
 
 
 def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs):
-    """Validate and embed the prompt; returns (embeds, attention_mask, GenerationConfig).
+    """Validate and embed the prompt; returns (embeds, attention_mask, GenerationConfig, code prompt).
 
     kwargs may carry `audio_codes` (per-clip codes encoded beforehand, e.g. a saved voice) in place of
-    input_values; the rest are sampling settings.
+    input_values, `generation_config` (a dict of settings), `num_return_sequences` (each row repeated
+    that many times, as the reference does) and `min_new_tokens`; the rest are sampling settings.
+    The code prompt is input_ids (B, T, K) when the prompt is audio codes (generate returns it first).
     """
     audio_codes = kwargs.pop("audio_codes", None)
+    copies = kwargs.pop("num_return_sequences", None) or 1
+    min_new_tokens = kwargs.pop("min_new_tokens", None)
     if input_ids is None:
         raise ValueError("generate needs input_ids (from CsmProcessor)")
     input_ids = input_ids.to(model.device)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     config = GenerationConfig.from_model(model, max_new_tokens=max_new_tokens, **kwargs)
+    if not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {copies!r}")
+    if copies > 1 and not config.backbone.do_sample:
+        raise ValueError(
+            f"num_return_sequences={copies} needs sampling (do_sample=True): greedy decoding gives the same "
+            "frames every time"
+        )
+    # The reference's CSM has no eos_token_id, so its min_new_tokens never holds back the end of audio;
+    # it is checked and, as there, changes nothing.
+    if min_new_tokens is not None and (not isinstance(min_new_tokens, int) or min_new_tokens < 0):
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     T = input_ids.shape[1]
     limit = model.config.max_position_embeddings
     if T + config.max_new_tokens > limit:
@@ -78,8 +146,9 @@ def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs
             f"the prompt has {T} tokens and max_new_tokens is {config.max_new_tokens}: {T + config.max_new_tokens} "
             f"positions, more than the model's {limit}. Shorten the context or ask for fewer frames."
         )
+    code_prompt = input_ids if input_ids.dim() == 3 else None
     with torch.inference_mode():
-        if input_ids.dim() == 3:
+        if code_prompt is not None:
             embeds = model.backbone_model.embed_tokens(input_ids)
         else:
             if input_values is not None:
@@ -90,11 +159,18 @@ def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs
             )
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
-    return embeds, attention_mask, config
+    if copies > 1:
+        embeds = embeds.repeat_interleave(copies, 0)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, 0)
+        code_prompt = None if code_prompt is None else code_prompt.repeat_interleave(copies, 0)
+    return embeds, attention_mask, config, code_prompt
 
 
 SAMPLING_KWARGS = {
     "audio_codes",
+    "generation_config",
+    "num_return_sequences",
+    "min_new_tokens",
     "do_sample",
     "temperature",
     "top_k",
@@ -125,10 +201,11 @@ def start(
     cuda_graph,
     kwargs,
 ):
-    """Validate, embed and prefill: returns a ready engine, the settings and the seeded generator."""
+    """Validate, embed and prefill: returns a ready engine, the settings, the seeded generator and the
+    code prompt (input_ids when they are audio codes, else None)."""
     check_kwargs(kwargs)
     max_new_tokens = frames_for(model, max_new_tokens, max_seconds)
-    embeds, attention_mask, config = prepare(
+    embeds, attention_mask, config, code_prompt = prepare(
         model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs
     )
     B, T, _ = embeds.shape
@@ -139,7 +216,7 @@ def start(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    return engine, config, generator
+    return engine, config, generator, code_prompt
 
 
 def engine_for(
@@ -170,17 +247,41 @@ def finish(engine: FrameEngine) -> None:
 
 
 def iterate_frames(
-    engine: FrameEngine, max_frames: int, generator, sync_every: int
+    engine: FrameEngine, max_frames: int, generator, sync_every: int, logits: list | None = None
 ) -> Iterator[torch.Tensor]:
-    """Yield blocks of frames (B, n, K); stops once every row has finished (checked every block)."""
+    """Yield blocks of frames (B, n, K); stops once every row has finished (checked every block).
+    A list passed as `logits` receives each frame's codebook-0 logits (B, V) before it is drawn."""
     done = 0
+    head = engine.model.lm_head
     while done < max_frames:
         n = min(sync_every, max_frames - done)
-        block = torch.stack([engine.next_frame(generator) for _ in range(n)], 1)
+        frames = []
+        for _ in range(n):
+            if logits is not None:
+                logits.append(head(engine.hidden).float())
+            frames.append(engine.next_frame(generator))
+        block = torch.stack(frames, 1)
         done += n
         yield block
         if bool(engine.finished.all()):
             return
+
+
+def processed_scores(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Codebook-0 scores (B, V) as the reference reports them with output_scores: the logits when greedy;
+    when sampling, divided by the temperature, then -inf outside the top-k and outside the top-p mass."""
+    if not s.do_sample:
+        return logits
+    scores = logits / s.temperature
+    if 0 < s.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, s.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if s.top_p < 1.0:
+        ascending, order = scores.sort(-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - s.top_p
+        drop[:, -1] = False  # the most likely id always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
 
 
 def trim_to_reference(codes: torch.Tensor, rule: FrameRule) -> torch.Tensor:
@@ -206,16 +307,22 @@ def generate(
     compile: bool = False,
     cuda_graph: bool | None = None,
     sync_every: int = 8,
+    return_dict_in_generate: bool = False,
+    output_scores: bool = False,
+    output_logits: bool = False,
     **kwargs,
 ):
     """Generate audio frames for the last turn of each row, the reference's way.
 
-    Returns codes (B, frames, K), finished rows padded with the codebook pad id; with
-    `output_audio=True`, a list of 1-D waveforms cut at the end-of-audio frame.
+    Returns codes (B, frames, K), finished rows padded with the codebook pad id (a prompt of audio codes
+    (B, T, K) comes first: (B, T + frames, K)); with `output_audio=True`, a list of 1-D waveforms cut at
+    the end-of-audio frame. With `return_dict_in_generate=True`, a CsmGenerateOutput: `sequences` (the
+    codes), `scores` / `logits` (codebook 0's, per frame, with output_scores / output_logits) and `audio`.
     Sampling arguments follow the reference: do_sample, temperature, top_k, top_p and the same with a
-    `depth_decoder_` prefix; defaults come from the checkpoint's generation_config.json.
+    `depth_decoder_` prefix, generation_config, num_return_sequences, min_new_tokens; defaults come from the
+    checkpoint's generation_config.json.
     """
-    engine, config, generator = start(
+    engine, config, generator, code_prompt = start(
         model,
         input_ids,
         attention_mask,
@@ -228,8 +335,10 @@ def generate(
         cuda_graph,
         kwargs,
     )
+    keep_logits = return_dict_in_generate and (output_scores or output_logits)
+    logits = [] if keep_logits else None
     try:
-        blocks = list(iterate_frames(engine, config.max_new_tokens, generator, sync_every))
+        blocks = list(iterate_frames(engine, config.max_new_tokens, generator, sync_every, logits))
     finally:
         finish(engine)
     rule = engine.rule
@@ -240,9 +349,19 @@ def generate(
             "their audio may be cut short (raise max_new_tokens or max_seconds)",
             stacklevel=2,
         )
-    if not output_audio:
-        return codes
-    return decode_rows(model, codes)
+    if logits is not None:
+        logits = tuple(logits[: codes.shape[1]])  # one per frame kept
+    if code_prompt is not None:
+        codes = torch.cat([code_prompt.to(codes.dtype), codes], 1)
+    audio = decode_rows(model, codes) if output_audio else None
+    if not return_dict_in_generate:
+        return audio if output_audio else codes
+    return CsmGenerateOutput(
+        sequences=codes,
+        scores=tuple(processed_scores(x, config.backbone) for x in logits) if output_scores else None,
+        logits=logits if output_logits else None,
+        audio=audio,
+    )
 
 
 def decode_rows(model, codes: torch.Tensor) -> list[torch.Tensor]:
@@ -254,7 +373,7 @@ def decode_rows(model, codes: torch.Tensor) -> list[torch.Tensor]:
     frames = codes[:, :longest].clone()
     for row, n in enumerate(lengths):
         frames[row, n:] = 0  # audio past a row's end is cut below; the decoder is causal
-    audio = model.codec_model.decode(frames.transpose(1, 2))[:, 0]  # (B, samples)
+    audio = model.codec_model.decode(frames.transpose(1, 2)).audio_values[:, 0]  # (B, samples)
     per_frame = audio.shape[-1] // longest
     return [audio[row, : n * per_frame] for row, n in enumerate(lengths)]
 
@@ -283,7 +402,7 @@ def generate_stream(
     """
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-    engine, config, generator = start(
+    engine, config, generator, _ = start(
         model,
         input_ids,
         attention_mask,

@@ -66,6 +66,13 @@ class RotaryEmbedding(nn.Module):
             self.tables[dtype] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self.tables[dtype]
 
+    def cover(self, num_positions: int) -> None:
+        """Grow the tables to hold positions 0..num_positions-1, past max_position_embeddings if need be
+        (the reference computes any position); the frame loop never asks for more than the table holds."""
+        if num_positions > self.max_positions:
+            self.max_positions = num_positions
+            self.tables = {}
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `positions` (T,) or (B, T), shaped (..., T, head_dim), in `dtype`."""
         cos, sin = self.table(dtype)
@@ -303,22 +310,30 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    def run_layers(self, h, positions, mask=None, input_pos=None) -> torch.Tensor:
-        """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE."""
+    def run_layers(self, h, positions, mask=None, input_pos=None, hidden_states=None) -> torch.Tensor:
+        """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE.
+        A list passed as `hidden_states` receives each layer's input, then the final normed state."""
         cos, sin = self.rotary_emb(positions, h.dtype)
         for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(h)
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, input_pos)
-        return self.norm(h)
+        h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        return h
 
 
 def padding_causal_mask(attention_mask: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, T) mask, causal and blind to padded keys; None when nothing is padded."""
+    """Boolean (B, 1, T, T) mask, causal and blind to padded keys; None when nothing is padded.
+
+    A padded query sees no padded key, itself included, as in the reference: a row with no key left
+    (left padding) is fully masked, and attention gives it zeros (PyTorch's SDPA since 2.5).
+    """
     if attention_mask is None or bool(attention_mask.all()):
         return None
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=device)
-    # A padded query sees only itself: finite garbage instead of a fully masked row.
-    return (causal[None, None] & attention_mask.bool()[:, None, None, :]) | eye
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]

@@ -16,14 +16,17 @@ from .checkpoint import (
     CheckpointError,
     load_into,
     load_safetensors,
+    loading_device,
+    loading_dtype,
     read_json,
     resolve_checkpoint,
     save_safetensors,
 )
 from .config import CsmConfig, CsmDepthDecoderConfig
-from .generate import generate, generate_stream
+from .generate import GENERATION_DEFAULTS, GenerationSettings, generate, generate_stream
 from .llama import Linear, Packable, Transformer, packed_linear, padding_causal_mask, prepack, unpack
 from .mimi import MimiModel
+from .output import ModelOutput
 from .quant import (
     QuantConfig,
     check_supported,
@@ -42,27 +45,56 @@ TIED_AUDIO_EMBEDDING = (
 
 
 @dataclass
-class BackboneOutput:
-    last_hidden_state: torch.Tensor
+class BackboneOutput(ModelOutput):
+    last_hidden_state: torch.Tensor  # (B, T, D)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, then each layer's output
 
 
 @dataclass
-class DepthDecoderOutput:
-    logits: torch.Tensor  # (N, T, V)
+class DepthDecoderOutput(ModelOutput):
     loss: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (N, T, V)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
-class CsmOutput:
-    logits: torch.Tensor  # (B, T, V) codebook-0 logits
+class CsmOutput(ModelOutput):
+    """The reference's CsmOutputWithPast, less the caches and attentions this forward does not return."""
+
     loss: torch.Tensor | None = None
-    backbone_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V) codebook-0 logits
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # backbone, with output_hidden_states=True
     depth_decoder_loss: torch.Tensor | None = None
     depth_decoder_logits: torch.Tensor | None = (
         None  # (N, K-1, V) for the N frames the depth decoder trained on
     )
-    last_hidden_state: torch.Tensor | None = None
+    depth_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    backbone_loss: torch.Tensor | None = None
+
+
+def rope_positions(rotary, position_ids: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+    """position_ids, or 0..T-1 for h (B, T, D); RoPE's tables grown to cover them (past the config's limit)."""
+    if position_ids is None:
+        positions = torch.arange(h.shape[1], device=h.device)
+        rotary.cover(h.shape[1])
+    else:
+        positions = position_ids.to(h.device)
+        if positions.numel():
+            rotary.cover(int(positions.max()) + 1)
+    return positions
+
+
+def packed_causal_mask(positions: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    """As the reference reads position_ids without an attention mask: a step other than +1 starts another
+    sequence packed into the same row, and each sequence attends only within itself. None if none is."""
+    positions = positions.reshape(-1, positions.shape[-1]).expand(batch_size, -1)
+    step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+    sequence = (step != 1).cumsum(-1)  # (B, T)
+    if not bool(sequence[:, -1].any()):
+        return None
+    T = positions.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return (causal & (sequence[:, :, None] == sequence[:, None, :]))[:, None]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
@@ -102,15 +134,26 @@ class CsmBackboneModel(Transformer):
         self.config = config
         self.embed_tokens = CsmBackboneModelEmbeddings(config)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> BackboneOutput:
-        """input_ids: audio codes (B, T, K); or pass inputs_embeds (B, T, D). Positions count from 0."""
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        position_ids=None,
+        output_hidden_states: bool = False,
+    ) -> BackboneOutput:
+        """input_ids: audio codes (B, T, K); or pass inputs_embeds (B, T, D). Positions count from 0 unless
+        position_ids (T,) or (B, T) say otherwise; any position is computed, also past the config's limit."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (audio codes, B x T x K) or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        T = h.shape[1]
-        positions = torch.arange(T, device=h.device)
-        mask = padding_causal_mask(attention_mask, T, h.device)
-        return BackboneOutput(self.run_layers(h, positions, mask))
+        positions = rope_positions(self.rotary_emb, position_ids, h)
+        mask = padding_causal_mask(attention_mask, h.shape[1], h.device)
+        if attention_mask is None and position_ids is not None:
+            mask = packed_causal_mask(positions, h.shape[0])
+        hidden_states = [] if output_hidden_states else None
+        h = self.run_layers(h, positions, mask, hidden_states=hidden_states)
+        return BackboneOutput(h, tuple(hidden_states) if hidden_states is not None else None)
 
 
 class CsmDepthDecoderModel(Transformer):
@@ -129,7 +172,13 @@ class CsmDepthDecoderModel(Transformer):
         """Embed codes (N, T) sitting at depth positions (T,): codebook index is position - 1."""
         return self.embed_tokens(codes + (positions - 1).clamp(min=0) * self.vocab_size)
 
-    def forward(self, input_ids=None, backbone_last_hidden_state=None, inputs_embeds=None) -> BackboneOutput:
+    def forward(
+        self,
+        input_ids=None,
+        backbone_last_hidden_state=None,
+        inputs_embeds=None,
+        output_hidden_states: bool = False,
+    ) -> BackboneOutput:
         """input_ids (N, T) from position 0; backbone_last_hidden_state (N, D_backbone) replaces position 0."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -141,7 +190,9 @@ class CsmDepthDecoderModel(Transformer):
                     [backbone_last_hidden_state[:, None].to(inputs_embeds.dtype), inputs_embeds[:, 1:]], 1
                 )
         h = self.inputs_embeds_projector(inputs_embeds)
-        return BackboneOutput(self.run_layers(h, torch.arange(h.shape[1], device=h.device)))
+        hidden_states = [] if output_hidden_states else None
+        h = self.run_layers(h, rope_positions(self.rotary_emb, None, h), hidden_states=hidden_states)
+        return BackboneOutput(h, tuple(hidden_states) if hidden_states is not None else None)
 
 
 class CsmCodebooksHead(Packable, nn.Module):
@@ -172,16 +223,19 @@ class CsmDepthDecoderForCausalLM(nn.Module):
         self.model = CsmDepthDecoderModel(config)
         self.codebooks_head = CsmCodebooksHead(config.hidden_size, config.num_codebooks, config.vocab_size)
 
-    def forward(self, input_ids, backbone_last_hidden_state=None, labels=None) -> DepthDecoderOutput:
+    def forward(
+        self, input_ids, backbone_last_hidden_state=None, labels=None, output_hidden_states: bool = False
+    ) -> DepthDecoderOutput:
         """input_ids (N, T): [anything, c0, c1, ...]; logits for codebooks 1..T-1 from positions 1..T-1.
 
         labels (N, T) are codes c0..c_{T-1}; codebook i >= 1 is scored, -100 ignored.
         """
-        h = self.model(input_ids, backbone_last_hidden_state).last_hidden_state
+        out = self.model(input_ids, backbone_last_hidden_state, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
         codebooks = torch.arange(1, h.shape[1], device=h.device)
         logits = self.codebooks_head(h[:, 1:], codebooks)
         loss = causal_lm_loss(logits, labels[:, 1:], shift=False) if labels is not None else None
-        return DepthDecoderOutput(logits=logits, loss=loss, last_hidden_state=h)
+        return DepthDecoderOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
 class CsmForConditionalGeneration(nn.Module):
@@ -195,8 +249,19 @@ class CsmForConditionalGeneration(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.depth_decoder = CsmDepthDecoderForCausalLM(config.depth_decoder_config)
         self.codec_model = MimiModel(config.codec_config)
-        self.generation_config: dict = {}
+        self.generation_config = GenerationSettings()
         self.tie_weights()
+
+    @property
+    def generation_config(self) -> GenerationSettings:
+        """generation_config.json's settings, as keys or attributes; generate's defaults come from here."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: dict | None) -> None:
+        if value is not None and not isinstance(value, dict):
+            value = value.to_dict()  # the reference's GenerationConfig
+        self._generation_config = GenerationSettings(value or {})
 
     def tie_weights(self) -> None:
         if self.config.tie_codebooks_embeddings:
@@ -237,7 +302,8 @@ class CsmForConditionalGeneration(nn.Module):
         for i, clip in enumerate(clips):
             batch[i, 0, : len(clip)] = clip
             padding_mask[i, : len(clip)] = 1
-        codes = self.codec_model.encode(batch.to(self.codec_dtype), padding_mask).transpose(1, 2)  # (C, F, K)
+        codes = self.codec_model.encode(batch.to(self.codec_dtype), padding_mask).audio_codes
+        codes = codes.transpose(1, 2)  # (C, F, K)
         frames = torch.tensor([self.codec_model.encoded_length(n) for n in lengths], device=codes.device)
         mask = torch.arange(codes.shape[1], device=codes.device)[None] < frames[:, None]
         return codes, mask
@@ -301,47 +367,66 @@ class CsmForConditionalGeneration(nn.Module):
         input_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         input_values_cutoffs: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: None = None,
         inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         audio_codes: list[torch.Tensor] | None = None,
-    ) -> CsmOutput:
+    ) -> CsmOutput | tuple:
         """Codebook-0 logits for every position, and the reference's losses when `labels` are given.
 
         input_ids are text ids (B, T) (audio merged in from input_values) or audio codes (B, T, K).
         labels: (B, T) with -100 ignored and -101 for backbone-only frames, or (B, T, K) codes.
+        position_ids: RoPE positions (B, T) or (T,), by default 0..T-1 (padding included, as the reference).
+        output_hidden_states: also return the backbone's (and the depth decoder's) hidden states.
+        return_dict=False returns `CsmOutput.to_tuple()`. use_cache is accepted and has no effect: this
+        forward keeps no cache (generate has its own), so past_key_values must be None.
         audio_codes: pre-encoded clips instead of input_values (see `embed_inputs`).
         """
+        if past_key_values is not None:
+            raise ValueError(
+                "past_key_values is not supported: forward runs the whole sequence; use generate for decoding"
+            )
         if input_ids is not None and input_ids.dim() == 2:
             inputs_embeds, labels = self.embed_inputs(
                 input_ids, input_values, input_values_cutoffs, labels, audio_codes
             )
             input_ids = None
-        hidden = self.backbone_model(input_ids, attention_mask, inputs_embeds).last_hidden_state
+        backbone = self.backbone_model(
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            position_ids=position_ids,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        hidden = backbone.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        if labels is None:
-            return CsmOutput(logits=logits, last_hidden_state=hidden)
-
-        backbone_loss = causal_lm_loss(logits, labels[..., 0])
-        train = ~(labels[..., 1:] == -100).all(dim=-1)  # (B, T) frames the depth decoder learns
-        rows, cols = train.nonzero(as_tuple=True)
-        if len(rows) == 0:
-            depth_loss, depth_logits = logits.new_zeros(()), None
-        else:
-            target = labels[rows, cols]  # (N, K)
-            codes_in = F.pad(target[:, :-1], (1, 0), value=0)
-            depth = self.depth_decoder(codes_in, hidden[rows, cols - 1], labels=target)
-            depth_loss, depth_logits = depth.loss, depth.logits
-        return CsmOutput(
-            logits=logits,
-            loss=backbone_loss + depth_loss,
-            backbone_loss=backbone_loss,
-            depth_decoder_loss=depth_loss,
-            depth_decoder_logits=depth_logits,
-            last_hidden_state=hidden,
-        )
+        out = CsmOutput(logits=logits, hidden_states=backbone.hidden_states)
+        if labels is not None:
+            out.backbone_loss = causal_lm_loss(logits, labels[..., 0])
+            train = ~(labels[..., 1:] == -100).all(dim=-1)  # (B, T) frames the depth decoder learns
+            rows, cols = train.nonzero(as_tuple=True)
+            if len(rows) == 0:
+                out.depth_decoder_loss = logits.new_zeros(())
+            else:
+                target = labels[rows, cols]  # (N, K)
+                codes_in = F.pad(target[:, :-1], (1, 0), value=0)
+                depth = self.depth_decoder(
+                    codes_in,
+                    hidden[rows, cols - 1],
+                    labels=target,
+                    output_hidden_states=bool(output_hidden_states),
+                )
+                out.depth_decoder_loss, out.depth_decoder_logits = depth.loss, depth.logits
+                out.depth_decoder_hidden_states = depth.hidden_states
+            out.loss = out.backbone_loss + out.depth_decoder_loss
+        return out if return_dict is None or return_dict else out.to_tuple()
 
     # ---- generation ---------------------------------------------------------------------------------
 
@@ -377,12 +462,21 @@ class CsmForConditionalGeneration(nn.Module):
         device=None,
         quantize: str | None = None,
         group_size: int | None = None,
+        *,
+        device_map=None,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> CsmForConditionalGeneration:
         """Load a checkpoint in the reference's layout (local folder or hub repo id).
 
+        device_map: as the reference's model card uses it ("cuda", "cpu", "auto" for the best device here,
+        a GPU index, or a dict sending every module to one device); or pass `device`.
+        dtype (or its older name torch_dtype): torch.bfloat16, "bfloat16", "auto" or None keep the stored one.
         quantize: "int8" or "int4" (with `group_size`, default 32) quantizes the weights as they are read,
         never holding the full-precision model; a checkpoint saved quantized loads as it was saved.
         """
+        device = loading_device(device, device_map)
+        dtype = loading_dtype(dtype, torch_dtype)
+        resolve_dtype(dtype)  # a bad name fails before the download
         folder = resolve_checkpoint(
             path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
         )
@@ -418,8 +512,14 @@ class CsmForConditionalGeneration(nn.Module):
             config["quantization"] = self.quantization.to_dict()
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_safetensors(self.state_dict(), folder)
-        if self.generation_config:
-            (folder / GENERATION_CONFIG_NAME).write_text(json.dumps(self.generation_config, indent=2) + "\n")
+        # Every setting generate uses, so the reference loading this folder samples the same way.
+        settings = {
+            "bos_token_id": self.config.bos_token_id,
+            "pad_token_id": self.config.pad_token_id,
+            **GENERATION_DEFAULTS,
+            **self.generation_config,
+        }
+        (folder / GENERATION_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
     # ---- quantization -------------------------------------------------------------------------------
 

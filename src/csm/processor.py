@@ -25,6 +25,7 @@ CSM_CONTEXT = 2048  # backbone max_position_embeddings of csm-1b, used when no c
 PROCESSOR_FILES = ["*.json", "*.jinja"]
 _NO_LIMIT = 10**12  # tokenizer configs write ~1e30 for "no maximum length"
 _DIGITS = re.compile(r"[0-9]+")
+_OPEN_END = "<|csm:continue-final-message|>"  # marks where continue_final_message cuts the rendered text
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,141 @@ class BatchInputs(dict):
                 value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
             out[name] = value
         return out
+
+
+class ConversationError(ValueError, jinja2.exceptions.TemplateError):
+    """A conversation the chat template cannot take. A ValueError with our message, and jinja2's
+    TemplateError, which the reference raises for the same conversations."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)  # jinja2's `message` reads args[0]
+
+
+class CsmTokenizer:
+    """The processor's text tokenizer, called as the reference's fast tokenizer is: `tokenizer(text)`,
+    `encode`, `decode`, `batch_decode`, `convert_tokens_to_ids`, the special tokens and their ids.
+    `backend_tokenizer` is the `tokenizers.Tokenizer` underneath."""
+
+    def __init__(self, backend: Tokenizer, special_tokens: dict[str, str], padding_side: str = "left"):
+        self.backend_tokenizer = backend
+        self.padding_side = padding_side
+        for name, token in special_tokens.items():
+            setattr(self, name, token)
+            setattr(self, name + "_id", backend.token_to_id(token))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one text."""
+        return self.backend_tokenizer.encode(
+            _check_text(text, "text"), add_special_tokens=add_special_tokens
+        ).ids
+
+    def __call__(
+        self,
+        text: str | list[str],
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+    ) -> BatchInputs:
+        """`input_ids` and `attention_mask` of a text or a batch of texts (padded on `padding_side`)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t, add_special_tokens) for t in texts]
+        out = _pad_ids(ids, self.pad_token_id, self.padding_side, padding, max_length, return_tensors)
+        if isinstance(text, str) and return_tensors is None:
+            out = BatchInputs({k: v[0] for k, v in out.items()})
+        return out
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """Token ids (a list, or a 1-D tensor or array) back to text."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, rows: Any, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(row, skip_special_tokens) for row in rows]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        if isinstance(tokens, str):
+            return self.backend_tokenizer.token_to_id(tokens)
+        return [self.backend_tokenizer.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+        if isinstance(ids, int):
+            return self.backend_tokenizer.id_to_token(ids)
+        return [self.backend_tokenizer.id_to_token(i) for i in ids]
+
+
+PADDING = (True, False, "longest", "max_length", "do_not_pad")
+RETURN_TENSORS = ("pt", "np", None)
+
+
+def _check_padding(padding: Any, return_tensors: Any) -> None:
+    if padding not in PADDING:
+        raise ValueError(
+            f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}"
+        )
+    if return_tensors not in RETURN_TENSORS:
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+
+
+def _check_processor_tensors(return_tensors: Any) -> None:
+    if return_tensors != "pt":
+        raise ValueError(
+            f"CsmProcessor returns PyTorch tensors only (return_tensors='pt', as the reference); got {return_tensors!r}"
+        )
+
+
+def _pad_ids(
+    ids: list[list[int]],
+    pad_id: int,
+    side: str,
+    padding: bool | str,
+    max_length: int | None,
+    return_tensors: str | None,
+) -> BatchInputs:
+    """Rows of ids padded as the reference's tokenizer pads them, as tensors ("pt"), arrays ("np") or
+    lists (None)."""
+    _check_padding(padding, return_tensors)
+    longest = max(len(row) for row in ids)
+    if padding == "max_length":
+        if max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        if longest > max_length:
+            raise ValueError(
+                f"a row is {longest} tokens, more than max_length={max_length}; truncation would cut audio "
+                "placeholders, so it is not done: raise max_length or shorten the input"
+            )
+        width = max_length
+    elif padding in (True, "longest"):
+        width = longest
+    else:
+        width = None
+    rows, masks = [], []
+    for row in ids:
+        fill = [] if width is None else [pad_id] * (width - len(row))
+        ones = [1] * len(row)
+        rows.append(fill + row if side == "left" else row + fill)
+        masks.append([0] * len(fill) + ones if side == "left" else ones + [0] * len(fill))
+    if return_tensors is not None and len({len(r) for r in rows}) > 1:
+        raise ValueError(
+            f"rows have different lengths and padding={padding!r}: they cannot make one tensor; "
+            "use padding=True or return_tensors=None"
+        )
+    out = BatchInputs(input_ids=rows, attention_mask=masks)
+    if return_tensors == "pt":
+        out = BatchInputs({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()})
+    elif return_tensors == "np":
+        out = BatchInputs({k: np.array(v, dtype=np.int64) for k, v in out.items()})
+    return out
 
 
 def _token_content(value: Any) -> str | None:
@@ -177,9 +313,10 @@ class CsmProcessor:
         tokenizer_config: dict | None = None,
         feature_extractor_config: dict | None = None,
     ):
+        if isinstance(tokenizer, CsmTokenizer):
+            tokenizer = tokenizer.backend_tokenizer
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.special_tokens = {
             "bos_token": bos_token,
@@ -223,6 +360,13 @@ class CsmProcessor:
             ids["pad_token"],
         )
         self.audio_token_id, self.audio_eos_token_id = ids["audio_token"], ids["audio_eos_token"]
+        # Alone, the reference's tokenizer pads as its config says (right by default); the processor
+        # pads on `padding_side` (left by default).
+        self.tokenizer = CsmTokenizer(
+            tokenizer,
+            {**self.special_tokens, "audio_token": audio_token, "audio_eos_token": audio_eos_token},
+            (tokenizer_config or {}).get("padding_side", "right"),
+        )
         self._template = _compile_template(chat_template) if chat_template else None
 
     # ---------------------------------------------------------------- loading and saving
@@ -291,7 +435,7 @@ class CsmProcessor:
         """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and processor_config.json."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(folder / "tokenizer.json"))
+        self.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **self.tokenizer_config,
@@ -324,32 +468,53 @@ class CsmProcessor:
     def apply_chat_template(
         self,
         conversation: list[dict] | list[list[dict]],
-        tokenize: bool = True,
-        return_dict: bool = True,
+        chat_template: str | None = None,
+        tokenize: bool = False,
+        return_dict: bool = False,
         output_labels: bool = False,
         depth_decoder_labels_ratio: float = 1.0,
-        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        padding: bool | str = True,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
     ) -> BatchInputs | torch.Tensor | str | list[str]:
-        """Render one conversation or a batch of them and, by default, turn them into model inputs.
+        """Render one conversation or a batch of them; with `tokenize=True`, turn them into model inputs.
 
         A conversation is a list of turns `{"role": "0", "content": [{"type": "text", "text": ...},
         {"type": "audio", "audio": array | tensor | path}]}`. Every turn but the last is context and needs
         both its text and its audio; the last turn is the text to speak. An audio block may carry a
-        `sampling_rate` for an array that is not at 24 kHz.
+        `sampling_rate` for an array that is not at 24 kHz; when not tokenizing it needs no audio at all.
+
+        As the reference: the rendered text by default; with tokenize=True the `input_ids` tensor, or with
+        return_dict=True every input (`input_ids`, `attention_mask`, `input_values`, ...).
+        continue_final_message=True leaves the last turn open (no end-of-text after its text);
+        padding ("max_length" pads to max_length) and return_tensors ("pt" only) as in `__call__`.
+        A conversation the template cannot take raises ConversationError (a ValueError and jinja2's
+        TemplateError).
         """
         template = _compile_template(chat_template) if chat_template else self._template
         if template is None:
             raise ValueError(
                 "this processor has no chat template; pass chat_template= or use processor(text)"
             )
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be set")
+        _check_padding(padding, None)
+        if tokenize:
+            _check_processor_tensors(return_tensors)
         batched = isinstance(conversation, (list, tuple)) and bool(conversation)
         batched = batched and isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
         rendered, clips = [], []
         for c, conv in enumerate(conversations):
             where = f"conversation {c}" if batched else "the conversation"
-            messages, sources = self._check_conversation(conv, where)
-            rendered.append(self._render(template, messages, where))
+            try:
+                messages, sources = self._check_conversation(conv, where, need_audio=tokenize)
+            except ValueError as e:
+                raise e if isinstance(e, ConversationError) else ConversationError(str(e)) from None
+            options = dict(add_generation_prompt=add_generation_prompt, open_end=continue_final_message)
+            rendered.append(self._render(template, messages, where, **options))
             if tokenize:
                 clips.append([self._load(src, rate, f"{where}, turn {t}") for t, src, rate in sources])
         if not tokenize:
@@ -364,13 +529,14 @@ class CsmProcessor:
                     f"audio frames), more than the model's context of {self.max_length}; it overflows at turn "
                     f"{turn}. Drop early turns, shorten their audio or split the text."
                 )
-        inputs = self._encode(ids, clips, output_labels, depth_decoder_labels_ratio)
+        inputs = self._encode(ids, clips, output_labels, depth_decoder_labels_ratio, padding, max_length)
         return inputs if return_dict else inputs["input_ids"]
 
     def _check_conversation(
-        self, conv: Any, where: str
+        self, conv: Any, where: str, need_audio: bool = True
     ) -> tuple[list[dict], list[tuple[int, Any, int | None]]]:
-        """Validate turns; return template-ready messages and (turn, audio source, rate) per clip."""
+        """Validate turns; return template-ready messages and (turn, audio source, rate) per clip.
+        Without `need_audio` (rendering only), an audio block may carry no audio, as the reference allows."""
         if not isinstance(conv, (list, tuple)) or not conv:
             raise ValueError(f"{where} must be a non-empty list of turns, got {conv!r:.80}")
         messages, sources = [], []
@@ -402,12 +568,13 @@ class CsmProcessor:
                     texts.append(block)
                 elif kind == "audio":
                     keys = [k for k in ("audio", "path", "url") if block.get(k) is not None]
-                    if len(keys) != 1:
+                    if len(keys) > 1 or (need_audio and not keys):
                         raise ValueError(
                             f"{at}: an audio block needs exactly one of 'audio', 'path' or 'url'"
                         )
                     audios.append(block)
-                    sources.append((t, block[keys[0]], block.get("sampling_rate")))
+                    if keys:
+                        sources.append((t, block[keys[0]], block.get("sampling_rate")))
                 else:
                     raise ValueError(
                         f"{at}: content blocks must be {{'type': 'text'|'audio', ...}}, got {block!r:.80}"
@@ -427,12 +594,33 @@ class CsmProcessor:
             messages.append(_plain({**extra, "role": role, "content": texts + audios}))
         return messages, sources
 
-    def _render(self, template: jinja2.Template, messages: list[dict], where: str) -> str:
+    def _render(
+        self,
+        template: jinja2.Template,
+        messages: list[dict],
+        where: str,
+        add_generation_prompt: bool = False,
+        open_end: bool = False,
+    ) -> str:
+        """Render messages; with `open_end`, cut right after the last turn's text (continue_final_message)."""
+        if open_end:
+            messages = [*messages[:-1], dict(messages[-1])]
+            content = [dict(block) for block in messages[-1]["content"]]
+            text = next(block for block in reversed(content) if block.get("type") == "text")
+            text["text"] += _OPEN_END
+            messages[-1]["content"] = content
         try:
-            return template.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
-                                   **self.special_tokens)  # fmt: skip
+            out = template.render(messages=messages, tools=None, documents=None,
+                                  add_generation_prompt=add_generation_prompt, **self.special_tokens)  # fmt: skip
         except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"the chat template rejected {where}: {e}") from None
+            raise ConversationError(f"the chat template rejected {where}: {e}") from None
+        if open_end:
+            if _OPEN_END not in out:
+                raise ConversationError(
+                    f"the chat template drops the last turn's text of {where}: cannot continue it"
+                )
+            out = out[: out.rindex(_OPEN_END)]
+        return out
 
     def _load(self, source: AudioLike, sampling_rate: int | None, where: str) -> np.ndarray:
         try:
@@ -460,11 +648,18 @@ class CsmProcessor:
         output_labels: bool = False,
         depth_decoder_labels_ratio: float = 1.0,
         add_special_tokens: bool = False,
+        padding: bool | str = True,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
     ) -> BatchInputs:
         """Tokenize prompts like "[0]Hello<|AUDIO|>", one audio clip per `<|AUDIO|>` in order.
 
         sampling_rate: the rate of array clips (default 24 kHz); files are resampled from their own rate.
+        padding: True / "longest" (default), "max_length" (to max_length), False / "do_not_pad";
+        return_tensors: "pt" only, as the reference's CsmProcessor.
         """
+        _check_padding(padding, None)
+        _check_processor_tensors(return_tensors)
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts:
             raise ValueError("text must be a string or a non-empty list of strings")
@@ -490,7 +685,7 @@ class CsmProcessor:
                     f"text {i} is {len(row)} tokens (text and audio frames), more than the model's context of "
                     f"{self.max_length}; shorten the text or its audio"
                 )
-        return self._encode(ids, clips, output_labels, depth_decoder_labels_ratio)
+        return self._encode(ids, clips, output_labels, depth_decoder_labels_ratio, padding, max_length)
 
     def num_audio_frames(self, num_samples: int) -> int:
         """Audio tokens (codec frames) a clip of `num_samples` samples becomes."""
@@ -508,7 +703,10 @@ class CsmProcessor:
         self, texts: list[str], clips: list[list[np.ndarray]], add_special_tokens: bool
     ) -> list[list[int]]:
         expanded = [self._expand(t, c) for t, c in zip(texts, clips, strict=True)]
-        return [e.ids for e in self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)]
+        encoded = self.tokenizer.backend_tokenizer.encode_batch(
+            expanded, add_special_tokens=add_special_tokens
+        )
+        return [e.ids for e in encoded]
 
     def _encode(
         self,
@@ -516,24 +714,19 @@ class CsmProcessor:
         clips: list[list[np.ndarray]],
         output_labels: bool,
         depth_decoder_labels_ratio: float,
+        padding: bool | str = True,
+        max_length: int | None = None,
     ) -> BatchInputs:
         """Pad token ids and audio into tensors, and add labels when asked."""
         if not 0.0 <= depth_decoder_labels_ratio <= 1.0:
             raise ValueError(
                 f"depth_decoder_labels_ratio must be in [0, 1], got {depth_decoder_labels_ratio}"
             )
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for b, row in enumerate(ids):
-            span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
-            input_ids[b, span] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, span] = 1
-        out = BatchInputs(input_ids=input_ids, attention_mask=attention_mask)
+        out = _pad_ids(ids, self.pad_token_id, self.padding_side, padding, max_length, "pt")  # (B, T)
         if any(clips):
             out["input_values"], out["input_values_cutoffs"] = self._audio_values(clips)
         if output_labels:
-            out["labels"] = self._labels(input_ids, depth_decoder_labels_ratio)
+            out["labels"] = self._labels(out["input_ids"], depth_decoder_labels_ratio)
         return out
 
     def _audio_values(self, clips: list[list[np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -574,7 +767,6 @@ class CsmProcessor:
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Token ids back to text."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def save_audio(self, audio: Any, path_or_paths: str | os.PathLike | list[str | os.PathLike]) -> None:

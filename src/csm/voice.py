@@ -44,7 +44,7 @@ def encode_audio(model, audio: np.ndarray) -> torch.Tensor:
     codec = model.codec_model
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None]
-        return codec.encode(x.to(codec.device, codec.dtype))[0].T.to(model.device)
+        return codec.encode(x.to(codec.device, codec.dtype)).audio_codes[0].T.to(model.device)
 
 
 @dataclass

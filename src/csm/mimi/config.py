@@ -59,6 +59,8 @@ class MimiConfig:
     frame_rate_override: float | None = None
 
     def __post_init__(self) -> None:
+        if not hasattr(self, "extra"):
+            self.extra = {}
         self.upsampling_ratios = list(self.upsampling_ratios or [8, 6, 5, 4])
         if self.codebook_dim is None:
             self.codebook_dim = self.hidden_size
@@ -128,13 +130,14 @@ class MimiConfig:
         frame_rate = d.get("frame_rate", d.get("_frame_rate"))
         if frame_rate is not None:
             d["frame_rate_override"] = frame_rate
-        names = {f.name for f in dataclasses.fields(cls)}
-        # Unknown keys (transformers bookkeeping, dtype, ...) change nothing in the codec: leave them.
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # The reference's bookkeeping and derived values; any other key is kept (see __init__).
+        for key in ("model_type", "architectures", "frame_rate", "_frame_rate"):
+            d.pop(key, None)
+        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         """The reference's config dict, which its `MimiConfig` reads back."""
-        out = dataclasses.asdict(self)
+        out = {**self.extra, **dataclasses.asdict(self)}
         override = out.pop("frame_rate_override")
         if override is not None:
             out["frame_rate"] = override
@@ -151,3 +154,20 @@ class MimiConfig:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+_dataclass_init = MimiConfig.__init__
+
+
+def _init_keeping_unknown_keys(self, *args, **kwargs) -> None:
+    """Like the reference's config, keep keyword arguments Mimi does not model (transformers bookkeeping,
+    newer fields) as attributes, written back by to_dict; they change nothing in the codec."""
+    names = {f.name for f in dataclasses.fields(MimiConfig)}
+    extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
+    self.extra = {k: v for k, v in extra.items() if not isinstance(getattr(MimiConfig, k, None), property)}
+    _dataclass_init(self, *args, **kwargs)
+    for key, value in self.extra.items():
+        setattr(self, key, value)
+
+
+MimiConfig.__init__ = _init_keeping_unknown_keys

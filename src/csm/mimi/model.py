@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,16 +16,46 @@ from ..checkpoint import (
     CheckpointError,
     load_into,
     load_safetensors,
+    loading_device,
+    loading_dtype,
     read_json,
     resolve_checkpoint,
     save_safetensors,
 )
+from ..output import ModelOutput
 from .config import MimiConfig
 from .conv import Conv1d, ConvTranspose1d
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetDecoder, SeanetEncoder
 from .streaming import StreamState
 from .transformer import Transformer
+
+
+@dataclass
+class MimiEncoderOutput(ModelOutput):
+    """`encode`'s result, as the reference's: `out.audio_codes` or `out[0]`."""
+
+    audio_codes: torch.Tensor | None = None  # (B, Q, F)
+    encoder_past_key_values: MimiStreamingEncoder | None = None  # the stream, when streaming
+    padding_cache: MimiStreamingEncoder | None = None  # the same stream (the reference keeps two caches)
+
+
+@dataclass
+class MimiDecoderOutput(ModelOutput):
+    """`decode`'s result, as the reference's: `out.audio_values` or `out[0]`."""
+
+    audio_values: torch.Tensor | None = None  # (B, 1, samples)
+    decoder_past_key_values: MimiStreamingDecoder | None = None  # the stream, when streaming
+
+
+@dataclass
+class MimiOutput(ModelOutput):
+    """`forward`'s result (encode, then decode), as the reference's."""
+
+    audio_codes: torch.Tensor | None = None
+    audio_values: torch.Tensor | None = None
+    encoder_past_key_values: MimiStreamingEncoder | None = None
+    decoder_past_key_values: MimiStreamingDecoder | None = None
 
 
 class MimiModel(nn.Module):
@@ -97,35 +128,128 @@ class MimiModel(nn.Module):
     def device(self) -> torch.device:
         return self.encoder.layers[0].conv.weight.device
 
+    def get_encoded_length(self, input_length: int | torch.Tensor) -> int | torch.Tensor:
+        """The reference's name for `encoded_length`."""
+        return self.encoded_length(input_length)
+
+    def get_audio_codes_mask(self, padding_mask: torch.Tensor, padding_side: str = "right") -> torch.Tensor:
+        """Which frames (B, F) hold audio, from a sample mask (B, T): the first encoded_length(n) of each row."""
+        frames = torch.as_tensor(self.encoded_length(padding_mask.sum(-1)), device=padding_mask.device)
+        mask = torch.arange(int(frames.max()), device=padding_mask.device)[None] < frames[:, None]
+        return mask if padding_side == "right" else mask.flip(-1)
+
     # Whole clips.
     @torch.no_grad()
     def encode(
-        self, audio: torch.Tensor, padding_mask: torch.Tensor | None = None, num_quantizers: int | None = None
-    ) -> torch.Tensor:
-        """Audio (B, 1, T) in [-1, 1] -> codes (B, Q, ceil(T / 1920)).
+        self,
+        input_values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        num_quantizers: int | None = None,
+        encoder_past_key_values: MimiStreamingEncoder | None = None,
+        padding_cache: MimiStreamingEncoder | None = None,
+        use_streaming: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MimiEncoderOutput | tuple:
+        """Audio (B, 1, T) in [-1, 1] -> `audio_codes` (B, Q, ceil(T / 1920)).
 
         padding_mask: (B, T) or (B, 1, T), nonzero on samples, zero on padding at the end of each row.
         With it, clip i gets in its first `encoded_length(len_i)` frames the codes it gets alone (for
         causal convolutions, as in Mimi); the frames after those are padding. Without it, every row is
         taken as T samples of audio.
         num_quantizers: the first Q codebooks (default all 32).
+        use_streaming=True (or the config's use_streaming) encodes a chunk of a live stream: the result's
+        `padding_cache` (also `encoder_past_key_values`) holds the stream, to pass to the next call; each call
+        gives the frames its samples complete (see `streaming_encoder`).
+        return_dict=False returns a tuple.
         """
-        audio = self._check_audio(audio)
+        stream = padding_cache if padding_cache is not None else encoder_past_key_values
+        if stream is not None or (use_streaming if use_streaming is not None else self.config.use_streaming):
+            if stream is not None and not isinstance(stream, MimiStreamingEncoder):
+                raise TypeError(
+                    "padding_cache / encoder_past_key_values must be the stream a previous "
+                    f"encode(..., use_streaming=True) returned, got {type(stream).__name__}"
+                )
+            if padding_mask is not None:
+                raise ValueError(
+                    "a streamed encode takes no padding_mask: send each row's samples as they come"
+                )
+            if stream is None:
+                stream = self.streaming_encoder(input_values.shape[0], num_quantizers)
+            out = MimiEncoderOutput(stream.step(input_values), stream, stream)
+            return out if return_dict is None or return_dict else out.to_tuple()
+        audio = self._check_audio(input_values)
         num_quantizers = self._check_num_quantizers(num_quantizers)
         lengths = None if padding_mask is None else self._check_padding_mask(padding_mask, audio)
         if lengths is not None and bool((lengths == audio.shape[-1]).all()):
             lengths = None
-        return self.quantizer.encode(self._encode_latents(audio, lengths=lengths), num_quantizers)
+        codes = self.quantizer.encode(self._encode_latents(audio, lengths=lengths), num_quantizers)
+        out = MimiEncoderOutput(audio_codes=codes)
+        return out if return_dict is None or return_dict else out.to_tuple()
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, Q, F) -> audio (B, 1, F * 1920)."""
-        codes = self._check_codes(codes)
-        if codes.shape[-1] == 0:
-            return torch.zeros(
-                codes.shape[0], self.config.audio_channels, 0, device=self.device, dtype=self.dtype
+    def decode(
+        self,
+        audio_codes: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        decoder_past_key_values: MimiStreamingDecoder | None = None,
+        use_streaming: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MimiDecoderOutput | tuple:
+        """Codes (B, Q, F) -> `audio_values` (B, 1, F * 1920).
+
+        padding_mask (B, T) or (B, 1, T): the audio is cut to its last dimension T when shorter, as the
+        reference does. use_streaming=True (or the config's use_streaming), or a `decoder_past_key_values`
+        from a previous streamed call, decodes the next frames of a stream (see `streaming_decoder`): the
+        concatenated results equal one decode of all the frames.
+        return_dict=False returns a tuple.
+        """
+        stream = decoder_past_key_values
+        if stream is not None or (use_streaming if use_streaming is not None else self.config.use_streaming):
+            if stream is not None and not isinstance(stream, MimiStreamingDecoder):
+                raise TypeError(
+                    "decoder_past_key_values must be the stream a previous decode(..., use_streaming=True) "
+                    f"returned, got {type(stream).__name__}"
+                )
+            if stream is None:
+                stream = self.streaming_decoder(audio_codes.shape[0])
+            audio, stream = stream.step(audio_codes), stream
+        else:
+            codes = self._check_codes(audio_codes)
+            if codes.shape[-1] == 0:
+                audio = torch.zeros(
+                    codes.shape[0], self.config.audio_channels, 0, device=self.device, dtype=self.dtype
+                )
+            else:
+                audio = self._decode_latents(self.quantizer.decode(codes, self.dtype))
+        if padding_mask is not None and padding_mask.shape[-1] < audio.shape[-1]:
+            audio = audio[..., : padding_mask.shape[-1]]
+        out = MimiDecoderOutput(audio, stream)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        num_quantizers: int | None = None,
+        audio_codes: torch.Tensor | None = None,
+        encoder_past_key_values: MimiStreamingEncoder | None = None,
+        decoder_past_key_values: MimiStreamingDecoder | None = None,
+        return_dict: bool | None = None,
+    ) -> MimiOutput | tuple:
+        """Encode `input_values` (B, 1, T) (unless `audio_codes` are given), then decode: `audio_codes` and
+        `audio_values`, the audio cut to T samples, as the reference's forward."""
+        if audio_codes is None:
+            encoded = self.encode(
+                input_values, padding_mask, num_quantizers, encoder_past_key_values=encoder_past_key_values
             )
-        return self._decode_latents(self.quantizer.decode(codes, self.dtype))
+            audio_codes, encoder_past_key_values = encoded.audio_codes, encoded.encoder_past_key_values
+        if padding_mask is None:
+            padding_mask = torch.ones(input_values.shape[-1], dtype=torch.bool)
+        decoded = self.decode(audio_codes, padding_mask, decoder_past_key_values)
+        out = MimiOutput(
+            audio_codes, decoded.audio_values, encoder_past_key_values, decoded.decoder_past_key_values
+        )
+        return out if return_dict is None or return_dict else out.to_tuple()
 
     def _encode_latents(
         self, audio: torch.Tensor, stream: StreamState | None = None, lengths: torch.Tensor | None = None
@@ -247,12 +371,19 @@ class MimiModel(nn.Module):
         path_or_repo_id: str | os.PathLike,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        *,
+        device_map=None,
+        torch_dtype: torch.dtype | None = None,
     ) -> MimiModel:
-        """Load a Mimi checkpoint in the reference's layout (e.g. kyutai/mimi), or the codec of a CSM one."""
+        """Load a Mimi checkpoint in the reference's layout (e.g. kyutai/mimi), or the codec of a CSM one.
+        device_map and torch_dtype as in CsmForConditionalGeneration.from_pretrained."""
+        device = loading_device(device, device_map) or torch.device("cpu")
+        dtype = loading_dtype(dtype, torch_dtype)
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype.removeprefix("torch."))
         folder = resolve_checkpoint(path_or_repo_id, allow_patterns=["*.json", "*.safetensors"])
         raw = read_json(folder)
         config = MimiConfig.from_dict(raw)
-        device = torch.device(device or "cpu")
         # A CSM checkpoint holds the codec under `codec_model.`: read only those tensors.
         state = _read_tensors(folder, "codec_model." if "codec_config" in raw else "", device)
         if dtype is not None:

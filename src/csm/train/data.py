@@ -209,7 +209,7 @@ def encode_clips(todo: dict[str, Path], codec, folder: Path, progress: bool = Fa
             wav = torch.from_numpy(load_audio(path, target_rate=SAMPLING_RATE))
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
-        codes = codec.encode(wav.to(codec.device, codec.dtype)[None, None])[0].T  # (F, K)
+        codes = codec.encode(wav.to(codec.device, codec.dtype)[None, None]).audio_codes[0].T  # (F, K)
         tmp = folder / f".{digest}.{os.getpid()}.tmp"
         save_file({"codes": codes.to(torch.int16).cpu().contiguous()}, tmp, metadata={"source": path.name})
         os.replace(tmp, _cache_path(folder, digest))
@@ -242,7 +242,7 @@ def tokenize(sample: Sample, frames: list[int], processor, max_length: int) -> t
             f"{sample.where}: the chat template placed {len(parts) - 1} audio tokens for {len(frames)} clips"
         )
     text = parts[0] + "".join(processor.audio_token * n + p for n, p in zip(frames, parts[1:], strict=True))
-    ids = processor.tokenizer.encode(text, add_special_tokens=False).ids
+    ids = processor.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) > max_length:
         raise DataError(
             f"{sample.where}: {len(ids)} tokens (text and {sum(frames)} audio frames), more than the "
