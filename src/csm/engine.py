@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .cuda_graph import CUDAGraphed, graphs_enabled
 from .frames import FrameRule
-from .llama import KVCache
+from .llama import KVCache, additive_mask
 
 # CUDA graphs (csm.cuda_graph) replay the eager frame step on CUDA when a caller asks (cuda_graph=True, or
 # CSM_CUDA_GRAPH=1 for every caller); this turns them on by default once bench/gpu_suite.sh has shown
@@ -84,10 +85,10 @@ class RowSampling:
 
 def sample(logits: torch.Tensor, p: RowSampling, noise: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from logits (B, V); noise (B, V) holds Exp(1) draws, so the step stays pure."""
+    if not p.any_sample:
+        return logits.argmax(-1)  # the fp32 argmax: a cast keeps the order (and ties) of any float dtype
     logits = logits.float()
     greedy = logits.argmax(-1)
-    if not p.any_sample:
-        return greedy
     scaled = logits / p.temperature
     top = torch.topk(scaled, p.max_top_k, dim=-1).values  # (B, k) descending
     kth = top.gather(1, (p.top_k.clamp(max=p.max_top_k) - 1))
@@ -139,7 +140,10 @@ class FrameEngine:
         self.compiled = compile and os.environ.get("NO_TORCH_COMPILE") != "1"
         self.backbone_sampling = RowSampling(batch_size, ids, device)
         self.depth_sampling = RowSampling(batch_size, ids, device)
-        self.depth_causal = torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril()
+        # Additive: attention adds it as it is, no per-layer conversion of a boolean mask.
+        self.depth_causal = additive_mask(
+            torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril(), dtype
+        )
         self.depth_slots = torch.arange(self.K, device=device)
         self.unit_noise = torch.ones(batch_size, self.K, ids, device=device)
         self.step = self._frame
@@ -221,7 +225,7 @@ class FrameEngine:
             if i == self.K - 1:
                 break
             # Codebook i sits at depth position i + 1; the cache is rewound per frame, not cleared.
-            x = dd.embed_tokens(c + i * self.V)[:, None]
+            x = F.embedding(c, dd.embed_tokens.weight[i * self.V : (i + 1) * self.V])[:, None]
             pos = self.depth_slots[i + 1 : i + 2]
             h = dd.run_layers(
                 dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2, : i + 2], pos
@@ -229,9 +233,8 @@ class FrameEngine:
         frame = torch.stack(codes, 1)  # (B, K)
         backbone = m.backbone_model
         valid = valid.scatter(1, slot[:, None], True)
-        h = backbone.run_layers(
-            backbone.embed_tokens(frame[:, None]), position[:, None], valid[:, None, None, :], slot[:, None]
-        )
+        mask = additive_mask(valid[:, None, None, :], hidden.dtype)  # once for every layer
+        h = backbone.run_layers(backbone.embed_tokens(frame[:, None]), position[:, None], mask, slot[:, None])
         return frame, h[:, -1], valid
 
     @torch.inference_mode()

@@ -17,9 +17,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale: the reference's order, which matters in bf16.
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * h.to(x.dtype)
+        # Normalised in fp32 and rounded once to x's dtype (rms_norm upcasts inside), then scaled: the
+        # reference's order, which matters in bf16, without its two casts.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
@@ -44,7 +44,7 @@ def rope_inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once per dtype and looked up per step."""
+    """The rotation of every position (see `apply_rope`), computed once per dtype and looked up per step."""
 
     def __init__(self, head_dim: int, params: dict, max_positions: int):
         super().__init__()
@@ -55,29 +55,43 @@ class RotaryEmbedding(nn.Module):
     def compute_buffers(self, device) -> None:
         """Fill the non-persistent buffer; also called after loading a model built on the meta device."""
         self.inv_freq = rope_inverse_frequencies(self.head_dim, self.params).to(device)
-        self.tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tables: dict[torch.dtype, torch.Tensor] = {}
 
-    def table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if dtype not in self.tables or self.tables[dtype][0].device != self.inv_freq.device:
+    def table(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.tables or self.tables[dtype].device != self.inv_freq.device:
             freqs = (
                 torch.arange(self.max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq
             )
-            emb = torch.cat((freqs, freqs), dim=-1)  # fp32 then cast, as the reference does per call
-            self.tables[dtype] = (emb.cos().to(dtype), emb.sin().to(dtype))
+            # fp32 then cast, as the reference does per call
+            self.tables[dtype] = rotation(freqs.cos(), freqs.sin()).to(dtype)
         return self.tables[dtype]
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for `positions` (T,) or (B, T), shaped (..., T, head_dim), in `dtype`."""
-        cos, sin = self.table(dtype)
-        return cos[positions], sin[positions]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rotations (..., T, 2, 2, head_dim / 2) for `positions` (T,) or (B, T), in `dtype`."""
+        return self.table(dtype)[positions]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles in cos/sin (T, D) or (B, T, D)."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos and sin (..., D/2) of each frequency's angle -> its rotation matrix (..., 2, 2, D/2), [out][in]."""
+    return torch.stack([torch.stack([cos, -sin], -2), torch.stack([sin, cos], -2)], -3)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by `rot` (T, 2, 2, D/2) or (B, T, 2, 2, D/2) from `rotation`.
+
+    The reference's rotate-half layout pairs x_i with x_{i+D/2}: seen as pairs, x turns with one product
+    and one sum of two, the same arithmetic (and roundings) as x * cos + rotate_half(x) * sin without its
+    negation and concatenation: two kernels instead of five.
+    """
+    B, T, H, D = x.shape
+    pairs = x.view(B, T, H, 1, 2, D // 2)
+    return (pairs * rot.unsqueeze(-4)).sum(-2).view(B, T, H, D)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the 0 / -inf scores attention adds, made once per step
+    instead of by every layer's attention."""
+    return torch.where(mask, 0.0, float("-inf")).to(dtype)
 
 
 # ---- prepacked weights for CPU inference ------------------------------------------------------------
@@ -96,24 +110,28 @@ def packable(weight: torch.Tensor) -> bool:
 
 
 class PackedWeight:
-    """A oneDNN-prepacked copy of `source` (or of matrices derived from it), valid while `source` is
-    neither changed in place nor replaced: an optimizer step, a load or a move makes it stale."""
+    """A oneDNN-prepacked copy of `source` (or of matrices derived from it), valid while `source` (a tensor
+    or a tuple of them) is neither changed in place nor replaced: an optimizer step, a load or a move makes
+    it stale."""
 
-    def __init__(self, source: torch.Tensor, matrices: list[torch.Tensor]):
+    def __init__(self, source: torch.Tensor | tuple[torch.Tensor, ...], matrices: list[torch.Tensor]):
         self.key = self.version(source)
         self.tensors = [torch.ops.mkldnn._reorder_linear_weight(m, PACK_BATCH_HINT) for m in matrices]
 
     @staticmethod
-    def version(source: torch.Tensor) -> tuple[int, int | None]:
+    def version(source: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple:
+        if isinstance(source, tuple):
+            return tuple(PackedWeight.version(t) for t in source)
         if source.is_inference():  # no version counter: made under inference_mode, changed only there
             return source.data_ptr(), None
         return source.data_ptr(), source._version
 
-    def usable(self, source: torch.Tensor, x: torch.Tensor) -> bool:
+    def usable(self, source: torch.Tensor | tuple[torch.Tensor, ...], x: torch.Tensor) -> bool:
+        dtype = source[0].dtype if isinstance(source, tuple) else source.dtype
         return (
             not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and x.dtype == source.dtype
+            and x.dtype == dtype
             and self.key == self.version(source)
         )
 
@@ -130,9 +148,13 @@ class Packable:
 
     def pack(self) -> None:
         """Pack `self.weight` (as `matrices_to_pack` splits it) unless a valid pack is already there."""
-        w = self.weight
-        if packable(w) and (self.packed is None or self.packed.key != PackedWeight.version(w)):
-            self.packed = PackedWeight(w, self.matrices_to_pack(w.detach()))
+        w, source = self.weight, self.pack_source()
+        if packable(w) and (self.packed is None or self.packed.key != PackedWeight.version(source)):
+            self.packed = PackedWeight(source, self.matrices_to_pack(w.detach()))
+
+    def pack_source(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What a pack stays valid with (see PackedWeight)."""
+        return self.weight
 
     def matrices_to_pack(self, weight: torch.Tensor) -> list[torch.Tensor]:
         return [weight]
@@ -157,11 +179,18 @@ class Linear(Packable, nn.Linear):
 
 def prepack(module: nn.Module, min_numel: int | None = None) -> None:
     """Pack every `Linear` (and anything else with a `pack()`) under `module` whose weight has at least
-    `min_numel` (default PACK_MIN_NUMEL) elements; packs that are still valid are kept."""
+    `min_numel` (default PACK_MIN_NUMEL) elements; packs that are still valid are kept. The layers of a
+    FusedLinear are packed as one."""
     min_numel = PACK_MIN_NUMEL if min_numel is None else min_numel
+    fused = {
+        id(p)
+        for m in module.modules()
+        if isinstance(m, FusedLinear) and m.weight is not None
+        for p in m.parts
+    }
     for m in module.modules():
         weight = getattr(m, "weight", None)
-        if hasattr(m, "pack") and weight is not None and weight.numel() >= min_numel:
+        if hasattr(m, "pack") and weight is not None and weight.numel() >= min_numel and id(m) not in fused:
             m.pack()
 
 
@@ -170,6 +199,119 @@ def unpack(module: nn.Module) -> None:
     for m in module.modules():
         if getattr(m, "packed", None) is not None:
             m.packed = None
+
+
+# ---- fused projections --------------------------------------------------------------------------------
+
+
+class FusedLinear(Packable, nn.Module):
+    """Linear layers that read the same input (q/k/v, gate/up) run as one matrix product.
+
+    `fuse(parts)` moves the layers' weights into one (sum of N, K) buffer and makes each layer's weight a
+    view of its rows: no memory is added, and the layers stay as they were for everything else. The buffer
+    is not saved (checkpoints keep one key per layer), LoRA and quantization replace the layers as before,
+    and an optimizer step on a layer's weight changes the buffer too. The fused product serves only while
+    the layers are the ones fused and no gradient is asked of them (`serves`); a move (`.to()`) or a load
+    fuses again (the owner's `_apply` and load hook).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+        self.parts: tuple[nn.Module, ...] = ()
+        self.sources: tuple[torch.Tensor, ...] = ()
+        self.sizes: tuple[int, ...] = ()
+
+    def fuse(self, parts: tuple[nn.Module, ...]) -> None:
+        """Fuse `parts` (plain Linear layers with the same input size), unless they already are; anything
+        else (a quantized or LoRA layer among them) unfuses."""
+        if self.intact(parts):
+            return
+        self.weight = self.bias = self.packed = None
+        self.parts, self.sources, self.sizes = (), (), ()
+        if not all(type(p) is Linear for p in parts) or len({p.bias is None for p in parts}) > 1:
+            return
+        sizes = tuple(p.out_features for p in parts)
+        with torch.no_grad():
+            weight = torch.cat([p.weight.detach() for p in parts])
+            for p, w in zip(parts, weight.split(sizes)):
+                p.weight.data, p.packed = w, None
+            if parts[0].bias is not None:
+                self.bias = torch.cat([p.bias.detach() for p in parts])
+                for p, b in zip(parts, self.bias.split(sizes)):
+                    p.bias.data = b
+        self.weight, self.parts, self.sizes = weight, tuple(parts), sizes
+        self.sources = tuple(p.weight for p in parts)
+
+    def intact(self, parts: tuple[nn.Module, ...]) -> bool:
+        """Whether `parts` are the fused layers and their weights still views of the buffer."""
+        if self.weight is None or not self.serves(parts, for_grad=False):
+            return False
+        offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
+        step = self.weight.stride(0) * self.weight.element_size()
+        start = self.weight.data_ptr()
+        tensors = [(p.weight, start + o * step) for p, o in zip(parts, offsets)]
+        if self.bias is not None:
+            b0, size = self.bias.data_ptr(), self.bias.element_size()
+            tensors += [(p.bias, b0 + o * size) for p, o in zip(parts, offsets)]
+        return all(t.data_ptr() == ptr and t.device == self.weight.device for t, ptr in tensors)
+
+    def serves(self, parts: tuple[nn.Module, ...], for_grad: bool = True) -> bool:
+        """Whether the fused product stands for `parts` now."""
+        if self.weight is None or len(parts) != len(self.parts):
+            return False
+        if any(p is not q or p.weight is not w for p, q, w in zip(parts, self.parts, self.sources)):
+            return False
+        # A gradient would stop at the buffer: layers being trained run on their own.
+        return not (for_grad and torch.is_grad_enabled() and any(w.requires_grad for w in self.sources))
+
+    def pack_source(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight, *self.sources)  # the layers' weights keep version counters of their own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self.packed.usable(self.pack_source(), x):
+            return packed_linear(x, self.packed.tensors[0], self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Fuses:
+    """Mixin for a module owning FusedLinears: fuse at build, again after a move or a load (`fuse()`)."""
+
+    def fuse(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        for m in self.children():  # converted apart: a converted buffer would be thrown away
+            if isinstance(m, FusedLinear):
+                m.weight = m.bias = m.packed = None
+        super()._apply(fn, recurse)
+        self.fuse()
+        return self
+
+
+def fuse_after_load(module: nn.Module, incompatible_keys) -> None:
+    module.fuse()
+
+
+def fuse_projections(module: nn.Module) -> None:
+    """(Re)fuse every q/k/v and gate/up under `module` whose layers are plain Linears, unfuse the others
+    (call after replacing layers, e.g. merging LoRA or quantizing)."""
+    for m in module.modules():
+        if isinstance(m, Fuses):
+            m.fuse()
+
+
+def unfuse_projections(module: nn.Module) -> None:
+    """Give every layer under `module` a weight of its own again (before sharding parameters, e.g. FSDP)."""
+    for m in module.modules():
+        if isinstance(m, FusedLinear) and m.weight is not None:
+            for p in m.parts:
+                p.weight.data = p.weight.detach().clone()
+                if p.bias is not None:
+                    p.bias.data = p.bias.detach().clone()
+            m.weight = m.bias = m.packed = None
+            m.parts, m.sources, m.sizes = (), (), ()
 
 
 class KVCache(nn.Module):
@@ -193,7 +335,7 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
-class Attention(nn.Module):
+class Attention(Fuses, nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -201,16 +343,29 @@ class Attention(nn.Module):
         self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = Linear(n_heads * head_dim, dim, bias=bias)
+        self.qkv = FusedLinear()
+        self.fuse()
+        self.register_load_state_dict_post_hook(fuse_after_load)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, kv=None) -> torch.Tensor:
-        """x (B, T, D). Keys and values go through `kv(k, v) -> (k, v)` when given (a caller's own
-        cache, e.g. the codec's ring), else through this layer's KVCache at `input_pos`."""
+    def fuse(self) -> None:
+        self.qkv.fuse((self.q_proj, self.k_proj, self.v_proj))
+
+    def forward(self, x, rot, mask=None, input_pos=None, kv=None) -> torch.Tensor:
+        """x (B, T, D), rot the RoPE rotations (`RotaryEmbedding`). Keys and values go through
+        `kv(k, v) -> (k, v)` when given (a caller's own cache, e.g. the codec's ring), else through this
+        layer's KVCache at `input_pos`. `mask`: boolean (True: attend) or additive, over the keys in use."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv.serves((self.q_proj, self.k_proj, self.v_proj)):
+            qkv = self.qkv(x).view(B, T, H + 2 * KV, D)
+            qk = apply_rope(qkv[:, :, : H + KV], rot)  # queries and keys turn together
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
+        else:
+            q = apply_rope(self.q_proj(x).view(B, T, H, D), rot)
+            k = apply_rope(self.k_proj(x).view(B, T, KV, D), rot)
+            v = self.v_proj(x).view(B, T, KV, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv is not None:
             k, v = kv(k, v)
         elif self.kv_cache is not None:
@@ -233,27 +388,38 @@ class Attention(nn.Module):
 
 def one_query_attention(q, k, v, mask) -> torch.Tensor:
     """Attention of one query per row, q (B, H, 1, D), over k, v (B, KV, S, D), grouped-query aware;
-    mask is boolean, broadcastable to (B, 1, 1, S).
+    mask is boolean (True: attend) or additive, broadcastable to (B, 1, 1, S).
 
     Decoding in bf16 on CPU, PyTorch's flash attention costs ~1.7 us per key and row, 5-10x these few
     products (scores in fp32, as flash accumulates them).
     """
     B, H, _, D = q.shape
     n_kv = k.shape[1]
-    scores = q.view(B, n_kv, H // n_kv, D).float() @ k.float().transpose(-1, -2)
-    scores = (scores * D**-0.5).masked_fill(~mask, float("-inf"))
+    scores = q.reshape(B, n_kv, H // n_kv, D).float() @ k.float().transpose(-1, -2)
+    scores = scores * D**-0.5
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
-class MLP(nn.Module):
+class MLP(Fuses, nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
         self.gate_proj = Linear(dim, hidden, bias=bias)
         self.up_proj = Linear(dim, hidden, bias=bias)
         self.down_proj = Linear(hidden, dim, bias=bias)
+        self.gate_up = FusedLinear()
+        self.fuse()
+        self.register_load_state_dict_post_hook(fuse_after_load)
+
+    def fuse(self) -> None:
+        self.gate_up.fuse((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up.serves((self.gate_proj, self.up_proj)):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -270,8 +436,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, rot, mask=None, input_pos=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rot, mask, input_pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -304,13 +470,16 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
 
     def run_layers(self, h, positions, mask=None, input_pos=None) -> torch.Tensor:
-        """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE."""
-        cos, sin = self.rotary_emb(positions, h.dtype)
+        """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE; mask
+        is boolean (True: attend) or additive."""
+        rot = self.rotary_emb(positions, h.dtype)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = additive_mask(mask, h.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, input_pos, use_reentrant=False)
+                h = checkpoint(layer, h, rot, mask, input_pos, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, input_pos)
+                h = layer(h, rot, mask, input_pos)
         return self.norm(h)
 
 

@@ -22,7 +22,16 @@ from .checkpoint import (
 )
 from .config import CsmConfig, CsmDepthDecoderConfig
 from .generate import generate, generate_stream
-from .llama import Linear, Packable, Transformer, packed_linear, padding_causal_mask, prepack, unpack
+from .llama import (
+    Linear,
+    Packable,
+    Transformer,
+    fuse_projections,
+    packed_linear,
+    padding_causal_mask,
+    prepack,
+    unpack,
+)
 from .mimi import MimiModel
 from .quant import (
     QuantConfig,
@@ -435,8 +444,11 @@ class CsmForConditionalGeneration(nn.Module):
         config = QuantConfig(scheme, group_size)
         check_supported(scheme, self.device, self.dtype)
         config.modules = choose_modules(self, config)
-        self.__dict__.pop("_compiled_engine", None)  # its compiled step traced the modules replaced here
+        self.__dict__.pop(
+            "_kept_engine", None
+        )  # its compiled step or graphs traced the modules replaced here
         quantize_modules(self, config)
+        fuse_projections(self)  # the quantized layers run on their own: their fused weights go
         self.quantization = config
         return self
 
