@@ -207,32 +207,36 @@ def unpack(module: nn.Module) -> None:
 class FusedLinear(Packable, nn.Module):
     """Linear layers that read the same input (q/k/v, gate/up) run as one matrix product.
 
-    `fuse(parts)` moves the layers' weights into one (sum of N, K) buffer and makes each layer's weight a
-    view of its rows: no memory is added, and the layers stay as they were for everything else. The buffer
-    is not saved (checkpoints keep one key per layer), LoRA and quantization replace the layers as before,
-    and an optimizer step on a layer's weight changes the buffer too. The fused product serves only while
-    the layers are the ones fused and no gradient is asked of them (`serves`); a move (`.to()`) or a load
-    fuses again (the owner's `_apply` and load hook).
+    `fuse(parts)` moves the layers' weights (and biases) into one buffer, (sum of N, K), and makes each
+    layer's weight a view of its rows: no memory is added, and the layers stay as they were for everything
+    else. The buffer is not saved (checkpoints keep one key per layer), LoRA and quantization replace the
+    layers as before, and an in-place change of a layer's weight (an optimizer step) is a change of the
+    buffer. The fused product stands in only while the layers are the ones fused, their weights still views
+    of the buffer, and no gradient is asked of them (`serves`); the owner fuses again after a move, a load
+    or a copy (`Fuses`), and `fuse_projections` after layers were replaced.
     """
 
     def __init__(self):
         super().__init__()
         self.register_buffer("weight", None, persistent=False)
         self.register_buffer("bias", None, persistent=False)
+        self.clear()
+
+    def clear(self) -> None:
+        self.weight = self.bias = self.packed = None
         self.parts: tuple[nn.Module, ...] = ()
-        self.sources: tuple[torch.Tensor, ...] = ()
-        self.sizes: tuple[int, ...] = ()
+        self.sources: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] = ()  # (weight, bias) per layer
+        self.rows: tuple[int, ...] = ()  # the first row of each layer in the buffer
 
     def fuse(self, parts: tuple[nn.Module, ...]) -> None:
         """Fuse `parts` (plain Linear layers with the same input size), unless they already are; anything
         else (a quantized or LoRA layer among them) unfuses."""
-        if self.intact(parts):
+        if self.serves(parts, for_grad=False):
             return
-        self.weight = self.bias = self.packed = None
-        self.parts, self.sources, self.sizes = (), (), ()
+        self.clear()
         if not all(type(p) is Linear for p in parts) or len({p.bias is None for p in parts}) > 1:
             return
-        sizes = tuple(p.out_features for p in parts)
+        sizes = [p.out_features for p in parts]
         with torch.no_grad():
             weight = torch.cat([p.weight.detach() for p in parts])
             for p, w in zip(parts, weight.split(sizes)):
@@ -241,33 +245,36 @@ class FusedLinear(Packable, nn.Module):
                 self.bias = torch.cat([p.bias.detach() for p in parts])
                 for p, b in zip(parts, self.bias.split(sizes)):
                     p.bias.data = b
-        self.weight, self.parts, self.sizes = weight, tuple(parts), sizes
-        self.sources = tuple(p.weight for p in parts)
-
-    def intact(self, parts: tuple[nn.Module, ...]) -> bool:
-        """Whether `parts` are the fused layers and their weights still views of the buffer."""
-        if self.weight is None or not self.serves(parts, for_grad=False):
-            return False
-        offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
-        step = self.weight.stride(0) * self.weight.element_size()
-        start = self.weight.data_ptr()
-        tensors = [(p.weight, start + o * step) for p, o in zip(parts, offsets)]
-        if self.bias is not None:
-            b0, size = self.bias.data_ptr(), self.bias.element_size()
-            tensors += [(p.bias, b0 + o * size) for p, o in zip(parts, offsets)]
-        return all(t.data_ptr() == ptr and t.device == self.weight.device for t, ptr in tensors)
+        self.weight, self.parts = weight, tuple(parts)
+        self.sources = tuple((p.weight, p.bias) for p in parts)
+        self.rows = tuple(sum(sizes[:i]) for i in range(len(sizes)))
 
     def serves(self, parts: tuple[nn.Module, ...], for_grad: bool = True) -> bool:
-        """Whether the fused product stands for `parts` now."""
+        """Whether the fused product stands for `parts` now (`for_grad`: and autograd needs no gradient
+        of their weights)."""
         if self.weight is None or len(parts) != len(self.parts):
             return False
-        if any(p is not q or p.weight is not w for p, q, w in zip(parts, self.parts, self.sources)):
+        for p, fused, (w, b) in zip(parts, self.parts, self.sources):
+            if p is not fused or p.weight is not w or p.bias is not b:
+                return False
+        if not torch.compiler.is_compiling() and not self.aliased():
             return False
         # A gradient would stop at the buffer: layers being trained run on their own.
-        return not (for_grad and torch.is_grad_enabled() and any(w.requires_grad for w in self.sources))
+        return not (for_grad and torch.is_grad_enabled() and any(w.requires_grad for w, _ in self.sources))
+
+    def aliased(self) -> bool:
+        """Whether every layer's weight and bias are still views of their rows of the buffer (an assignment
+        to `.data` or a copy may have given them storage of their own)."""
+        w, b = self.weight, self.bias
+        for (weight, bias), row in zip(self.sources, self.rows):
+            if weight.data_ptr() != w.data_ptr() + row * w.stride(0) * w.element_size():
+                return False
+            if b is not None and bias.data_ptr() != b.data_ptr() + row * b.element_size():
+                return False
+        return True
 
     def pack_source(self) -> tuple[torch.Tensor, ...]:
-        return (self.weight, *self.sources)  # the layers' weights keep version counters of their own
+        return (self.weight, *(w for w, _ in self.sources))  # each layer's weight has its own version counter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.packed.usable(self.pack_source(), x):
@@ -276,18 +283,23 @@ class FusedLinear(Packable, nn.Module):
 
 
 class Fuses:
-    """Mixin for a module owning FusedLinears: fuse at build, again after a move or a load (`fuse()`)."""
+    """Mixin for a module owning FusedLinears (`fuse()` fuses them): fused again after a move (`.to()`), a
+    load (`load_state_dict`, hooked in by the owner) and a copy or unpickling."""
 
     def fuse(self) -> None:
         raise NotImplementedError
 
     def _apply(self, fn, recurse=True):
-        for m in self.children():  # converted apart: a converted buffer would be thrown away
+        for m in self.children():  # the layers are converted apart; a converted buffer would be thrown away
             if isinstance(m, FusedLinear):
-                m.weight = m.bias = m.packed = None
+                m.clear()
         super()._apply(fn, recurse)
         self.fuse()
         return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.fuse()  # a deep copy clones each parameter on its own
 
 
 def fuse_after_load(module: nn.Module, incompatible_keys) -> None:
@@ -310,8 +322,7 @@ def unfuse_projections(module: nn.Module) -> None:
                 p.weight.data = p.weight.detach().clone()
                 if p.bias is not None:
                     p.bias.data = p.bias.detach().clone()
-            m.weight = m.bias = m.packed = None
-            m.parts, m.sources, m.sizes = (), (), ()
+            m.clear()
 
 
 class KVCache(nn.Module):
@@ -322,17 +333,23 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.rows: tuple[int, int] | None = None  # (start, stop): the rows a step runs (csm.engine.kv_rows)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at `input_pos` (T,) shared by all rows, or (B, T) per row."""
+        """Write k, v (B, H, T, D) at `input_pos` (T,) shared by all rows, or (B, T) per row; returns the
+        caches (of `rows` only, when set)."""
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if self.rows is not None:
+            start, stop = self.rows
+            k_cache, v_cache = k_cache[start:stop], v_cache[start:stop]
         if input_pos.dim() == 1:
-            self.k_cache.index_copy_(2, input_pos, k)
-            self.v_cache.index_copy_(2, input_pos, v)
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
         else:
             index = input_pos[:, None, :, None].expand_as(k)
-            self.k_cache.scatter_(2, index, k)
-            self.v_cache.scatter_(2, index, v)
-        return self.k_cache, self.v_cache
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
+        return k_cache, v_cache
 
 
 class Attention(Fuses, nn.Module):

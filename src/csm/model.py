@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +393,7 @@ class CsmForConditionalGeneration(nn.Module):
         quantize: "int8" or "int4" (with `group_size`, default 32) quantizes the weights as they are read,
         never holding the full-precision model; a checkpoint saved quantized loads as it was saved.
         """
+        started = time.perf_counter()
         folder = resolve_checkpoint(
             path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
         )
@@ -414,6 +416,7 @@ class CsmForConditionalGeneration(nn.Module):
         gen = folder / GENERATION_CONFIG_NAME
         if gen.is_file():
             model.generation_config = json.loads(gen.read_text())
+        model.load_seconds = time.perf_counter() - started  # for the start-up log (csm.engine.StartTimings)
         return model
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:

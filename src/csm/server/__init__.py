@@ -76,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
     port = int(getattr(args, "port", None) or 8000)
     grace = getattr(args, "shutdown_grace", None)
     grace = 30.0 if grace is None else float(grace)
+    logging.basicConfig(format="%(levelname)s:     %(message)s")  # csm's own lines beside uvicorn's
+    logging.getLogger("csm").setLevel(logging.INFO)  # e.g. the start-up times (load, compile, capture)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
     server = uvicorn.Server(config)
     exit_now = server.handle_exit
