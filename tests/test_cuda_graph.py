@@ -29,7 +29,12 @@ from csm.engine import (
 from csm.model import CsmForConditionalGeneration
 from csm.processor import CsmProcessor
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+def needs_cuda(test):
+    """A CUDA-only test: skipped without CUDA, selected by `pytest -m gpu` (bench/gpu_suite.sh)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
 GREEDY = dict(do_sample=False, depth_decoder_do_sample=False)
 
 

@@ -269,12 +269,15 @@ def test_compiled_frame_step_gives_the_eager_codes_and_compiles_once(setup):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # reused, not recompiled
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphed_step_gives_the_eager_codes(tmp_path):
+def test_compiled_and_graphed_step_gives_the_eager_codes_on_cuda(tmp_path):
     ref = reference_csm(seed=5)
     ref.save_pretrained(tmp_path)
     ours = CsmForConditionalGeneration.from_pretrained(tmp_path, device="cuda")
     ids = torch.randint(4, 300, (2, 12), device="cuda")
-    eager = ours.generate(input_ids=ids, max_new_tokens=6, **GREEDY)
-    graphed = ours.generate(input_ids=ids, max_new_tokens=6, compile=True, **GREEDY)
+    eager = ours.generate(
+        input_ids=ids, max_new_tokens=6, cuda_graph=False, **GREEDY
+    )  # graphs are the default
+    graphed = ours.generate(input_ids=ids, max_new_tokens=6, compile=True, **GREEDY)  # compiled, then graphed
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
