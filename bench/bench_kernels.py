@@ -10,7 +10,7 @@ operator with no operator under it and is not a view, a shape query or an alloca
 least) one kernel launch. Attention is counted as a GPU runs it (SDPA; the CPU's bf16 decoding runs a few
 products instead, `--cpu-attention`).
 
-`--compiled` compiles the same frame step with torch.compile (inductor) and prints
+`--compiled` compiles the same frame step with torch.compile (inductor, as `compile=True` on the CPU) and prints
 `torch._inductor.metrics.generated_kernel_count`: on the CPU those are C++ kernels, a proxy for the Triton
 kernels a GPU compile generates (the matrix products stay library calls and are counted apart).
 """
@@ -63,19 +63,24 @@ def sdpa(q, k, v, mask):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def narrow_csm_1b(dtype: torch.dtype) -> CsmForConditionalGeneration:
+def narrow_csm_1b(dtype: torch.dtype, codebooks: int = 32) -> CsmForConditionalGeneration:
     """csm-1b's layer and head counts at a small width, random weights (their values do not matter)."""
     config = CsmConfig.from_dict(
         dict(
+            num_codebooks=codebooks,
             hidden_size=256,
             intermediate_size=512,
             head_dim=8,
             text_vocab_size=512,
             rope_parameters=dict(LLAMA3_ROPE),
             depth_decoder_config=dict(
-                backbone_hidden_size=256, hidden_size=128, intermediate_size=256, head_dim=16
+                num_codebooks=codebooks,
+                backbone_hidden_size=256,
+                hidden_size=128,
+                intermediate_size=256,
+                head_dim=16,
             ),
-            codec_config=tiny_codec_config(32),
+            codec_config=tiny_codec_config(codebooks),
         )
     )
     torch.manual_seed(0)
@@ -131,10 +136,10 @@ def count_eager(dtype: torch.dtype) -> collections.Counter:
     return kernel_like(prof.events())
 
 
-def count_compiled(dtype: torch.dtype) -> tuple[int, collections.Counter, float]:
+def count_compiled(dtype: torch.dtype, codebooks: int) -> tuple[int, collections.Counter, float]:
     from torch._inductor import metrics
 
-    model = narrow_csm_1b(dtype)
+    model = narrow_csm_1b(dtype, codebooks)
     engine = engine_for(model, compiled=True)
     metrics.reset()
     t = time.perf_counter()
@@ -158,6 +163,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--compiled", action="store_true", help="also count inductor's generated kernels")
+    ap.add_argument(
+        "--compile-codebooks",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="codebooks of the compiled model; two or more also extrapolate to 32 (a 2-core CPU compiles the "
+        "32-codebook frame for a long time; the count is linear in the depth-decoder steps)",
+    )
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument(
         "--cpu-attention",
@@ -173,12 +186,24 @@ def main() -> None:
         show(f"eager {name}", count_eager(getattr(torch, name)), args.top)
     if args.compiled:
         for name in args.dtype:
-            generated, externs, seconds = count_compiled(getattr(torch, name))
-            print(
-                f"compiled {name}: {generated} generated kernels (inductor, CPU C++; first frame {seconds:.0f} s "
-                f"with compile); ops outside them per frame: {sum(externs.values())}"
-            )
-            print("   " + ", ".join(f"{n} {k.split('::')[-1]}" for k, n in externs.most_common(args.top)))
+            counts = {}
+            for k in args.compile_codebooks:
+                generated, externs, seconds = count_compiled(getattr(torch, name), k)
+                counts[k] = generated
+                print(
+                    f"compiled {name}, {k} codebooks: {generated} generated kernels (inductor, CPU C++; first "
+                    f"frame {seconds:.0f} s with compile); ops outside them per frame: {sum(externs.values())}"
+                )
+                print(
+                    "   " + ", ".join(f"{n} {op.split('::')[-1]}" for op, n in externs.most_common(args.top))
+                )
+            if len(counts) >= 2:  # a frame is the backbone step plus K - 1 identical depth steps
+                (k1, c1), (k2, c2) = sorted(counts.items())[:2]
+                per_step = (c2 - c1) / (k2 - k1)
+                print(
+                    f"compiled {name}, 32 codebooks by extrapolation: {c1 + per_step * (32 - k1):.0f} generated "
+                    f"kernels ({per_step:.1f} per depth-decoder step)"
+                )
 
 
 if __name__ == "__main__":
