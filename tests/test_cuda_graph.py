@@ -107,6 +107,18 @@ def test_static_bucketed_step_gives_the_dynamic_codes_in_continuous_batching(che
     check_batching(*load(checkpoint))
 
 
+@pytest.mark.slow  # a cold CPU compile takes minutes
+def test_compiled_static_bucketed_step_gives_the_dynamic_codes(checkpoint, static_step):
+    """The compiled step inside the bucketed (graphed on CUDA) engine: compile=True with graphs."""
+    model, processor = load(checkpoint)
+    inputs = prompts(model, processor, TEXTS[:3])
+    eager = model.generate(**inputs, max_new_tokens=4, cuda_graph=False, **GREEDY)
+    compiled = model.generate(**inputs, max_new_tokens=4, cuda_graph=True, compile=True, **GREEDY)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    engine = model._kept_engine
+    assert engine.graphed and engine.compiled and {key[0] for key in engine.graphs} == {3}
+
+
 def test_rows_in_use_run_in_the_smallest_bucket(checkpoint, static_step):
     model, _ = load(checkpoint)
     engine = FrameEngine(model, batch_size=12, max_seq_len=64, cuda_graph=True)
