@@ -216,6 +216,8 @@ def generate(
     `output_audio=True`, a list of 1-D waveforms cut at the end-of-audio frame.
     Sampling arguments follow the reference: do_sample, temperature, top_k, top_p and the same with a
     `depth_decoder_` prefix; defaults come from the checkpoint's generation_config.json.
+    `cuda_graph`: replay the frame step as CUDA graphs (None: on CUDA unless CSM_CUDA_GRAPH=0);
+    `compile`: torch.compile the frame step (None: only with CSM_COMPILE=1); see csm.engine.
     """
     engine, config, generator = start(
         model,
