@@ -211,9 +211,10 @@ class FusedLinear(Packable, nn.Module):
     layer's weight a view of its rows: no memory is added, and the layers stay as they were for everything
     else. The buffer is not saved (checkpoints keep one key per layer), LoRA and quantization replace the
     layers as before, and an in-place change of a layer's weight (an optimizer step) is a change of the
-    buffer. The fused product stands in only while the layers are the ones fused, their weights still views
-    of the buffer, and no gradient is asked of them (`serves`); the owner fuses again after a move, a load
-    or a copy (`Fuses`), and `fuse_projections` after layers were replaced.
+    buffer. The fused product stands in only while the layers and their weight parameters are the ones
+    fused and no gradient is asked of them (`serves`, checked per call). The owner fuses again after a move,
+    a load or a copy (`Fuses`); `fuse_projections` does after layers were replaced, and every frame engine
+    runs it, which also catches a weight given other storage by assigning its `.data`.
     """
 
     def __init__(self):
@@ -225,13 +226,13 @@ class FusedLinear(Packable, nn.Module):
     def clear(self) -> None:
         self.weight = self.bias = self.packed = None
         self.parts: tuple[nn.Module, ...] = ()
-        self.sources: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] = ()  # (weight, bias) per layer
+        self.weights: tuple[torch.Tensor, ...] = ()  # the layers' weight parameters, as fused
         self.rows: tuple[int, ...] = ()  # the first row of each layer in the buffer
 
     def fuse(self, parts: tuple[nn.Module, ...]) -> None:
         """Fuse `parts` (plain Linear layers with the same input size), unless they already are; anything
         else (a quantized or LoRA layer among them) unfuses."""
-        if self.serves(parts, for_grad=False):
+        if self.serves(parts, for_grad=False) and self.aliased():
             return
         self.clear()
         if not all(type(p) is Linear for p in parts) or len({p.bias is None for p in parts}) > 1:
@@ -246,35 +247,35 @@ class FusedLinear(Packable, nn.Module):
                 for p, b in zip(parts, self.bias.split(sizes)):
                     p.bias.data = b
         self.weight, self.parts = weight, tuple(parts)
-        self.sources = tuple((p.weight, p.bias) for p in parts)
+        self.weights = tuple(p.weight for p in parts)
         self.rows = tuple(sum(sizes[:i]) for i in range(len(sizes)))
 
     def serves(self, parts: tuple[nn.Module, ...], for_grad: bool = True) -> bool:
-        """Whether the fused product stands for `parts` now (`for_grad`: and autograd needs no gradient
-        of their weights)."""
-        if self.weight is None or len(parts) != len(self.parts):
+        """Whether the fused product stands for `parts` now: they are the layers fused, with the weight
+        parameters fused (`for_grad`: and autograd needs no gradient of them). Cheap: it runs per call;
+        `aliased` is checked whenever the owner fuses (built, loaded, moved, copied, or an engine made)."""
+        if parts != self.parts:  # () when nothing is fused
             return False
-        for p, fused, (w, b) in zip(parts, self.parts, self.sources):
-            if p is not fused or p.weight is not w or p.bias is not b:
+        for p, w in zip(parts, self.weights):
+            if p._parameters["weight"] is not w:
                 return False
-        if not torch.compiler.is_compiling() and not self.aliased():
-            return False
         # A gradient would stop at the buffer: layers being trained run on their own.
-        return not (for_grad and torch.is_grad_enabled() and any(w.requires_grad for w, _ in self.sources))
+        return not (for_grad and torch.is_grad_enabled() and any(w.requires_grad for w in self.weights))
 
     def aliased(self) -> bool:
         """Whether every layer's weight and bias are still views of their rows of the buffer (an assignment
-        to `.data` or a copy may have given them storage of their own)."""
+        to `.data` may have given them storage of their own)."""
         w, b = self.weight, self.bias
-        for (weight, bias), row in zip(self.sources, self.rows):
-            if weight.data_ptr() != w.data_ptr() + row * w.stride(0) * w.element_size():
+        for p, row in zip(self.parts, self.rows):
+            if p.weight.data_ptr() != w.data_ptr() + row * w.stride(0) * w.element_size():
                 return False
-            if b is not None and bias.data_ptr() != b.data_ptr() + row * b.element_size():
+            if b is not None and p.bias.data_ptr() != b.data_ptr() + row * b.element_size():
                 return False
         return True
 
     def pack_source(self) -> tuple[torch.Tensor, ...]:
-        return (self.weight, *(w for w, _ in self.sources))  # each layer's weight has its own version counter
+        # Each layer's weight has a version counter of its own; a new buffer gives them new storage too.
+        return self.weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.packed.usable(self.pack_source(), x):
@@ -374,7 +375,8 @@ class Attention(Fuses, nn.Module):
         layer's KVCache at `input_pos`. `mask`: boolean (True: attend) or additive, over the keys in use."""
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv.serves((self.q_proj, self.k_proj, self.v_proj)):
+        m = self._modules  # the layers as they are now, without Module.__getattr__'s cost per call
+        if self.qkv.serves((m["q_proj"], m["k_proj"], m["v_proj"])):
             qkv = self.qkv(x).view(B, T, H + 2 * KV, D)
             qk = apply_rope(qkv[:, :, : H + KV], rot)  # queries and keys turn together
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
@@ -432,7 +434,8 @@ class MLP(Fuses, nn.Module):
         self.gate_up.fuse((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up.serves((self.gate_proj, self.up_proj)):
+        m = self._modules  # as in Attention.forward
+        if self.gate_up.serves((m["gate_proj"], m["up_proj"])):
             gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
