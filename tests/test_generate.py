@@ -270,6 +270,7 @@ def test_compiled_frame_step_gives_the_eager_codes_and_compiles_once(setup):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # a cold compile; bench/bench_gpu.py checks the compiled step at csm-1b size too
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_and_graphed_step_gives_the_eager_codes_on_cuda(tmp_path):
     ref = reference_csm(seed=5)
