@@ -11,7 +11,7 @@ import httpx
 import uvicorn
 
 from csm.demo import write_demo_checkpoint
-from csm.server import ServerSettings, load_app
+from csm.server import ServerSettings, load_app, uvicorn_config
 
 SAMPLES_PER_FRAME = 1920
 
@@ -31,7 +31,7 @@ def serve(checkpoint, tmp_path, sndbuf: int = 0, **overrides):
     if sndbuf:  # small kernel buffers: a client that stops reading blocks the server's writes soon
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20

@@ -1,14 +1,17 @@
+import os
+import time
 import warnings
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from hostile import peak_rss_growth, silent_flac
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from csm.audio import SAMPLING_RATE, load_audio, resample, save_audio
+from csm.audio import SAMPLING_RATE, AudioTooLong, load_audio, resample, save_audio
 
 
 def tone(seconds: float = 0.25, rate: int = SAMPLING_RATE, channels: int = 1) -> np.ndarray:
@@ -154,3 +157,54 @@ def test_any_array_gives_mono_float32_or_value_error(audio, rate):
     except ValueError:
         return
     assert out.dtype == np.float32 and out.ndim == 1 and len(out) > 0 and np.isfinite(out).all()
+
+
+# ---- length limits: a small file may hold hours of audio ---------------------------------------------
+
+
+def test_a_header_declaring_more_than_the_limit_is_refused_before_decoding():
+    # The bomb: a FLAC whose header says 60 minutes of 96 kHz stereo (decoded whole: 5 GB).
+    bomb = silent_flac(1.0, claim=3600.0)
+    with peak_rss_growth() as growth:
+        start = time.perf_counter()
+        with pytest.raises(AudioTooLong, match=r"audio bytes is 3600\.0 s long; the limit is 60 s"):
+            load_audio(bomb, max_seconds=60.0)
+        assert time.perf_counter() - start < 1.0
+        assert growth() < 100
+
+
+@pytest.mark.parametrize("claim", [0.0, None])  # a header that does not say, one that tells the truth
+def test_decoding_stops_once_the_limit_is_passed_whatever_the_header_says(claim):
+    bomb = silent_flac(70.0, claim=claim)  # 70 s at 96 kHz stereo: 54 MB of float32 if decoded whole
+    with peak_rss_growth() as growth:
+        with pytest.raises(AudioTooLong, match="the limit is 20 s"):
+            load_audio(bomb, max_seconds=20.0)
+        assert growth() < 30  # 20 s of mono at 96 kHz is 7.7 MB, plus a block
+
+
+def test_audio_within_the_limit_loads_as_without_one(tmp_path):
+    path = tmp_path / "clip.flac"
+    t = np.arange(48_000) / 48_000
+    sf.write(path, np.stack([np.sin(2 * np.pi * 300 * t), np.cos(2 * np.pi * 500 * t)], axis=1), 48_000)
+    with pytest.warns(UserWarning, match="2 channels"):
+        bounded = load_audio(path, max_seconds=1.0)
+    with pytest.warns(UserWarning, match="2 channels"):
+        np.testing.assert_array_equal(bounded, load_audio(path))
+    with pytest.raises(AudioTooLong, match=r"clip.flac is 1.0 s long; the limit is 0.5 s"):
+        load_audio(path, max_seconds=0.5)
+    with pytest.raises(AudioTooLong, match=r"audio array is 2.0 s long; the limit is 1.5 s"):
+        load_audio(np.zeros(48_000, np.float32), sampling_rate=24_000, max_seconds=1.5)
+
+
+def test_folders_fifos_and_undecodable_bytes_say_what_they_are(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not an audio file"):
+        load_audio(tmp_path)
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):  # never blocks waiting for a writer
+        load_audio(fifo)
+    with pytest.raises(ValueError, match="not found"):
+        load_audio(tmp_path / "missing.wav")
+    with pytest.raises(ValueError) as e:
+        load_audio(b"RIFF0000WAVEnot really audio")
+    assert " at 0x" not in str(e.value) and "audio bytes" in str(e.value)

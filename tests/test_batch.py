@@ -89,7 +89,7 @@ def test_skip_bad_gives_nine_files_and_a_manifest_whose_seconds_match_the_files(
     rows = lines()
     rows.insert(5, {"id": "empty", "text": "  "})
     requests = write(tmp_path / "req.jsonl", rows)
-    assert batch(ckpt, requests, tmp_path / "out", "--skip-bad", "--batch-size", "4") == 0
+    assert batch(ckpt, requests, tmp_path / "out", "--skip-bad", "--batch-size", "4") == 1  # a line failed
     out = tmp_path / "out"
     assert len(files(out)) == 9
     manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
@@ -277,9 +277,9 @@ def test_an_out_folder_of_other_files_or_another_jobs_settings_is_refused_untouc
 def test_a_job_that_finished_no_line_may_start_again_with_other_settings(ckpt, tmp_path, capsys):
     requests = write(tmp_path / "req.jsonl", [{"id": "x", "text": ""}, *lines(1)])
     assert batch(ckpt, requests, tmp_path / "out", "--skip-bad", "--temperature", "-1") == 2
-    assert "--temperature must be > 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "--temperature must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
     OutputDir.open(tmp_path / "out", {"model": "another", "seed": 3}).close()  # as if killed before any line
-    assert batch(ckpt, requests, tmp_path / "out", "--skip-bad") == 0
+    assert batch(ckpt, requests, tmp_path / "out", "--skip-bad") == 1  # line 1 is bad
     assert json.loads((tmp_path / "out" / "job.json").read_text())["model"] == str(ckpt.resolve())
     assert OutputDir(tmp_path / "out").done() == {"u00"}
 
@@ -410,3 +410,165 @@ def test_a_dialogue_line_is_the_mix_csm_dialogue_makes_with_its_turns_in_the_man
     assert len(audio) == len(talk.audio)
     np.testing.assert_allclose(audio, np.clip(talk.audio, -1, 1), atol=1.01 / 32767)
     assert row["turns"] == talk.manifest["turns"]
+
+
+def test_a_line_changed_since_its_audio_was_made_is_made_again_and_said(ckpt, tmp_path, monkeypatch, capsys):
+    rows = lines(4)
+    requests = write(tmp_path / "req.jsonl", rows)
+    out = tmp_path / "out"
+    assert batch(ckpt, requests, out) == 0
+    before = files(out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rows[0]["text"] = "Something else entirely."
+    rows[1]["speaker"] = 2
+    rows[3].pop("format")  # u03.flac becomes u03.wav
+    write(requests, rows)
+    started = []
+    start = Synthesizer._start
+    monkeypatch.setattr(
+        Synthesizer, "_start", lambda self, r, on_row: started.append(r.id) or start(self, r, on_row)
+    )
+    capsys.readouterr()
+    assert main(["batch", str(requests), "--out", str(out), "--model", str(ckpt), "--device", "cpu",
+                 "--dtype", "float32", "--max-seconds", "0.3", "--seed", "3"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "3 line(s) changed since their audio was made, made again: u00 (line 1), u01 (line 2), u03" in err
+    assert sorted(started) == ["u00", "u01", "u03"]
+    after = files(out)
+    assert after["u02.wav"] == before["u02.wav"] and (out / "u02.wav").stat().st_mtime_ns == stamps["u02.wav"]
+    assert after["u00.wav"] != before["u00.wav"] and after["u01.wav"] != before["u01.wav"]
+    assert "u03.flac" not in after and "u03.wav" in after  # the old format's file is gone
+    current = OutputDir(out).state()
+    assert {r["path"] for r in current.values()} == set(after)
+    started.clear()
+    assert batch(ckpt, requests, out) == 0 and started == []  # now all of them are what was asked
+
+
+def test_a_changed_line_keeps_its_old_file_until_the_new_one_is_written(ckpt, tmp_path, monkeypatch):
+    rows = lines(2)
+    requests = write(tmp_path / "req.jsonl", rows)
+    out = tmp_path / "out"
+    assert batch(ckpt, requests, out) == 0
+    old = (out / "u00.wav").read_bytes()
+    write(requests, [dict(rows[0], text="Changed."), rows[1]])
+    write_audio = OutputDir.write_audio
+
+    def disk_full(self, filename, audio, rate):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(OutputDir, "write_audio", disk_full)
+    assert batch(ckpt, requests, out) == 1
+    assert (out / "u00.wav").read_bytes() == old
+    monkeypatch.setattr(OutputDir, "write_audio", write_audio)
+    assert batch(ckpt, requests, out) == 0 and (out / "u00.wav").read_bytes() != old
+
+
+def test_a_voice_folder_is_never_written_into_codes_stay_in_memory(ckpt, tmp_path):
+    from csm.voice import Voice
+
+    clip = np.sin(np.arange(9600) / 9.0).astype(np.float32) * 0.1
+    alice = Voice("alice", 1, [(clip, "A reference clip.")]).save(tmp_path / "voices" / "alice")
+    bob = Voice("bob", 0, [(clip[::-1].copy(), "Another clip.")]).save(tmp_path / "elsewhere" / "bob")
+    listing = {p: {f.name: f.stat().st_mtime_ns for f in p.iterdir()} for p in (alice, bob)}
+    dialogue = {"id": "d", "turns": [{"speaker": 0, "text": "Hi."}, {"speaker": 1, "text": "Yo."}],
+                "voices": {"0": "alice", "1": str(bob)}}  # fmt: skip
+    rows = [
+        {"id": "a", "text": "In alice's voice.", "voice": "alice"},
+        {"id": "b", "text": "Default."},
+        dialogue,
+    ]
+    requests = write(tmp_path / "req.jsonl", rows)
+    assert batch(ckpt, requests, tmp_path / "out", "--voice", str(bob)) == 0
+    assert {p: {f.name: f.stat().st_mtime_ns for f in p.iterdir()} for p in (alice, bob)} == listing
+    assert not list((tmp_path / "out").glob("**/codes.pt"))
+
+
+def test_skip_bad_exits_1_and_a_rerun_does_not_repeat_the_bad_rows(ckpt, tmp_path, capsys):
+    requests = write(tmp_path / "req.jsonl", [*lines(2), "{not json", {"id": "x", "text": " "}])
+    out = tmp_path / "out"
+    assert batch(ckpt, requests, out, "--skip-bad") == 1  # lines failed: the exit status says so
+    assert "fix the 2 bad line(s)" in capsys.readouterr().err
+    rows = OutputDir(out).rows()
+    assert [(r["line"], r["status"]) for r in rows if r["status"] == "failed"] == [
+        (3, "failed"),
+        (4, "failed"),
+    ]
+    assert batch(ckpt, requests, out, "--skip-bad") == 1
+    assert OutputDir(out).rows() == rows  # the same bad lines: no new rows
+    write(requests, [*lines(2), {"id": "x", "text": "Fixed."}])
+    assert batch(ckpt, requests, out) == 0
+    assert OutputDir(out).state()["x"]["status"] == "ok"
+
+
+def test_text_that_is_not_utf8_is_a_bad_line_named_by_its_number(ckpt, tmp_path, capsys):
+    requests = tmp_path / "req.jsonl"
+    requests.write_bytes(
+        b'{"id": "a", "text": "Fine."}\n{"id": "b", "text": "caf\xe9"}\n{"id": "c", "text": "Ok."}\n'
+    )
+    good, bad = read_requests(requests, job_seed=0)
+    assert [g.id for g in good] == ["a", "c"]
+    assert [(b.line, b.error) for b in bad] == [
+        (2, "not valid UTF-8 (byte 0xe9 at column 25); save the file as UTF-8")
+    ]
+    assert batch(ckpt, requests, tmp_path / "out") == 2
+    assert "req.jsonl:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_csv_file_is_read_by_its_header(ckpt, tmp_path):
+    requests = tmp_path / "lines.csv"
+    requests.write_bytes(
+        b"\xef\xbb\xbfid,text,speaker,seed,format\n"  # a spreadsheet's byte-order mark
+        b'a1,"Hello, there.",1,7,flac\n'
+        b"\n"
+        b'a2,"Two lines\nof text.",,,\n'
+        b"a3,Three.,x,,\n"
+        b"a4,Four.,0,1,wav,extra\n"
+    )
+    good, bad = read_requests(requests, job_seed=0)
+    assert [(g.id, g.line, g.text, g.speaker, g.seed, g.format) for g in good] == [
+        ("a1", 2, "Hello, there.", 1, 7, "flac"),
+        ("a2", 4, "Two lines\nof text.", None, good[1].seed, "wav"),
+    ]
+    assert [(b.line, b.id) for b in bad] == [(6, "a3"), (7, None)]
+    assert "speaker must be a non-negative integer, got 'x'" in bad[0].error and "more than" in bad[1].error
+    assert batch(ckpt, requests, tmp_path / "out", "--skip-bad") == 1
+    assert {p.name for p in (tmp_path / "out").iterdir() if p.suffix in (".wav", ".flac")} == {
+        "a1.flac",
+        "a2.wav",
+    }
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [("id,words\n", "unknown column(s) 'words'"), ("text\n", "no id or text column"),
+     ("id,text,turns\n", "a dialogue needs a JSON-lines file")],
+)  # fmt: skip
+def test_a_csv_without_the_columns_it_needs_is_refused_by_its_header(tmp_path, header, match):
+    (tmp_path / "lines.csv").write_text(header + "a,Hi.\n")
+    with pytest.raises(ValueError, match=r"lines\.csv:1: .*") as e:
+        read_requests(tmp_path / "lines.csv", job_seed=0)
+    assert match in str(e.value)
+
+
+def test_a_csv_named_otherwise_is_told_to_be_named_csv(tmp_path):
+    (tmp_path / "lines.txt").write_text("id,text\na,Hi.\n")
+    _, bad = read_requests(tmp_path / "lines.txt", job_seed=0)
+    assert "a CSV file must be named *.csv" in bad[0].error
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_clear_line_before_the_model_loads(tmp_path, capsys):
+    requests = write(tmp_path / "req.jsonl", lines(1))
+    (tmp_path / "a-file").write_text("")
+    for out in ("/proc/corpus", str(tmp_path / "a-file" / "corpus")):
+        code = main(["batch", str(requests), "--out", out, "--model", str(tmp_path / "no-model")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert f"--out {out}: cannot create this folder" in err[0] and "Errno" not in err[0]
+
+
+def test_temperature_zero_is_greedy_for_text_and_dialogue_lines(ckpt, tmp_path):
+    dialogue = {"id": "d", "turns": [{"speaker": 0, "text": "Hi."}, {"speaker": 1, "text": "Yo."}]}
+    requests = write(tmp_path / "req.jsonl", [*lines(2), dialogue])
+    assert batch(ckpt, requests, tmp_path / "out", "--temperature", "0") == 0
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["temperature"] == 0
+    assert all(r["status"] == "ok" for r in OutputDir(tmp_path / "out").state().values())

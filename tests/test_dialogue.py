@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import soundfile as sf
+from hostile import peak_rss_growth, silent_flac
 
 from csm.cli import main
 from csm.demo import write_demo_checkpoint
@@ -101,6 +103,39 @@ def test_a_bad_clip_names_the_file_and_line(tmp_path):
     (tmp_path / "a.json").write_text('[\n  {"speaker": 0, "text": "Hi.", "audio": "noise.wav"}\n]')
     with pytest.raises(ScriptError, match=r"a\.json:2: cannot read noise\.wav"):
         load_script(tmp_path / "a.json")
+
+
+@pytest.mark.parametrize(
+    ("clip", "match"),
+    [
+        # The files: a 30-minute clip (5.9 GB at peak before), a 60-minute 96 kHz stereo FLAC (11.5 GB
+        # and still decoding at 300 s). Headers that say so are enough: refused before decoding.
+        (
+            silent_flac(1.0, rate=24_000, channels=1, claim=1800.0),
+            r"long\.flac is 1800\.0 s long; the limit is 60 s",
+        ),
+        (silent_flac(1.0, claim=3600.0), r"long\.flac is 3600\.0 s long; the limit is 60 s"),
+        (silent_flac(70.0, claim=0.0), r"long\.flac holds more than 60 s of audio; the limit is 60 s"),
+    ],
+)
+def test_context_audio_longer_than_the_limit_names_the_line_and_is_never_decoded_whole(tmp_path, clip, match):
+    (tmp_path / "long.flac").write_bytes(clip)
+    (tmp_path / "a.json").write_text(
+        '[\n  {"speaker": 0, "text": "Hi.", "audio": "long.flac"},\n {"speaker": 1, "text": "Yo."}\n]'
+    )
+    with peak_rss_growth() as growth:
+        with pytest.raises(ScriptError, match=r"a\.json:2: .*" + match):
+            load_script(tmp_path / "a.json")
+        assert growth() < 100
+
+
+def test_a_folder_or_fifo_as_context_audio_says_what_it_is(tmp_path):
+    (tmp_path / "clips").mkdir()
+    os.mkfifo(tmp_path / "pipe.wav")
+    for clip, match in (("clips", "is a folder, not an audio file"), ("pipe.wav", "not a regular file")):
+        (tmp_path / "a.json").write_text(json.dumps([{"speaker": 0, "text": "Hi.", "audio": clip}]))
+        with pytest.raises(ScriptError, match=r"a\.json:1: cannot read .*" + match):
+            load_script(tmp_path / "a.json")
 
 
 def test_voice_bindings_name_speakers_of_the_script(tmp_path):

@@ -6,6 +6,7 @@ import io
 import math
 import numbers
 import os
+import re
 import urllib.request
 import warnings
 from collections.abc import Sequence
@@ -18,6 +19,10 @@ import torch
 
 SAMPLING_RATE = 24_000
 MAX_CHANNELS = 8  # a 2-D array with both sides longer than this is not (channels, samples)
+MAX_CLIP_SECONDS = 60.0  # the longest clip read as context (server uploads, dialogue scripts)
+MAX_BOUNDED_RATE = 384_000  # the highest rate a file read under a length limit may have
+_BLOCK_SAMPLES = 1 << 20  # samples (over all channels) decoded at a time
+_UNKNOWN_FRAMES = 1 << 62  # libsndfile reports about 2**63 frames when a header does not say
 
 AudioLike = str | os.PathLike | bytes | np.ndarray | torch.Tensor | Sequence[float]
 
@@ -39,6 +44,17 @@ def resample(audio: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RATE
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+class AudioTooLong(ValueError):
+    """A clip holds more audio than the caller allows: found from the file's header, or while decoding it."""
+
+    def __init__(self, name: str, limit: float, seconds: float | None = None):
+        self.name, self.limit, self.seconds = name, limit, seconds
+        length = (
+            f"is {seconds:.1f} s long" if seconds is not None else f"holds more than {limit:g} s of audio"
+        )
+        super().__init__(f"{name} {length}; the limit is {limit:g} s: trim it to a shorter clip")
+
+
 def _downmix(audio: np.ndarray, source: str) -> np.ndarray:
     """(C, T) -> (T,), averaging channels with a warning when there are several."""
     if audio.shape[0] > 1:
@@ -47,32 +63,75 @@ def _downmix(audio: np.ndarray, source: str) -> np.ndarray:
     return audio[0]
 
 
-def _read_file(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int, str]:
-    """Decode a file, URL or in-memory file into ((C, T) float32, rate, name for messages)."""
+def _libsndfile_message(e: Exception) -> str:
+    """What went wrong, without the repr of the in-memory file (and its address) libsndfile's prefix holds."""
+    text = e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", text)
+
+
+def _open_source(source: str | os.PathLike | bytes) -> tuple[object, str]:
+    """A file, URL or in-memory file as something soundfile opens, and its name for messages."""
     if isinstance(source, (bytes, bytearray)):
-        name, handle = "audio bytes", io.BytesIO(source)
-    elif str(source).startswith(("http://", "https://")):
+        return io.BytesIO(source), "audio bytes"
+    if str(source).startswith(("http://", "https://")):
         name = str(source)
         try:
             with urllib.request.urlopen(name, timeout=30) as response:
-                handle = io.BytesIO(response.read())
+                return io.BytesIO(response.read()), name
         except Exception as e:
             raise ValueError(f"could not download audio from {name}: {e}") from None
-    else:
-        path = Path(source).expanduser()
-        name = str(path)
-        if not path.is_file():
-            raise ValueError(f"audio file not found: {name}")
-        handle = path
+    path = Path(source).expanduser()
+    name = str(path)
+    if not path.exists():
+        raise ValueError(f"audio file not found: {name}")
+    if path.is_dir():
+        raise ValueError(f"{name} is a folder, not an audio file")
+    if not path.is_file():  # reading a FIFO would wait for a writer; a device could be endless
+        raise ValueError(f"{name} is not a regular file (a pipe, socket or device): give an audio file")
+    return path, name
+
+
+def _read_file(
+    source: str | os.PathLike | bytes, max_seconds: float | None = None
+) -> tuple[np.ndarray, int, str]:
+    """Decode a file, URL or in-memory file into ((T,) float32 mono, rate, name for messages).
+
+    With `max_seconds`, a header that declares more is refused before any decoding, and decoding stops as soon
+    as it passes the limit (a header can be missing or lie): memory stays within the limit's worth of mono
+    samples at the file's rate, whatever the file claims.
+    """
+    handle, name = _open_source(source)
     try:
         with sf.SoundFile(handle) as f:
-            rate = f.samplerate
-            audio = f.read(dtype="float32", always_2d=True).T  # (C, T)
+            rate, channels, frames = f.samplerate, f.channels, f.frames
+            limit = None
+            if max_seconds is not None:
+                if rate > MAX_BOUNDED_RATE:
+                    raise ValueError(
+                        f"{name} has a sampling rate of {rate} Hz; the limit is {MAX_BOUNDED_RATE} Hz: "
+                        "resample it first"
+                    )
+                limit = math.floor(max_seconds * rate)
+                if 0 < frames < _UNKNOWN_FRAMES and frames > limit:  # libsndfile's "unknown" is huge
+                    raise AudioTooLong(name, max_seconds, frames / rate)
+            block = max(1024, _BLOCK_SAMPLES // channels)  # a few MB per block, whatever the channel count
+            parts, total = [], 0
+            while True:
+                data = f.read(block, dtype="float32", always_2d=True)  # (T, C)
+                if not len(data):
+                    break
+                total += len(data)
+                if limit is not None and total > limit:
+                    raise AudioTooLong(name, max_seconds)
+                parts.append(data.T.mean(axis=0) if channels > 1 else data[:, 0].copy())  # as _downmix
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(
-            f"could not read audio from {name} ({e}); wav, flac, ogg and mp3 are supported "
+            f"could not read audio from {name} ({_libsndfile_message(e)}); wav, flac, ogg and mp3 are supported "
             f"(libsndfile {sf.__libsndfile_version__})"
         ) from None
+    if channels > 1:
+        warnings.warn(f"{name} has {channels} channels; averaging them to mono", stacklevel=3)
+    audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     return audio, rate, name
 
 
@@ -107,11 +166,15 @@ def _array_to_channels(audio: np.ndarray | torch.Tensor | Sequence[float]) -> np
 
 
 def load_audio(
-    audio: AudioLike, sampling_rate: int | None = None, target_rate: int = SAMPLING_RATE
+    audio: AudioLike,
+    sampling_rate: int | None = None,
+    target_rate: int = SAMPLING_RATE,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Load a file path, URL, file bytes, numpy array or tensor as mono float32 at `target_rate`.
 
     sampling_rate: the rate of an array input (default: already `target_rate`); files carry their own.
+    max_seconds: refuse longer audio with AudioTooLong, for files before decoding more than the limit.
     Several channels are averaged with a warning. Raises ValueError for unreadable, empty or non-finite audio.
     """
     if sampling_rate is not None and (
@@ -121,14 +184,16 @@ def load_audio(
     ):
         raise ValueError(f"sampling_rate must be a positive integer in Hz, got {sampling_rate!r}")
     if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
-        channels, rate, name = _read_file(audio)
+        mono, rate, name = _read_file(audio, max_seconds)
     else:
         channels, rate, name = _array_to_channels(audio), int(sampling_rate or target_rate), "audio array"
-    if channels.size == 0:
+        if max_seconds is not None and channels.shape[1] > max_seconds * rate:
+            raise AudioTooLong(name, max_seconds, channels.shape[1] / rate)
+        mono = _downmix(channels, name) if channels.size else channels.reshape(-1)
+    if mono.size == 0:
         raise ValueError(f"{name} is empty: it has no samples")
-    if not np.isfinite(channels).all():
+    if not np.isfinite(mono).all():  # a NaN or infinity in any channel survives the average
         raise ValueError(f"{name} contains NaN or infinite samples")
-    mono = _downmix(channels, name)
     return np.ascontiguousarray(resample(mono, rate, target_rate), dtype=np.float32)
 
 
@@ -157,6 +222,17 @@ def _as_waveforms(audio, count: int) -> list[np.ndarray]:
     return out
 
 
+def audio_format(path: str | os.PathLike) -> tuple[str, str]:
+    """The soundfile format and subtype that a file name's extension asks for; ValueError when there is none."""
+    path = Path(path)
+    fmt, subtype = _EXTRA_FORMATS.get(path.suffix.lower(), (None, None))
+    if fmt is None:
+        fmt = path.suffix.lstrip(".").upper()
+        if not fmt or fmt not in sf.available_formats():
+            raise ValueError(f"cannot tell the audio format of {path}: use .wav, .flac, .ogg, .opus or .mp3")
+    return fmt, subtype or sf.default_subtype(fmt)
+
+
 def save_audio(
     audio: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
     path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
@@ -176,14 +252,7 @@ def save_audio(
         path = Path(path).expanduser()
         if not path.parent.is_dir():
             raise ValueError(f"cannot write {path}: folder {path.parent} does not exist")
-        fmt, subtype = _EXTRA_FORMATS.get(path.suffix.lower(), (None, None))
-        if fmt is None:
-            fmt = path.suffix.lstrip(".").upper()
-            if fmt not in sf.available_formats():
-                raise ValueError(
-                    f"cannot tell the audio format of {path}: use .wav, .flac, .ogg, .opus or .mp3"
-                )
-        subtype = subtype or sf.default_subtype(fmt)
+        fmt, subtype = audio_format(path)
         if subtype not in _FLOAT_SUBTYPES:
             waveform = np.clip(waveform, -1.0, 1.0)  # integer PCM would wrap around instead of clipping
         try:

@@ -44,7 +44,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, allow_patterns: list[
         raise CheckpointError(
             f"could not fetch {name!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             "It is not in the local cache either. Check the name and your network; sesame/csm-1b is gated: "
-            "accept its terms on the hub and run `huggingface-cli login`."
+            "accept its terms on the hub and run `hf auth login`."
         ) from None
 
 

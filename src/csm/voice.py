@@ -56,6 +56,9 @@ class Voice:
     clips: list[tuple[np.ndarray, str]] = field(default_factory=list)
     folder: Path | None = None
     _codes: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    store_codes: bool = field(
+        default=True, repr=False
+    )  # False: codes stay in memory, the folder is untouched
 
     def __post_init__(self):
         if not self.clips:
@@ -115,8 +118,9 @@ class Voice:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> Voice:
-        """Read a voice folder written by `save` (or `csm voice create`)."""
+    def load(cls, folder: str | os.PathLike, store_codes: bool = True) -> Voice:
+        """Read a voice folder written by `save` (or `csm voice create`); with `store_codes=False` the codes
+        encoded for it are kept in memory only and nothing is written into the folder."""
         folder = Path(folder).expanduser()
         file = folder / VOICE_FILE
         if not file.is_file():
@@ -125,6 +129,7 @@ class Voice:
             meta = json.loads(file.read_text())
             clips = [(load_audio(folder / c["audio"]), c["text"]) for c in meta["clips"]]
             voice = cls(meta.get("name", folder.name), int(meta.get("speaker", 0)), clips, folder=folder)
+            voice.store_codes = store_codes
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{file} is not a valid voice file: {e}") from None
         cached = folder / CODES_FILE
@@ -137,13 +142,13 @@ class Voice:
         return voice
 
     @classmethod
-    def named(cls, name: str) -> Voice:
-        """A voice from the voices folder by name, or from a folder path."""
+    def named(cls, name: str, store_codes: bool = True) -> Voice:
+        """A voice from the voices folder by name, or from a folder path (`store_codes` as for `load`)."""
         path = Path(name).expanduser()
         if (path / VOICE_FILE).is_file():
-            return cls.load(path)
+            return cls.load(path, store_codes)
         if (voices_dir() / name / VOICE_FILE).is_file():
-            return cls.load(voices_dir() / name)
+            return cls.load(voices_dir() / name, store_codes)
         known = ", ".join(list_voices()) or "none saved yet"
         raise FileNotFoundError(
             f"no voice named {name!r} in {voices_dir()} (known: {known}); create it with `csm voice create`"
@@ -159,7 +164,7 @@ class Voice:
         return [c.to(model.device) for c in self._codes[fingerprint]]
 
     def _store_codes(self, fingerprint: str, codes: list[torch.Tensor]) -> None:
-        if self.folder is None:
+        if self.folder is None or not self.store_codes:
             return
         try:
             torch.save({fingerprint: [c.cpu() for c in codes]}, self.folder / CODES_FILE)

@@ -86,10 +86,22 @@ class OutputDir:
                 f"--out {out.path} holds a job made with other settings ({diff}); rerun with those settings "
                 "to resume it, or give another --out"
             )
-        out.path.mkdir(parents=True, exist_ok=True)
-        out._take_lock()
-        if job is None:
-            _write_atomic(out.path / JOB, (json.dumps(settings, indent=2) + "\n").encode())
+        try:
+            out.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(
+                f"--out {out.path}: cannot create this folder ({e.strerror}); give a folder you can write, "
+                "e.g. --out ./corpus"
+            ) from None
+        try:
+            out._take_lock()
+            if job is None:
+                _write_atomic(out.path / JOB, (json.dumps(settings, indent=2) + "\n").encode())
+        except OSError as e:
+            out.close()
+            raise OutputError(
+                f"--out {out.path}: cannot write in this folder ({e.strerror}); give a folder you can write"
+            ) from None
         out.remove_partials()
         return out
 
@@ -97,9 +109,11 @@ class OutputDir:
         """The settings of the job this folder holds, or None."""
         try:
             return json.loads((self.path / JOB).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except (OSError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise OutputError(f"cannot read {self.path / JOB}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
             raise OutputError(f"cannot read {self.path / JOB}: {e}") from None
 
     def _take_lock(self) -> None:
@@ -150,6 +164,13 @@ class OutputDir:
             if id is not None and (row.get("status") == "ok" or state.get(id, {}).get("status") != "ok"):
                 state[id] = row
         return state
+
+    def replaced(self, old: dict, new: dict) -> None:
+        """After a line made again (`new`, its file in place): remove the file of its previous `ok` row
+        (`old`) when it had another name (another format), so the folder holds each line's current audio."""
+        path = old.get("path")
+        if old.get("status") == "ok" and path and path != new.get("path") and "/" not in path:
+            (self.path / path).unlink(missing_ok=True)
 
     def done(self) -> set[str]:
         """Ids whose latest `ok` row names a file that is there: a rerun skips them."""

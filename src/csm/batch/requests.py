@@ -1,27 +1,33 @@
-"""The requests file of `csm batch`: one JSON object per line, checked in full before any work.
+"""The requests file of `csm batch`: JSON lines (or a CSV with a header), checked in full before any work.
 
     {"id": "a1", "text": "Hello there.", "speaker": 0, "voice": "alice", "seed": 7, "format": "flac"}
     {"id": "d1", "turns": [{"speaker": 0, "text": "Hi!"}, {"speaker": 1, "text": "Oh, hello."}],
      "voices": {"0": "alice"}, "pause": 0.3, "seed": 3}
 
 `id` and `text` (or `turns`, a dialogue in `csm dialogue`'s JSON form, its clips' paths relative to the
-requests file) are required; the others default to the command's flags. Every problem is reported with its
-line number; a line without its own seed gets one derived from the job's seed and its id, so its audio does
-not depend on which lines run beside it, in which order, or on which machine.
+requests file) are required; the others default to the command's flags. A file named `*.csv` is read as CSV:
+its first row names the columns (id, text, speaker, voice, seed, format; an empty cell is a field left out),
+one line per row after it (dialogues need JSON lines). The file must be UTF-8. Every problem is reported with
+its line number; a line without its own seed gets one derived from the job's seed and its id, so its audio
+does not depend on which lines run beside it, in which order, or on which machine.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..chunking import MAX_TEXT_CHARS
+
 FIELDS = ("id", "text", "turns", "voices", "pause", "speaker", "voice", "seed", "format")
+CSV_COLUMNS = ("id", "text", "speaker", "voice", "seed", "format")  # a CSV holds text lines, not dialogues
 FORMATS = ("wav", "flac", "ogg", "opus", "mp3")
-MAX_TEXT_CHARS = 100_000  # csm.pipeline's limit for one text
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a file name on every filesystem, no folders
 
 
@@ -40,6 +46,9 @@ class LineRequest:
     turns: list[dict] | None = None  # a dialogue: [{"speaker", "text", "audio": clip path or None}, ...]
     voices: dict[str, str] | None = None  # a dialogue's speakers bound to voices: {"0": folder}
     pause: float | None = None  # a dialogue's silence between turns, seconds
+    key: str = (
+        ""  # a hash of all that decides this line's audio (`request_key`): a rerun redoes a changed line
+    )
 
     @property
     def filename(self) -> str:
@@ -68,6 +77,62 @@ def line_seed(job_seed: int, id: str) -> int:
     return int.from_bytes(digest[:4], "little") % 2**31
 
 
+def _digest_files(paths: list[Path], h) -> None:
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:  # generation reports it; the key only has to differ
+            h.update(f"unreadable: {e.strerror}".encode())
+        h.update(b"\0")
+
+
+def _content(path: str | None, seen: dict[str, str]) -> str | None:
+    """A hash of a clip's bytes, or of a voice folder's files (its codes cache aside): what it sounds like,
+    wherever it lives."""
+    if path is None:
+        return None
+    if path not in seen:
+        from ..voice import CODES_FILE
+
+        folder, h = Path(path), hashlib.sha256()
+        files = (
+            sorted(p for p in folder.iterdir() if p.is_file() and p.name != CODES_FILE and p.name[0] != ".")
+            if folder.is_dir()
+            else [folder]
+        )
+        _digest_files(files, h)
+        seen[path] = h.hexdigest()
+    return seen[path]
+
+
+def set_request_keys(
+    requests: list[LineRequest], voice: str | None = None, context: list[list[str]] = ()
+) -> None:
+    """Set each request's `key`: a short hash of everything of the line that decides its audio (text or
+    turns, speaker, seed, format, and the content of its voices and clips). `voice` and `context` are the
+    job's defaults for text lines; the job's other settings are in job.json, checked on their own."""
+    seen: dict[str, str] = {}
+    for r in requests:
+        if r.turns is not None:
+            what = {
+                "turns": [{**t, "audio": _content(t["audio"], seen)} for t in r.turns],
+                "voices": {k: _content(v, seen) for k, v in sorted((r.voices or {}).items())},
+                "pause": r.pause,
+            }
+        else:
+            what = {
+                "text": r.text,
+                "speaker": r.speaker,
+                "voice": _content(r.voice or voice, seen),
+                "context": [[_content(c, seen), t] for c, t in context],
+            }
+        what.update(id=r.id, seed=r.seed, format=r.format)
+        r.key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def available_formats() -> tuple[str, ...]:
     """The output formats this soundfile can write (mp3 needs libsndfile >= 1.1)."""
     import soundfile as sf
@@ -81,8 +146,9 @@ def _is_int(value) -> bool:
 
 
 def _check_dialogue(obj: dict, base: Path, find_voice) -> tuple[list[dict], dict[str, str], float]:
-    """A dialogue line's turns, voices and pause, checked as `csm dialogue` checks a script."""
+    """A dialogue line's turns, voices and pause, checked as `csm dialogue` checks a script (csm.dialogue)."""
     from ..conversation import PAUSE_SECONDS, dialogue_turns, speaker_id
+    from ..dialogue import clip_path
 
     for name in ("speaker", "voice"):
         if name in obj:
@@ -97,9 +163,10 @@ def _check_dialogue(obj: dict, base: Path, find_voice) -> tuple[list[dict], dict
         if len(text) > MAX_TEXT_CHARS:
             raise ValueError(f"turn {i} has {len(text)} characters, more than {MAX_TEXT_CHARS}")
         if audio is not None:
-            if not isinstance(audio, str) or not audio.strip():
-                raise ValueError(f"turn {i}: audio must be the path of a clip, got {audio!r:.40}")
-            path = (base / audio).expanduser()
+            try:
+                path = clip_path(audio, base)
+            except ValueError as e:
+                raise ValueError(f"turn {i}: {e}") from None
             if not path.is_file():
                 raise ValueError(f"turn {i}: clip not found: {path}")
             audio = str(path.resolve())
@@ -199,13 +266,94 @@ def voice_finder():
     return find
 
 
+def _decoded(handle) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, None) for each line of a binary file, or (n, None, what is wrong) when a line is
+    not UTF-8; a byte-order mark at the start is dropped (spreadsheets write one)."""
+    for n, raw in enumerate(handle, 1):
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield n, raw.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            where = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+            yield n, None, f"not valid UTF-8 ({where}); save the file as UTF-8"
+
+
+def _json_lines(handle) -> Iterator[tuple[int, object, str | None]]:
+    """(line number, parsed object, None) per non-blank line, or (n, None, what is wrong)."""
+    for n, text, error in _decoded(handle):
+        if error is not None:
+            yield n, None, error
+        elif text.strip():
+            try:
+                yield n, json.loads(text), None
+            except json.JSONDecodeError as e:
+                hint = (
+                    "; a CSV file must be named *.csv" if n == 1 and "," in text and text[:1] != "{" else ""
+                )
+                yield n, None, f"not valid JSON ({e.msg} at column {e.colno}){hint}"
+
+
+def _csv_rows(handle, path) -> Iterator[tuple[int, object, str | None]]:
+    """(line number, a row as a JSON line's object, None) per CSV row after the header, or (n, None, error).
+    Cells of speaker and seed that are integers become integers; empty cells are left out."""
+    bad: list[tuple[int, str]] = []  # lines that are not UTF-8: kept from the reader, reported in order
+    first = [0]  # the first line of the record being read
+
+    def lines():
+        for n, text, error in _decoded(handle):
+            if error is not None:
+                bad.append((n, error))
+            else:
+                first[0] = first[0] or n
+                yield text
+
+    reader = csv.reader(lines())
+    header = next(reader, None)
+    if bad:
+        raise ValueError(f"{path}:{bad[0][0]}: {bad[0][1]}")
+    if header is None:
+        return
+    header = [h.strip() for h in header]
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if unknown or "id" not in header or "text" not in header:
+        problem = f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else "no id or text column"
+        raise ValueError(
+            f"{path}:1: {problem}; a CSV's first row names its columns: id and text, optionally "
+            f"{', '.join(CSV_COLUMNS[2:])} (a dialogue needs a JSON-lines file)"
+        )
+    while True:
+        first[0] = 0
+        try:
+            cells = next(reader, None)
+            error = None
+        except csv.Error as e:
+            cells, error = [], f"not valid CSV ({e})"
+        yield from ((n, None, e) for n, e in bad)
+        bad.clear()
+        if cells is None:
+            return
+        start = first[0]
+        if error is not None:
+            yield start, None, error
+        elif len(cells) > len(header):
+            yield start, None, f"{len(cells)} cells, more than the header's {len(header)} columns"
+        elif any(c.strip() for c in cells):
+            row = {}
+            for name, cell in zip(header, cells, strict=False):
+                if cell.strip():
+                    is_int = name in ("speaker", "seed") and re.fullmatch(r"-?\d+", cell.strip())
+                    row[name] = int(cell) if is_int else cell
+            yield start, row, None
+
+
 def read_requests(
     path: str | os.PathLike, job_seed: int, default_format: str = "wav"
 ) -> tuple[list[LineRequest], list[BadLine]]:
-    """Read and check every line of a JSON-lines requests file (blank lines skipped).
+    """Read and check every line of a requests file: JSON lines (blank lines skipped), or CSV for `*.csv`.
 
-    Returns the good lines and the bad ones (malformed JSON, missing or bad fields, unknown voices, and
-    every repeat of an id after its first line), each with its 1-based line number.
+    Returns the good lines and the bad ones (malformed JSON or CSV, text that is not UTF-8, missing or bad
+    fields, unknown voices, and every repeat of an id after its first line), each with its 1-based line number.
     """
     formats = available_formats()
     if default_format not in formats:
@@ -216,17 +364,14 @@ def read_requests(
     bad: list[BadLine] = []
     first_line: dict[str, int] = {}
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}") from None
     with handle:
-        for n, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                bad.append(BadLine(n, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+        rows = _csv_rows(handle, path) if str(path).lower().endswith(".csv") else _json_lines(handle)
+        for n, obj, error in rows:
+            if error is not None:
+                bad.append(BadLine(n, None, error))
                 continue
             try:
                 request = _check(obj, n, job_seed, default_format, formats, find_voice, base)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..batching import BatchCore, RowJob
+from ..chunking import CROSSFADE_MS, MAX_CHUNK_CHARS, crossfade_join, split_sentences
 from ..generate import GenerationConfig
-from ..pipeline import CROSSFADE_MS, MAX_CHUNK_CHARS, crossfade_join, split_sentences
 from ..planner import Turn
 from ..voice import Voice
 from .output import OutputDir
@@ -47,6 +47,13 @@ class JobSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def sampling(self) -> dict:
+        """The generation options of the job's sampling settings; a temperature of 0 is greedy (the CLI's
+        `--temperature 0`)."""
+        if self.temperature == 0:
+            return {"do_sample": False, "top_k": self.top_k}
+        return {"temperature": self.temperature, "top_k": self.top_k}
 
 
 @dataclass
@@ -74,9 +81,8 @@ class Synthesizer:
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         self.pipe, self.model, self.settings, self.batch_size = pipe, pipe.model, settings, batch_size
-        self.config = GenerationConfig.from_model(
-            self.model, temperature=settings.temperature, top_k=settings.top_k
-        )
+        pipe.store_voice_codes = False  # a job writes into its output folder only, never into a voice's
+        self.config = GenerationConfig.from_model(self.model, **settings.sampling())
         self.context = None
         if settings.context:
             clips = [(Path(c), t) for c, t in settings.context]
@@ -210,7 +216,7 @@ class Synthesizer:
         from ..conversation import converse
 
         s, started = self.settings, time.perf_counter()
-        options = {"temperature": s.temperature, "top_k": s.top_k, "max_seconds": s.max_seconds}
+        options = {**s.sampling(), "max_seconds": s.max_seconds}
         try:
             talk = converse(
                 self.pipe,
@@ -241,6 +247,7 @@ class Synthesizer:
             "frames": frames,
             **extra,
             "seed": request.seed,
+            "request_hash": request.key,
             "generation_seconds": round(time.perf_counter() - started, 3),
         }
 

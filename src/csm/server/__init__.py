@@ -7,8 +7,9 @@ import logging
 import signal
 
 from .app import ServerSettings, create_app
+from .limits import uvicorn_config
 
-__all__ = ["ServerSettings", "create_app", "load_app", "main"]
+__all__ = ["ServerSettings", "create_app", "load_app", "main", "uvicorn_config"]
 
 
 def load_app(
@@ -78,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     grace = 30.0 if grace is None else float(grace)
     logging.basicConfig(format="%(levelname)s:     %(message)s")  # csm's own lines beside uvicorn's
     logging.getLogger("csm").setLevel(logging.INFO)  # e.g. the start-up times (load, compile, capture)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
+    config = uvicorn_config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace)
     server = uvicorn.Server(config)
     exit_now = server.handle_exit
 

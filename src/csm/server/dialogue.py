@@ -7,9 +7,9 @@ import base64
 import binascii
 import logging
 
-from ..audio import SAMPLING_RATE, load_audio
+from ..audio import SAMPLING_RATE, AudioTooLong, load_audio
+from ..chunking import split_sentences
 from ..conversation import dialogue_manifest
-from ..pipeline import split_sentences
 from ..planner import Turn, voice_turns
 from ..voice import Voice
 from .schemas import ContextTurn, DialogueRequest
@@ -18,8 +18,23 @@ from .speech import ApiError, PlannedTurn, SpeechStream, sse, sse_error
 log = logging.getLogger("csm.server")
 
 
+def read_clip(raw: bytes, param: str, settings):
+    """An audio file from a request (uploaded or base64) as 24 kHz float32: 413 past `max_upload_seconds`, found
+    from the file's header before decoding or while decoding (never more than the limit is decoded); 400 when
+    unreadable."""
+    try:
+        return load_audio(raw, max_seconds=settings.max_upload_seconds)
+    except AudioTooLong as e:
+        length = f"is {e.seconds:.1f} s long" if e.seconds is not None else f"holds more than {e.limit:g} s"
+        raise ApiError(
+            413, f"{param} {length}; the limit is {e.limit:g} s: send a shorter clip", param=param
+        ) from None
+    except ValueError as e:
+        raise ApiError(400, f"cannot read {param}: {e}", param=param) from None
+
+
 def decode_clip(data: str, param: str, settings):
-    """A base64 audio file from a request as 24 kHz float32; 400 when unreadable, 413 when too large."""
+    """A base64 audio file from a request as 24 kHz float32 (see `read_clip`); 413 when too large."""
     if len(data) > settings.max_upload_bytes * 4 // 3 + 4:
         raise ApiError(413, f"{param} is larger than {settings.max_upload_bytes} bytes", param=param)
     try:
@@ -28,18 +43,7 @@ def decode_clip(data: str, param: str, settings):
         raise ApiError(
             400, f"{param} must be base64 of an audio file (wav, flac, ogg, mp3)", param=param
         ) from None
-    try:
-        clip = load_audio(raw)
-    except Exception as e:
-        raise ApiError(400, f"cannot read {param}: {e}", param=param) from None
-    seconds = len(clip) / SAMPLING_RATE
-    if seconds > settings.max_upload_seconds:
-        raise ApiError(
-            413,
-            f"{param} is {seconds:.1f} s long; the limit is {settings.max_upload_seconds:g} s",
-            param=param,
-        )
-    return clip
+    return read_clip(raw, param, settings)
 
 
 def context_turns(

@@ -14,6 +14,8 @@ OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 class VoiceRef(BaseModel):
     """OpenAI's voice object: `{"id": "..."}`."""
 
+    model_config = ConfigDict(extra="forbid")
+
     id: str | int = Field(description="a saved voice's name or a speaker number")
 
 
@@ -34,7 +36,10 @@ class ContextTurn(BaseModel):
 
 
 class SpeechRequest(BaseModel):
-    """OpenAI's `POST /v1/audio/speech` body, plus our `seed`, `temperature` and `top_k`."""
+    """OpenAI's `POST /v1/audio/speech` body, plus our `seed`, `temperature` and `top_k`. Unknown fields are
+    refused (400 naming the field), as OpenAI's API does: a misspelt option is never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
         None, description=f"this server's model name, `csm`, or one of OpenAI's ({', '.join(OPENAI_MODELS)})"
@@ -91,6 +96,8 @@ class DialogueTurn(BaseModel):
 
 class DialogueRequest(BaseModel):
     """Extra endpoint: a whole dialogue spoken turn by turn, each turn in the context of the ones before."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="this server's model name, `csm`, or one of OpenAI's")
     turns: list[DialogueTurn] = Field(min_length=1, max_length=64, description="the turns, in order")
@@ -220,6 +227,7 @@ def errors(*statuses: int) -> dict:
         400: "invalid request (`param` names the field)",
         401: "missing or wrong API key",
         404: "unknown model or voice",
+        408: "the request head or body did not arrive in time",
         409: "the name is taken",
         413: "upload too large or too long",
         429: "too many requests waiting",

@@ -8,18 +8,34 @@ import sys
 import time
 from pathlib import Path
 
-from .output import MANIFEST, OutputDir
-from .requests import FORMATS, BadLine, read_requests, voice_finder
+from ..batch.output import MANIFEST, OutputDir
+from ..batch.requests import FORMATS, BadLine, read_requests, set_request_keys, voice_finder
+from . import common
+from .common import CliError
 
 SHOWN_BAD_LINES = 20
+EXIT_LINES_FAILED = 1  # some line has no audio: it failed while generating, or was a bad line (--skip-bad)
+
+
+def add_parser(sub) -> None:
+    batch = sub.add_parser("batch", help="speak every line of a JSON-lines file into DIR (resumable; --ray)")
+    add_arguments(batch)
+    common.add_model_args(batch)
+    common.add_generation_args(batch)
+    batch.set_defaults(handler=cmd_batch)
+
+
+def cmd_batch(args) -> int:
+    return run(args, common.load_pipeline, CliError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `csm batch` besides the model and generation flags it shares with `csm say`."""
     p.add_argument(
         "requests",
-        help='JSON lines: {"id": ..., "text": ..., and optional "speaker", "voice", "seed", "format"}, or a '
-        'dialogue: {"id": ..., "turns": [{"speaker": 0, "text": ...}, ...], "voices": {"0": NAME}, "pause": S}',
+        help='UTF-8 JSON lines: {"id": ..., "text": ..., and optional "speaker", "voice", "seed", "format"}, or '
+        'a dialogue: {"id": ..., "turns": [{"speaker": 0, "text": ...}, ...], "voices": {"0": NAME}, "pause": S}; '
+        "or a .csv file whose first row names its columns (id, text, speaker, voice, seed, format)",
     )
     p.add_argument("-o", "--out", required=True, help="output folder: <id>.<format> files and manifest.jsonl")
     p.add_argument(
@@ -34,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-bad",
         action="store_true",
-        help="record malformed lines and duplicate ids as failed and run the rest (default: stop before any work)",
+        help="record malformed lines and duplicate ids as failed and run the rest, then exit with status 1 "
+        "(default: stop before any work)",
     )
     p.add_argument(
         "--ray",
@@ -70,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _settings(args, seed: int):
     """The job's settings from the flags, with paths made absolute (workers may run elsewhere)."""
-    from .runner import JobSettings
+    from ..batch.runner import JobSettings
 
     model = (
         str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model
@@ -106,7 +123,7 @@ def run(args, load_pipeline, error=ValueError) -> int:
     if args.workers is not None and args.ray is None:
         raise error("--workers needs --ray (one process runs one model; use --batch-size for more rows)")
     if args.ray is not None:
-        from .on_ray import import_ray
+        from ..batch.on_ray import import_ray
 
         try:
             import_ray()
@@ -114,12 +131,7 @@ def run(args, load_pipeline, error=ValueError) -> int:
             raise error(str(e)) from None
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1) or args.cpus_per_worker < 1:
         raise error("--batch-size, --workers and --cpus-per-worker must be >= 1")
-    if args.max_seconds is not None and not args.max_seconds > 0:
-        raise error(f"--max-seconds must be > 0, got {args.max_seconds}")
-    if (args.temperature is not None and not args.temperature > 0) or (
-        args.top_k is not None and args.top_k < 0
-    ):
-        raise error("--temperature must be > 0 and --top-k >= 0 (0 turns top-k off)")
+    common.check_sampling(args)
     # The seed: given, else the job's (a rerun), else a new one, printed.
     job = OutputDir(args.out).job_settings() if Path(args.out).expanduser().is_dir() else None
     seed = args.seed if args.seed is not None else job["seed"] if job else random.randrange(2**31)
@@ -131,6 +143,7 @@ def run(args, load_pipeline, error=ValueError) -> int:
 
         CsmConfig.from_pretrained(settings.model)
     good, bad = read_requests(args.requests, seed, args.format)
+    set_request_keys(good, settings.voice, settings.context)
     if bad and not args.skip_bad:
         _report_bad(args.requests, bad)
         raise error(
@@ -146,17 +159,38 @@ def run(args, load_pipeline, error=ValueError) -> int:
 
 def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
     quiet = args.quiet
+    state = out.state()
     done = out.done()
+    # A line made before whose request changed since (its text, speaker, voice, seed, format, ...) is made
+    # again; its old file stays until the new one is in place. Rows from before hashes were kept count as done.
+    changed = [r for r in good if r.id in done and state[r.id].get("request_hash", r.key) != r.key]
+    done -= {r.id for r in changed}
     todo = [r for r in good if r.id not in done]
     if bad:
         if not quiet:
             _report_bad(args.requests, bad)
+        # A rerun records a bad line again only when it is new: not already its id's current row (or, for a
+        # line without a usable id, not already in the manifest).
+        anonymous = {(r.get("line"), r.get("error")) for r in out.rows() if r.get("id") is None}
+        rows = [
+            {"id": b.id, "line": b.line, "status": "failed", "error": f"bad line: {b.error}"}
+            for b in bad
+            if b.id not in done
+        ]
         out.append(
             [
-                {"id": b.id, "line": b.line, "status": "failed", "error": f"bad line: {b.error}"}
-                for b in bad
-                if b.id not in done
+                r
+                for r in rows
+                if (r["id"] is None and (r["line"], r["error"]) not in anonymous)
+                or (r["id"] is not None and state.get(r["id"]) != r)
             ]
+        )
+    if changed and not quiet:
+        names = ", ".join(f"{r.id} (line {r.line})" for r in changed[:SHOWN_BAD_LINES])
+        more = f" and {len(changed) - SHOWN_BAD_LINES} more" if len(changed) > SHOWN_BAD_LINES else ""
+        print(
+            f"csm batch: {len(changed)} line(s) changed since their audio was made, made again: {names}{more}",
+            file=sys.stderr,
         )
     if not quiet:
         print(
@@ -170,6 +204,8 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
 
     def on_row(row: dict) -> None:
         out.append([row])  # the file is in place: the row may now say so
+        if row["status"] == "ok" and row["id"] in state:
+            out.replaced(state[row["id"]], row)
         stats[row["status"]] += 1
         stats["seconds"] += row.get("seconds", 0.0)
         if bar is not None:
@@ -194,7 +230,7 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
                 "quantize": settings.quantize,
             }
             if args.ray is not None:
-                from .on_ray import run_on_ray
+                from ..batch.on_ray import run_on_ray
 
                 progress()
                 run_on_ray(
@@ -202,7 +238,7 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
                     args.cpus_per_worker,
                 )  # fmt: skip
             else:
-                from .runner import Synthesizer
+                from ..batch.runner import Synthesizer
 
                 synth = Synthesizer(load_pipeline(**loader, quiet=quiet), settings, args.batch_size)
                 progress()
@@ -211,12 +247,21 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
         if bar is not None:
             bar.close()
     took = time.perf_counter() - start
+    failed = stats["failed"] + len(bad)
+    retry = "; rerun the same command to retry the failed" if stats["failed"] else ""
+    fix = f"; fix the {len(bad)} bad line(s) and rerun to make them" if bad else ""
     if not quiet:
         print(
             f"csm batch: {stats['ok']} ok, {stats['failed']} failed, {len(good) - len(todo)} done before, "
             f"{len(bad)} bad line(s): {stats['seconds']:.1f} s of audio in {took:.1f} s "
             f"({stats['seconds'] / max(took, 1e-9):.2f} audio-s/s, {(stats['ok'] + stats['failed']) / max(took, 1e-9):.2f} lines/s); "
-            f"manifest {out.path / MANIFEST}" + ("; rerun the same command to retry the failed" if stats["failed"] else ""),
+            f"manifest {out.path / MANIFEST}{retry}{fix}",
             file=sys.stderr,
         )  # fmt: skip
-    return 1 if stats["failed"] else 0
+    elif failed:  # -q still says that the exit status is not 0, and why
+        print(
+            f"csm batch: {stats['failed']} line(s) failed, {len(bad)} bad line(s): see {out.path / MANIFEST}"
+            f"{retry}{fix}",
+            file=sys.stderr,
+        )
+    return EXIT_LINES_FAILED if failed else 0

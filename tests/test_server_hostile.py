@@ -1,0 +1,370 @@
+"""The server against hostile or careless clients (issue 21): decode bombs, oversized and endless bodies, spooled
+uploads, trickled request heads, and requests whose errors must say what is wrong and where."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+from hostile import peak_rss_growth, silent_flac
+from serving import assert_error, demo_checkpoint, serve, speak
+
+LIMIT = 1 << 20  # bytes of a JSON body in these tests
+UPLOAD = 1 << 19  # bytes of an uploaded clip
+DEADLINE = 1.0  # seconds for a request's head, and between body bytes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return demo_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    with serve(
+        checkpoint,
+        tmp_path_factory.mktemp("hostile"),
+        max_batch_size=2,
+        max_body_bytes=LIMIT,
+        max_upload_bytes=UPLOAD,
+        head_timeout=DEADLINE,
+        read_timeout=DEADLINE,
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    # The issue's bomb is a 1.37 MB FLAC of 60 minutes of 96 kHz stereo silence (5.27 GB decoded); the same
+    # header on one second of audio is as dangerous to a server that trusts it, and quick to make. A header that
+    # says nothing must not let 70 s through either.
+    return {"header": silent_flac(1.0, claim=3600.0), "stream": silent_flac(70.0, claim=0.0)}
+
+
+def address(client) -> tuple[str, int]:
+    return "127.0.0.1", int(str(client.base_url).rsplit(":", 1)[1])
+
+
+def read_all(sock: socket.socket, timeout: float) -> bytes:
+    """What the server sends until it closes the connection (or `timeout`)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def status_and_error(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ---- item 3: decode bombs ------------------------------------------------------------------------------
+
+
+def send_clip(client, where: str, clip: bytes):
+    b64 = base64.b64encode(clip).decode()
+    if where == "audio_file":
+        files = {"audio_file": ("bomb.flac", clip, "audio/flac")}
+        return client.post("/v1/voices", files=files, data={"name": "bomb", "transcript": "Silence."})
+    if where == "context.0.audio":
+        return speak(client, context=[{"text": "Silence.", "audio": b64}])
+    turns = [{"speaker": 0, "text": "Silence.", "audio": b64}, {"speaker": 1, "text": "Hello."}]
+    return client.post("/v1/audio/dialogue", json={"turns": turns})
+
+
+@pytest.mark.parametrize("where", ["audio_file", "context.0.audio", "turns.0.audio"])
+def test_a_decode_bomb_is_refused_from_its_header_in_under_a_second(server, bombs, where):
+    with peak_rss_growth() as growth:
+        start = time.perf_counter()
+        r = send_clip(server, where, bombs["header"])
+        took = time.perf_counter() - start
+        assert_error(r, 413, where)
+        assert "3600.0 s long; the limit is 60 s" in r.json()["error"]["message"]
+        assert took < 1.0 and growth() < 100
+
+
+@pytest.mark.parametrize("where", ["audio_file", "context.0.audio", "turns.0.audio"])
+def test_a_bomb_whose_header_does_not_say_is_decoded_only_up_to_the_limit(server, bombs, where):
+    with peak_rss_growth() as growth:
+        r = send_clip(server, where, bombs["stream"])
+        assert_error(r, 413, where)
+        assert "holds more than 60 s" in r.json()["error"]["message"]
+        assert growth() < 100  # 60 s of mono at 96 kHz is 23 MB; the whole file would be 54 MB of stereo
+
+
+# ---- item 4: bodies without a size limit; unknown fields -------------------------------------------------
+
+
+def test_a_body_declared_larger_than_the_limit_is_refused_before_it_is_sent(server):
+    with socket.create_connection(address(server)) as sock:
+        sock.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 104857600\r\n\r\n"
+        )
+        status, error = status_and_error(read_all(sock, 5))  # the server closes: no body is awaited
+    assert status == 413 and f"the limit for a request body is {LIMIT} bytes" in error["message"]
+
+
+def chunked_flood(client, path: str, content_type: bytes, head: bytes, total: int) -> bytes:
+    """Send `head` then zeros as a chunked body of up to `total` bytes (no Content-Length to refuse up front)
+    from a thread, while reading the server's response, which it returns."""
+    sock = socket.create_connection(address(client))
+    sent = 0
+
+    def flood():
+        nonlocal sent
+        chunk = b"%x\r\n" % (1 << 16) + b"0" * (1 << 16) + b"\r\n"
+        try:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+            while sent < total:
+                sock.sendall(chunk)
+                sent += 1 << 16
+        except OSError:
+            pass  # the server answered and closed
+
+    sock.sendall(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    writer = threading.Thread(target=flood)
+    writer.start()
+    response = read_all(sock, 20)
+    sock.close()
+    writer.join(20)
+    return response
+
+
+def test_chunked_json_bodies_are_cut_at_the_limit_while_read(server):
+    results = []
+    with peak_rss_growth() as growth:
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(
+                    chunked_flood(server, "/v1/audio/speech", b"application/json", b'{"input": "', 64 << 20)
+                )
+            )
+            for _ in range(4)  # the issue's four parallel bodies (64 MB each here)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for response in results:
+            status, error = status_and_error(response)
+            assert status == 413 and f"more than {LIMIT} bytes" in error["message"]
+        assert len(results) == 4 and growth() < 100  # 256 MB sent: read past the limit only to be dropped
+    assert server.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "Hi.", "response_fromat": "wav"}, "response_fromat"),
+        ({"input": "Hi.", "voice": {"id": "0", "style": "calm"}}, "voice.style"),
+    ],
+)
+def test_unknown_fields_are_refused_by_name(server, body, param):
+    r = server.post("/v1/audio/speech", json=body)
+    assert_error(r, 400, param)
+    assert f"unknown field {param.rsplit('.', 1)[-1]!r}" in r.json()["error"]["message"]
+
+
+def test_unknown_dialogue_fields_are_refused_by_name(server):
+    r = server.post("/v1/audio/dialogue", json={"turns": [{"speaker": 0, "text": "Hi."}], "speed": 2})
+    assert_error(r, 400, "speed")
+
+
+# ---- item 5: uploads spooled to disk before the size check -----------------------------------------------
+
+
+@pytest.fixture
+def spooled(monkeypatch):
+    """The most bytes written into any of the multipart parser's spool files during the test."""
+    from starlette import formparsers
+
+    written = [0]
+
+    class Counting(formparsers.SpooledTemporaryFile):
+        def write(self, data):
+            written[0] = max(written[0], self.tell() + len(data))
+            return super().write(data)
+
+    monkeypatch.setattr(formparsers, "SpooledTemporaryFile", Counting)
+    return written
+
+
+def test_an_upload_over_the_limit_is_refused_by_its_content_length_before_parsing(server, spooled):
+    files = {"audio_file": ("big.wav", b"\0" * (8 << 20), "audio/wav")}
+    r = server.post("/v1/voices", files=files, data={"name": "big", "transcript": "Big."})
+    assert_error(r, 413, "audio_file")
+    assert f"an upload may be {UPLOAD} bytes" in r.json()["error"]["message"]
+    assert spooled[0] == 0
+
+
+def test_a_chunked_upload_is_spooled_no_further_than_the_limit(server, spooled):
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="audio_file"; filename="x.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\n"
+    )
+    response = chunked_flood(server, "/v1/voices", b"multipart/form-data; boundary=b", head, 64 << 20)
+    status, error = status_and_error(response)
+    assert status == 413 and error["param"] == "audio_file"
+    assert 0 < spooled[0] <= UPLOAD + (64 << 10)
+
+
+# ---- item 7: request heads trickled a byte at a time -----------------------------------------------------
+
+
+def test_connections_trickling_their_head_are_closed_at_the_deadline(server):
+    before = open_fds()
+    socks = [socket.create_connection(address(server)) for _ in range(40)]
+    start = time.perf_counter()
+    for s in socks:
+        s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\n")
+    closed = {}
+    while len(closed) < len(socks) and time.perf_counter() - start < DEADLINE + 4:
+        for i, s in enumerate(socks):
+            if i in closed:
+                continue
+            try:
+                s.sendall(b"X")  # one header byte at a time
+            except OSError:
+                closed[i] = b""
+        time.sleep(0.2)
+        for i, s in enumerate(socks):
+            if i not in closed:
+                s.settimeout(0.001)
+                try:
+                    data = s.recv(4096)
+                    closed[i] = data
+                except (TimeoutError, BlockingIOError):
+                    pass
+                except OSError:
+                    closed[i] = b""
+    took = time.perf_counter() - start
+    assert len(closed) == len(socks) and took < DEADLINE + 2
+    answered = [d for d in closed.values() if d]
+    assert answered and all(d.startswith(b"HTTP/1.1 408 ") for d in answered)
+    for s in socks:
+        s.close()
+    time.sleep(0.2)
+    assert open_fds() <= before + 2
+
+
+def test_csm_serve_runs_uvicorn_with_the_head_deadline(checkpoint, tmp_path, monkeypatch):
+    import signal
+
+    import uvicorn
+
+    from csm.server import main
+
+    configs = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **kw: configs.append(self.config))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    args = argparse.Namespace(model=str(checkpoint), port=0, voices_dir=str(tmp_path / "voices"))
+    assert main(args) == 0
+    assert configs[0].http.head_deadline == 10.0  # ServerSettings.head_timeout
+
+
+def test_a_silent_connection_and_an_idle_keep_alive_one_are_closed_too(server):
+    with socket.create_connection(address(server)) as silent:
+        start = time.perf_counter()
+        assert read_all(silent, DEADLINE + 3) == b""  # nothing sent: closed without a response
+        assert time.perf_counter() - start < DEADLINE + 2
+    with socket.create_connection(address(server)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # the second request's head never ends
+        data = read_all(sock, DEADLINE + 8)
+    assert data.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in data
+
+
+def test_a_body_that_stops_arriving_gets_408(server):
+    with socket.create_connection(address(server)) as sock:
+        sock.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"input": '
+        )
+        start = time.perf_counter()
+        status, error = status_and_error(read_all(sock, DEADLINE + 5))
+        assert status == 408 and "no body bytes" in error["message"]
+        assert time.perf_counter() - start < DEADLINE + 2
+
+
+def test_a_body_trickled_a_byte_at_a_time_gets_408(server):
+    with socket.create_connection(address(server)) as sock:
+        sock.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n"
+        )
+        start, answer = time.perf_counter(), b""
+        sock.settimeout(0.1)
+        while not answer and time.perf_counter() - start < DEADLINE + 5:
+            try:
+                sock.sendall(b" ")  # never a pause as long as the deadline, but 10 bytes/s
+                answer = sock.recv(65536)
+            except TimeoutError:
+                pass
+        status, error = status_and_error(answer + read_all(sock, 2))
+        assert status == 408 and "bytes/s" in error["message"]
+        assert time.perf_counter() - start < DEADLINE + 2
+
+
+# ---- item 17: errors that say what is wrong and where ----------------------------------------------------
+
+
+def test_json_sent_without_its_content_type_is_told_to_send_it(server):
+    body = json.dumps({"input": "Hi."}).encode()
+    for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}):  # curl -d sends the latter
+        r = server.post("/v1/audio/speech", content=body, headers=headers)
+        assert_error(r, 400)
+        assert "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_a_body_that_is_not_utf8_says_so(server):
+    r = server.post(
+        "/v1/audio/speech", content=b'{"input": "\xff\xfe"}', headers={"content-type": "application/json"}
+    )
+    assert_error(r, 400)
+    message = r.json()["error"]["message"]
+    assert "UTF-8" in message and "error parsing the body" not in message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"input": "Hi.", "voice": None}, "voice", "a saved voice"),
+        ({"input": "Hi.", "voice": [1]}, "voice", "a saved voice"),
+        ({"input": None}, "input", "string"),
+        ({"input": "Hi.", "context": [{"text": "Hi.", "audio": 5}]}, "context.0.audio", "string"),
+    ],
+)
+def test_a_wrong_type_names_the_field_not_the_schema_branch(server, body, param, words):
+    r = server.post("/v1/audio/speech", json=body)
+    assert_error(r, 400, param)
+    assert words in r.json()["error"]["message"]
+
+
+def test_undecodable_audio_errors_hold_no_memory_address(server):
+    junk = base64.b64encode(b"RIFF\0\0\0\0WAVEjunk" * 4).decode()
+    r = speak(server, context=[{"text": "Hi.", "audio": junk}])
+    assert_error(r, 400, "context.0.audio")
+    assert " at 0x" not in r.json()["error"]["message"]
+    files = {"audio_file": ("x.wav", b"not audio", "audio/wav")}
+    r = server.post("/v1/voices", files=files, data={"name": "junk", "transcript": "Hi."})
+    assert_error(r, 400, "audio_file")
+    assert " at 0x" not in r.json()["error"]["message"]
