@@ -7,10 +7,10 @@
 # 1. tests (<= 90 s): the CUDA-only tests but the slow compile one (`pytest -m "gpu and not slow"`: graphs ==
 #    eager in generate and in continuous batching, bucket capture at a server's start, the graph helper's
 #    refusals); `-m gpu` adds compiled + graphed == eager on the tiny model (a cold compile);
-# 2. bench (<= 270 s): bench/bench_gpu.py: graphed == eager (fp32 codes, bf16 logits within a tolerance),
+# 2. bench (<= 240 s): bench/bench_gpu.py: graphed == eager (fp32 codes, bf16 logits within a tolerance),
 #    compiled + graphed == eager, CUDA kernels per frame, ms/frame against the reference, int8, first audio
 #    chunk, batch 1/4/16/64, compiled throughput, codec streaming decode; writes figures.json;
-# 3. server (<= 110 s): `csm serve` (graphs on, the default) on a csm-1b size checkpoint under 32 clients:
+# 3. server (<= 150 s: writing the checkpoint, then 90): `csm serve` (graphs on, the default) on a csm-1b size checkpoint under 32 clients:
 #    seconds from launch to healthy, its start-up line (load, compile, capture), 64 requests.
 # Logs, table.md and figures.json go to $OUT (figures.json also as gpu-YYYY-MM-DD.json, to commit under
 # bench/results/); the summary is printed last. SUITE_PHASES picks phases ("tests bench server" by default;
@@ -38,7 +38,7 @@ if [[ " $phases " == *" tests "* ]]; then
   tail -2 "$OUT/tests.log"
 fi
 if [[ " $phases " == *" bench "* ]]; then
-  timeout 270 python3 bench/bench_gpu.py --out "$OUT" --budget 240 > "$OUT/bench.log" 2>&1
+  timeout 240 python3 bench/bench_gpu.py --out "$OUT" --budget 210 > "$OUT/bench.log" 2>&1
   echo "bench exit $? after $((SECONDS - start)) s" >> "$OUT/bench.log"
   [ -f "$OUT/figures.json" ] && cp "$OUT/figures.json" "$OUT/gpu-$(date -u +%F).json"
 fi
@@ -48,7 +48,7 @@ if [[ " $phases " == *" server "* || " $phases " == *" compile-server "* ]]; the
 fi
 if [[ " $phases " == *" server "* ]]; then
   echo "## graphs on (the default)" >> "$OUT/server.log"
-  timeout 100 python3 bench/bench_soak.py --model $ckpt --requests 64 --clients 32 \
+  timeout 90 python3 bench/bench_soak.py --model $ckpt --requests 64 --clients 32 \
     --max-batch-size 32 --max-frames 50 --formats wav pcm >> "$OUT/server.log" 2>&1
   echo "server exit $? after $((SECONDS - start)) s" >> "$OUT/server.log"
 fi
