@@ -5,21 +5,29 @@
 
 Full csm-1b size, random weights written by the reference (transformers) and loaded by ours, bf16 on the
 GPU. Phases, most important first, each skipped once `--budget` seconds are spent:
-  1. codes: graphed (CUDA graphs) and compiled (torch.compile) steps against the eager step, greedy;
-  2. ms per frame at batch 1: ours eager / graphed / compiled, the reference eager and with its static
-     cache + torch.compile (what its docs recommend);
-  3. time from `generate_stream` to the first audio chunk;
-  4. frames per second and real-time streams at batch 1, 4, 16, 64 (graphed);
-  5. the codec's streaming decode per frame.
+  1. correctness: the graphed step (CUDA graphs) against the eager one, greedy, batch 2: in fp32 the codes
+     must be equal; in bf16 codes part after a few frames (rounding on random weights), so the check is
+     the codebook-0 logits of every frame whose codes still agree, within a tolerance; the compiled step's
+     codes against the eager ones in fp32;
+  2. kernels per frame on the GPU (profiler, CUDA kernels of one eager frame step at batch 1);
+  3. ms per frame at batch 1: ours eager / graphed / compiled (+ graphed), int8 weights (graphed; refused by
+     `from_pretrained` on CUDA, quantized here directly to keep the figure), the reference eager and with
+     its static cache + torch.compile (what its docs recommend);
+  4. time from `generate_stream` to the first audio chunk;
+  5. frames per second and real-time streams at batch 1, 4, 16, 64 (graphed; compiled too with --compile);
+  6. the codec's streaming decode per frame.
 ms per frame is (time for F frames - time for 1 frame) / (F - 1), so prefill cancels out; medians of
-`--repeats`. Prints a markdown table last and writes it (and a JSON of every figure) under --out.
+`--repeats`. Prints a markdown table last and writes it, and every figure as JSON (`figures.json`, to commit
+as bench/results/gpu-YYYY-MM-DD.json), under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import GREEDY, reference_model, weight_bytes_per_frame  # noqa: E402
 
 from csm import CsmForConditionalGeneration  # noqa: E402
+from csm.engine import FrameEngine, Sampling  # noqa: E402
+from csm.generate import engine_for, finish  # noqa: E402
+from csm.llama import fuse_projections  # noqa: E402
+from csm.quant import QuantConfig, choose_modules, quantize_modules  # noqa: E402
 
 FRAME_MS = 80.0  # one frame of audio
 
@@ -100,17 +112,81 @@ def prompt(model, batch: int, length: int, seed: int = 0) -> torch.Tensor:
 # ---- phases ------------------------------------------------------------------------------------------
 
 
-def check_codes(s: Suite, ours) -> None:
-    ids = prompt(ours, 2, s.args.prompt)
-    n = s.args.frames
-    eager = ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=False, **GREEDY)
-    graphed = ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=True, **GREEDY)
-    s.record("graphed codes == eager (greedy, batch 2)", bool(torch.equal(graphed, eager)), f"{n} frames")
-    sampled = [ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=g, seed=7) for g in (False, True)]
-    s.record("graphed codes == eager (sampled, seed 7)", bool(torch.equal(*sampled)))
-    if s.args.compile:
-        compiled = ours.generate(input_ids=ids, max_new_tokens=n, compile=True, **GREEDY)
-        s.record("compiled codes == eager (greedy, batch 2)", bool(torch.equal(compiled, eager)))
+def frames_and_logits(model, ids, frames: int, compile: bool = False, cuda_graph: bool = False):
+    """Greedy codes (B, F, K) and, after each frame, the next codebook-0 logits (B, F, V) in fp32. A
+    graphed or compiled engine is the one `generate` keeps on the model, so later calls reuse its graphs."""
+    engine = engine_for(model, ids.shape[0], ids.shape[1] + frames + 1, compile, cuda_graph)
+    engine.backbone_sampling.set(slice(None), Sampling(do_sample=False))
+    engine.depth_sampling.set(slice(None), Sampling(do_sample=False))
+    codes, logits = [], []
+    try:
+        with torch.inference_mode():
+            engine.prefill(model.embed_inputs(ids)[0])
+            for _ in range(frames):
+                codes.append(engine.next_frame().clone())
+                logits.append(model.lm_head(engine.hidden).float())
+    finally:
+        finish(engine)
+    return torch.stack(codes, 1), torch.stack(logits, 1)
+
+
+def against_eager(
+    s: Suite, model, label: str, tolerance: float, batch: int = 2, compile: bool = False
+) -> None:
+    """Codes of the graphed (or compiled + graphed) step and the eager one, and the codebook-0 logits of
+    every frame whose codes agree so far."""
+    ids, n = prompt(model, batch, s.args.prompt), s.args.frames
+    name = "compiled + graphed" if compile else "graphed"
+    eager_codes, eager_logits = frames_and_logits(model, ids, n, cuda_graph=False)
+    start = time.perf_counter()
+    codes, logits = frames_and_logits(model, ids, n, cuda_graph=True, compile=compile)
+    if compile:
+        s.record(f"{name}: {n} frames incl. compile and capture", time.perf_counter() - start, "s", "{:.1f}")
+    same = (eager_codes == codes).all(-1).all(0)  # (F,)
+    agree = int(same.long().cumprod(0).sum())
+    where = f"{label}, greedy, batch {batch}"
+    s.record(f"{name} codes == eager ({where})", f"{agree}/{n} frames", "equal from the start")
+    if agree == 0:
+        s.record(f"{name} logits vs eager ({where})", "n/a", "the first frame already differs")
+        return
+    scale = eager_logits[:, :agree].abs().max()
+    diff = float((logits[:, :agree] - eager_logits[:, :agree]).abs().max() / scale)
+    s.record(
+        f"{name} logits vs eager ({where}), max |diff| / max |logit|",
+        diff,
+        f"{'OK' if diff <= tolerance else 'FAIL'} (tolerance {tolerance:g}; frames 1..{agree})",
+        "{:.2e}",
+    )
+
+
+def check_codes(s: Suite, ours, ours_fp32) -> None:
+    if ours_fp32 is not None:
+        against_eager(s, ours_fp32, "fp32", 1e-4)
+    against_eager(s, ours, s.args.dtype, 5e-2)
+    if s.args.compile:  # at batch 1, the compiled graph the speed phase reuses
+        against_eager(s, ours, s.args.dtype, 5e-2, batch=1, compile=True)
+
+
+def kernels_per_frame(s: Suite, ours) -> None:
+    """CUDA kernels one eager frame step launches at batch 1 (what a CUDA graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = prompt(ours, 1, s.args.prompt)
+    engine = FrameEngine(ours, 1, ids.shape[1] + 8)
+    engine.backbone_sampling.set(slice(None), Sampling(do_sample=False))
+    engine.depth_sampling.set(slice(None), Sampling(do_sample=False))
+    with torch.inference_mode():
+        engine.prefill(ours.embed_inputs(ids)[0])
+        engine.next_frame()
+        sync(ours.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.next_frame()
+            sync(ours.device)
+    engine.release()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    s.record(
+        "CUDA kernels per frame, eager step, batch 1", len(kernels), "profiler (the graph replays these)"
+    )
 
 
 def batch1_speed(s: Suite, ours, ref) -> None:
@@ -118,7 +194,7 @@ def batch1_speed(s: Suite, ours, ref) -> None:
     ids = prompt(ours, 1, s.args.prompt)
     variants = [("ours eager", dict(cuda_graph=False)), ("ours graphed", dict(cuda_graph=True))]
     if s.args.compile:
-        variants.append(("ours compiled", dict(compile=True)))
+        variants.append(("ours compiled + graphed", dict(compile=True, cuda_graph=True)))
     for name, options in variants:
         ms = ms_per_frame(
             lambda n, o=options: ours.generate(input_ids=ids, max_new_tokens=n, **o, **GREEDY),
@@ -149,6 +225,26 @@ def batch1_speed(s: Suite, ours, ref) -> None:
     s.record("ours best / bound", best / bound, "x")
 
 
+def int8_speed(s: Suite, folder: str) -> None:
+    """Graphed ms/frame with int8 weights (refused by from_pretrained on CUDA; quantized directly here)."""
+    model = CsmForConditionalGeneration.from_pretrained(
+        folder, dtype=getattr(torch, s.args.dtype), device=s.args.device
+    )
+    config = QuantConfig("int8")
+    config.modules = choose_modules(model, config)
+    quantize_modules(model, config)
+    fuse_projections(model)
+    model.quantization = config
+    ids = prompt(model, 1, s.args.prompt)
+    ms = ms_per_frame(
+        lambda n: model.generate(input_ids=ids, max_new_tokens=n, cuda_graph=True, **GREEDY),
+        s.args.frames,
+        s.args.repeats,
+        model.device,
+    )
+    s.record("int8 weights, graphed, batch 1", ms, "ms/frame (refused on CUDA; bf16 above)")
+
+
 def first_chunk(s: Suite, ours) -> None:
     ids = prompt(ours, 1, s.args.prompt)
 
@@ -169,19 +265,23 @@ def first_chunk(s: Suite, ours) -> None:
     s.record(f"first audio chunk ({s.args.chunk} frames), batch 1", ms, "ms after the call")
 
 
-def throughput(s: Suite, ours) -> None:
-    for batch in s.args.batches:
+def throughput(s: Suite, ours, compile_batches: list[int] | None = None) -> None:
+    compile = compile_batches is not None
+    name = "compiled + graphed" if compile else "graphed"
+    for batch in compile_batches if compile else s.args.batches:
         if s.left() <= 0:
             break
         ids = prompt(ours, batch, s.args.prompt, seed=batch)
         ms = ms_per_frame(
-            lambda n, ids=ids: ours.generate(input_ids=ids, max_new_tokens=n, cuda_graph=True, **GREEDY),
+            lambda n, ids=ids: ours.generate(
+                input_ids=ids, max_new_tokens=n, cuda_graph=True, compile=compile, **GREEDY
+            ),
             s.args.frames,
             s.args.repeats,
             ours.device,
         )
         s.record(
-            f"graphed, batch {batch}",
+            f"{name}, batch {batch}",
             ms,
             f"ms/frame; {1000 * batch / ms:.0f} frames/s; {FRAME_MS / ms:.1f}x real time per stream",
         )
@@ -238,6 +338,27 @@ def write_checkpoint(folder: Path, size: str, dtype: torch.dtype) -> None:
     reference_model(size, dtype).save_pretrained(folder)
 
 
+def run_info(device_name: str, args) -> dict:
+    """What a figures.json needs to be read later: when, where, with what."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "commit": commit,
+        "size": args.size,
+        "dtype": args.dtype,
+        "prompt_tokens": args.prompt,
+        "frames": args.frames,
+        "repeats": args.repeats,
+    }
+
+
 # ---- main --------------------------------------------------------------------------------------------
 
 
@@ -253,6 +374,13 @@ def main() -> int:
         "--chunk", type=int, default=2, help="frames per streamed chunk for the first-chunk figure"
     )
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument(
+        "--compile-batches",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="batches for the compiled throughput (each new size past 1 may compile again)",
+    )
     ap.add_argument("--budget", type=float, default=330, help="seconds for all phases")
     ap.add_argument(
         "--bandwidth", type=float, default=4300, help="device memory GB/s for the bound (H200 copy)"
@@ -276,14 +404,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         ours = CsmForConditionalGeneration.from_pretrained(tmp, dtype=dtype, device=device)
-    ref = ref.to(device) if args.reference else None
-    suite.record("set-up", time.perf_counter() - suite.start, "s (build, save, load)", "{:.0f}")
-    suite.phase("codes", check_codes, ours)
-    suite.phase("batch 1 speed", batch1_speed, ours, ref)
-    del ref
+        ours_fp32 = None
+        if dtype != torch.float32:
+            ours_fp32 = CsmForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32, device=device)
+        ref = ref.to(device) if args.reference else None
+        suite.record("set-up", time.perf_counter() - suite.start, "s (build, save, load)", "{:.0f}")
+        suite.phase("correctness", check_codes, ours, ours_fp32)
+        del ours_fp32
+        if device.type == "cuda":
+            suite.phase("kernels", kernels_per_frame, ours)
+        suite.phase("batch 1 speed", batch1_speed, ours, ref)
+        del ref
+        if device.type == "cuda":
+            suite.phase("int8", int8_speed, tmp)
     suite.phase("first audio chunk", first_chunk, ours)
     suite.phase("throughput", throughput, ours)
     suite.phase("codec", codec_decode, ours)
+    if args.compile:
+        suite.phase("throughput compiled", throughput, ours, args.compile_batches)
     table = suite.table()
     size = "csm-1b size" if args.size == "full" else "tiny"
     header = (
@@ -293,7 +431,8 @@ def main() -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "table.md").write_text(header + "\n\n" + table + "\n")
-        (Path(args.out) / "figures.json").write_text(json.dumps(suite.figures, indent=1, default=str))
+        figures = {"run": run_info(name, args), **suite.figures}
+        (Path(args.out) / "figures.json").write_text(json.dumps(figures, indent=1, default=str) + "\n")
     return 0
 
 

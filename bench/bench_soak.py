@@ -99,6 +99,9 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     p.add_argument(
+        "--start-timeout", type=float, default=120, help="seconds the server may take to be healthy"
+    )
+    p.add_argument(
         "serve_args", nargs="*", help="more `csm serve` options, after --, e.g. -- --no-batched-decode"
     )
     args = p.parse_args()
@@ -117,10 +120,11 @@ def main() -> int:
         str(args.max_batch_size),
         *args.serve_args,
     ]
+    launched = time.time()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + args.start_timeout
         while True:
             try:
                 if httpx.get(base + "/health", timeout=2).status_code == 200:
@@ -131,6 +135,7 @@ def main() -> int:
                 print("the server did not start", file=sys.stderr)
                 return 1
             time.sleep(0.2)
+        print(f"healthy {time.time() - launched:.1f} s after launch", flush=True)
         warm = asyncio.run(soak(base, args.clients, args.clients, args.formats))  # allocate, fill pools
         rss_start = rss_mb(server.pid)
         r = asyncio.run(soak(base, args.clients, args.requests, args.formats))
@@ -157,10 +162,11 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=60)
-        errors = [
-            line for line in server.stderr.read().decode(errors="replace").splitlines() if "ERROR" in line
-        ]
-        for line in itertools.islice(errors, 10):
+        lines = server.stderr.read().decode(errors="replace").splitlines()
+        for line in lines:
+            if "ready to generate" in line:  # its start-up times: load, compile, capture
+                print("server:", line.strip())
+        for line in itertools.islice((line for line in lines if "ERROR" in line), 10):
             print("server:", line)
     return 0
 

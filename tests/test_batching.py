@@ -26,7 +26,7 @@ def job_for(setup, text: str, seed: int, frames: int = 6) -> RowJob:
     ids = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
     config = GenerationConfig.from_model(model)
     return RowJob(
-        embed=lambda: model.embed_inputs(ids, audio_codes=None)[0],
+        embed=lambda: model.embed_inputs(ids.to(model.device), audio_codes=None)[0],  # ids where the model is
         max_frames=frames,
         backbone=config.backbone,
         depth_decoder=config.depth_decoder,

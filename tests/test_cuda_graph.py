@@ -6,6 +6,8 @@ A graph itself needs CUDA. On CPU, the static, bucketed step that a graph would 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +17,24 @@ import csm.engine as engine_module
 from csm.batching import BatchCore
 from csm.cuda_graph import CUDAGraphed
 from csm.demo import write_demo_checkpoint
-from csm.engine import FrameEngine, RowSampling, Sampling, sample
+from csm.engine import (
+    FrameEngine,
+    RowSampling,
+    Sampling,
+    sample,
+    use_compile,
+    use_cuda_graph,
+    use_inductor_cache,
+)
 from csm.model import CsmForConditionalGeneration
 from csm.processor import CsmProcessor
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+def needs_cuda(test):
+    """A CUDA-only test: skipped without CUDA, selected by `pytest -m gpu` (bench/gpu_suite.sh)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
 GREEDY = dict(do_sample=False, depth_decoder_do_sample=False)
 
 
@@ -92,6 +107,18 @@ def test_static_bucketed_step_gives_the_dynamic_codes_in_continuous_batching(che
     check_batching(*load(checkpoint))
 
 
+@pytest.mark.slow  # a cold CPU compile takes minutes
+def test_compiled_static_bucketed_step_gives_the_dynamic_codes(checkpoint, static_step):
+    """The compiled step inside the bucketed (graphed on CUDA) engine: compile=True with graphs."""
+    model, processor = load(checkpoint)
+    inputs = prompts(model, processor, TEXTS[:3])
+    eager = model.generate(**inputs, max_new_tokens=4, cuda_graph=False, **GREEDY)
+    compiled = model.generate(**inputs, max_new_tokens=4, cuda_graph=True, compile=True, **GREEDY)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    engine = model._kept_engine
+    assert engine.graphed and engine.compiled and {key[0] for key in engine.graphs} == {3}
+
+
 def test_rows_in_use_run_in_the_smallest_bucket(checkpoint, static_step):
     model, _ = load(checkpoint)
     engine = FrameEngine(model, batch_size=12, max_seq_len=64, cuda_graph=True)
@@ -128,6 +155,55 @@ def test_graph_helper_runs_eagerly_off_cuda():
     step = CUDAGraphed(double)
     torch.testing.assert_close(step(torch.ones(3)), torch.full((3,), 2.0))
     assert step.graph is None and step.enabled is False and len(calls) == 1
+
+
+def test_graphs_are_on_by_default_on_cuda_and_an_environment_variable_turns_them_off(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device, not a GPU: only its type is read
+    for name in ("CSM_CUDA_GRAPH", "NO_CUDA_GRAPH"):
+        monkeypatch.delenv(name, raising=False)
+    assert use_cuda_graph(cuda, None) and not use_cuda_graph(cuda, False) and not use_cuda_graph(cpu, None)
+    monkeypatch.setenv("CSM_CUDA_GRAPH", "0")
+    assert not use_cuda_graph(cuda, None) and use_cuda_graph(cuda, True)
+    monkeypatch.setenv("CSM_CUDA_GRAPH", "1")
+    monkeypatch.setenv("NO_CUDA_GRAPH", "1")
+    assert not use_cuda_graph(cuda, None) and not use_cuda_graph(cuda, True)
+
+
+def test_compiling_is_a_flag_off_by_default(monkeypatch):
+    for name in ("CSM_COMPILE", "NO_TORCH_COMPILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not use_compile(None) and use_compile(True)
+    monkeypatch.setenv("CSM_COMPILE", "1")
+    assert use_compile(None) and not use_compile(False)
+    monkeypatch.setenv("NO_TORCH_COMPILE", "1")
+    assert not use_compile(None) and not use_compile(True)
+
+
+def test_compiled_steps_are_cached_on_disk_under_the_users_cache_folder(monkeypatch, tmp_path):
+    import torch._inductor.config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    use_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "csm" / "inductor")
+    assert torch._inductor.config.fx_graph_cache
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
+    use_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_a_server_start_reports_load_compile_and_capture_times(checkpoint, static_step):
+    from csm.generate import GenerationConfig
+
+    model, _ = load(checkpoint)
+    core = BatchCore(model, max_batch_size=3, cuda_graph=True)
+    config = GenerationConfig.from_model(model)
+    assert core.engine.capture_graphs(config.backbone, config.depth_decoder) == [1, 2, 3]
+    timings = core.engine.timings
+    assert timings.load_s > 0 and timings.capture_s > 0 and timings.compile_s == 0 and timings.graphs == 3
+    assert timings.summary().startswith(f"load {timings.load_s:.1f} s, compile 0.0 s, capture ")
+    core.close()
 
 
 # ---- on a GPU --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from reference_models import BOS, PAD, TEXT_VOCAB, write_reference_csm
 
 from csm import CsmConfig, CsmForConditionalGeneration
 from csm.checkpoint import CheckpointError
-from csm.llama import Linear, Packable, one_query_attention, packable
+from csm.llama import FusedLinear, Linear, Packable, one_query_attention, packable, unfuse_projections
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +292,78 @@ def test_configs_we_cannot_run_are_refused():
 needs_onednn = pytest.mark.skipif(not packable(torch.zeros(1)), reason="oneDNN is not available")
 
 
+def fused_layers(model):
+    return [m for m in model.modules() if isinstance(m, FusedLinear)]
+
+
+def test_fused_projections_keep_the_checkpoint_layout_and_follow_their_layers(pair):
+    ours = copy.deepcopy(pair[0])
+    assert not [k for k in ours.state_dict() if ".qkv." in k or ".gate_up." in k]
+    attn = ours.backbone_model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (64, 64) and attn.k_proj.weight.shape == (32, 64)
+    assert attn.k_proj.weight.data_ptr() == attn.qkv.weight[64:].data_ptr()  # a view: no second copy
+    separate = copy.deepcopy(ours)
+    unfuse_projections(separate)
+    assert all(m.weight is None for m in fused_layers(separate))
+    ids, mask = text_batch([9, 5], 9)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    for model in (ours, separate):  # an optimizer step on one layer's weight reaches the fused product
+        with torch.no_grad():
+            model.backbone_model.layers[1].self_attn.k_proj.weight.mul_(1.5)
+            model.depth_decoder.model.layers[0].mlp.up_proj.weight.add_(0.01)
+    torch.testing.assert_close(logits(ours), logits(separate), rtol=1e-5, atol=1e-5)
+    ours.to(torch.float64).to(torch.float32)  # a move fuses again
+    assert (
+        all(m.serves(m.parts, for_grad=False) for m in fused_layers(ours))
+        and len(fused_layers(ours)) == 2 * 2 + 2 * 2 + 4
+    )
+    torch.testing.assert_close(logits(ours), logits(separate), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_fused_prepacked_product_follows_its_layers_weights(pair):
+    ours = copy.deepcopy(pair[0])
+    ours.prepack(min_numel=0)
+    mlp = ours.backbone_model.layers[0].mlp
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        assert mlp.gate_up.packed.usable(mlp.gate_up.pack_source(), x)
+    with torch.no_grad():
+        mlp.up_proj.weight.mul_(2.0)  # its own version counter moves, not the buffer's
+    with torch.inference_mode():
+        assert not mlp.gate_up.packed.usable(mlp.gate_up.pack_source(), x)
+        expected = mlp.down_proj(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight))
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_and_quantized_layers_run_on_their_own_and_merging_fuses_again(pair):
+    from csm.train.lora import LoraConfig, apply_lora, merge_lora
+
+    ours = copy.deepcopy(pair[0])
+    ids, mask = text_batch([9, 5], 9)
+    apply_lora(ours, LoraConfig(rank=2, target_modules=["k_proj", "up_proj"]))
+    with torch.no_grad():
+        for m in ours.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.weight.normal_(0, 0.5)
+        adapted = ours(input_ids=ids, attention_mask=mask).logits
+        base = pair[0](input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(adapted, base, atol=1e-3)  # the adapters ran: the fused product stood aside
+        merge_lora(ours)
+        assert all(m.serves(m.parts, for_grad=False) for m in fused_layers(ours))
+        torch.testing.assert_close(
+            ours(input_ids=ids, attention_mask=mask).logits, adapted, rtol=1e-4, atol=1e-4
+        )
+    quantized = copy.deepcopy(pair[0]).quantize("int8")
+    transformer = [*quantized.backbone_model.modules(), *quantized.depth_decoder.modules()]
+    # the full-precision weights of quantized layers are not kept alive by a fused buffer
+    assert all(m.weight is None for m in transformer if isinstance(m, FusedLinear))
+
+
 @needs_onednn
 def test_prepacked_linear_follows_its_weight():
     lin, x = Linear(256, 96), torch.randn(3, 256)
@@ -330,11 +402,14 @@ def test_prepacked_model_gives_the_same_logits(pair, dtype):
     with torch.inference_mode():
         plain = ours(input_ids=ids, attention_mask=mask)
         ours.prepack(min_numel=0)
-        packables = [m for m in ours.modules() if isinstance(m, Packable)]
+        fused = {id(p) for m in ours.modules() if isinstance(m, FusedLinear) for p in m.parts}
+        packables = [m for m in ours.modules() if isinstance(m, Packable) and id(m) not in fused]
         unpacked = [m for m in packables if m.packed is None]
         got = ours(input_ids=ids, attention_mask=mask)
-    # every layer's 7 matrices, lm_head, the projector, the codebook heads, the codec's transformers
-    assert len(packables) > 2 * 7 + 2 * 7 + 3 and not unpacked
+    # every layer's 4 matrices (q/k/v fused, o, gate/up fused, down), lm_head, the projector, the codebook
+    # heads, the codec's transformers; a fused layer is packed once, as a whole
+    assert len(fused) == 2 * 5 + 2 * 5 + 4 * 3  # backbone, depth decoder, the codec's encoder and decoder
+    assert len(packables) > 2 * 4 + 2 * 4 + 3 and not unpacked
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     real = mask.bool()
     torch.testing.assert_close(got.logits[real], plain.logits[real], **tol)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import FrameEngine, Sampling, use_cuda_graph
+from .engine import FrameEngine, Sampling, use_compile, use_cuda_graph
 
 
 @dataclass
@@ -98,14 +98,18 @@ class BatchCore:
         chunk_frames: int = 4,
         cuda_graph: bool | None = None,
         batched_decode: bool = False,
+        compile: bool | None = None,
     ):
         """`cuda_graph`: on CUDA, replay the frame step as CUDA graphs, the live rows in the smallest bucket
-        that holds them (None: csm.generate.CUDA_GRAPH_DEFAULT). `batched_decode`: decode the rows together
-        (module docstring); a codec whose convs pad by replication cannot, and decodes row by row."""
+        that holds them (None: csm.engine.use_cuda_graph decides, on by default). `batched_decode`: decode the
+        rows together (module docstring); a codec whose convs pad by replication cannot, and decodes row by
+        row. `compile`: torch.compile the frame step (None: csm.engine.use_compile decides, off by default)."""
         self.model, self.max_batch_size, self.chunk_frames = model, max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         graphed = use_cuda_graph(model.device, cuda_graph)
-        self.engine = FrameEngine(model, max_batch_size, self.max_seq_len, cuda_graph=graphed)
+        self.engine = FrameEngine(
+            model, max_batch_size, self.max_seq_len, compile=use_compile(compile), cuda_graph=graphed
+        )
         self.rows: list[_Row | None] = [None] * max_batch_size
         codec = model.codec_model
         self.decoder = None  # the shared decoder, its row b being row b's stream

@@ -8,18 +8,24 @@ cache slot and RoPE position, so a row can join a batch between frames (continuo
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .cuda_graph import CUDAGraphed, graphs_enabled
 from .frames import FrameRule
-from .llama import KVCache
+from .llama import additive_mask, fuse_projections
 
-# CUDA graphs (csm.cuda_graph) replay the eager frame step on CUDA when a caller asks (cuda_graph=True, or
-# CSM_CUDA_GRAPH=1 for every caller); this turns them on by default once bench/gpu_suite.sh has shown
-# graphed codes == eager codes on a GPU.
-CUDA_GRAPH_DEFAULT = False
+# CUDA graphs (csm.cuda_graph) replay the frame step on CUDA unless a caller says cuda_graph=False;
+# CSM_CUDA_GRAPH=0 (or NO_CUDA_GRAPH=1) turns them off for every caller. On since bench/gpu_suite.sh showed
+# graphed codes == eager codes in fp32 on an H200 (BENCHMARKS.md).
+CUDA_GRAPH_DEFAULT = True
+# torch.compile (inductor) of the frame step when a caller passes compile=None: off until a GPU run shows it
+# faster than the graphed eager step (bench/bench_gpu.py, "ours compiled"); CSM_COMPILE=1 turns it on.
+COMPILE_DEFAULT = False
 # A graphed engine steps its rows in use in the smallest of these that holds them, one graph each.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -84,10 +90,10 @@ class RowSampling:
 
 def sample(logits: torch.Tensor, p: RowSampling, noise: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from logits (B, V); noise (B, V) holds Exp(1) draws, so the step stays pure."""
+    if not p.any_sample:
+        return logits.argmax(-1)  # the fp32 argmax: a cast keeps the order (and ties) of any float dtype
     logits = logits.float()
     greedy = logits.argmax(-1)
-    if not p.any_sample:
-        return greedy
     scaled = logits / p.temperature
     top = torch.topk(scaled, p.max_top_k, dim=-1).values  # (B, k) descending
     kth = top.gather(1, (p.top_k.clamp(max=p.max_top_k) - 1))
@@ -136,22 +142,29 @@ class FrameEngine:
         # Per row, an upper bound on its next cache slot, kept on the host: an eager step attends over
         # the slots any row may use, not the whole cache.
         self.next_slot_bound = [0] * batch_size
+        fuse_projections(model)  # in case a layer's weight was replaced since the model was built
         self.compiled = compile and os.environ.get("NO_TORCH_COMPILE") != "1"
         self.backbone_sampling = RowSampling(batch_size, ids, device)
         self.depth_sampling = RowSampling(batch_size, ids, device)
-        self.depth_causal = torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril()
+        # Additive: attention adds it as it is, no per-layer conversion of a boolean mask.
+        self.depth_causal = additive_mask(
+            torch.ones(self.K, self.K, dtype=torch.bool, device=device).tril(), dtype
+        )
         self.depth_slots = torch.arange(self.K, device=device)
         self.unit_noise = torch.ones(batch_size, self.K, ids, device=device)
         self.step = self._frame
-        self.graphed = cuda_graph and not self.compiled and graphs_enabled(device)
+        self.graphed = cuda_graph and graphs_enabled(device)
         self.graphs: dict[tuple, CUDAGraphed] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.graphed and device.type == "cuda" else None
+        self.timings = StartTimings(load_s=getattr(model, "load_seconds", None))
         if model.prepack_weights and not self.compiled:
             model.prepack()
         if self.compiled:
-            # CUDA: replayed as CUDA graphs. CPU: a C++ wrapper calls the kernels, since a frame is
-            # thousands of tiny kernels and a Python wrapper costs ~1.6x the time (BENCHMARKS.md).
-            how = {"mode": "reduce-overhead"} if device.type == "cuda" else {"options": {"cpp_wrapper": True}}
+            use_inductor_cache()
+            # CUDA: the compiled step is captured in our CUDA graphs, one per bucket. CPU: a C++ wrapper
+            # calls the kernels, since a frame is thousands of tiny kernels and a Python wrapper costs ~1.6x
+            # the time (BENCHMARKS.md).
+            how = {} if device.type == "cuda" else {"options": {"cpp_wrapper": True}}
             self.step = torch.compile(self._frame, fullgraph=True, **how)
 
     def layers(self):
@@ -221,7 +234,7 @@ class FrameEngine:
             if i == self.K - 1:
                 break
             # Codebook i sits at depth position i + 1; the cache is rewound per frame, not cleared.
-            x = dd.embed_tokens(c + i * self.V)[:, None]
+            x = F.embedding(c, dd.embed_tokens.weight[i * self.V : (i + 1) * self.V])[:, None]
             pos = self.depth_slots[i + 1 : i + 2]
             h = dd.run_layers(
                 dd.inputs_embeds_projector(x), pos, self.depth_causal[None, None, i + 1 : i + 2, : i + 2], pos
@@ -229,9 +242,8 @@ class FrameEngine:
         frame = torch.stack(codes, 1)  # (B, K)
         backbone = m.backbone_model
         valid = valid.scatter(1, slot[:, None], True)
-        h = backbone.run_layers(
-            backbone.embed_tokens(frame[:, None]), position[:, None], valid[:, None, None, :], slot[:, None]
-        )
+        mask = additive_mask(valid[:, None, None, :], hidden.dtype)  # once for every layer
+        h = backbone.run_layers(backbone.embed_tokens(frame[:, None]), position[:, None], mask, slot[:, None])
         return frame, h[:, -1], valid
 
     @torch.inference_mode()
@@ -253,7 +265,7 @@ class FrameEngine:
         if self.graphed:
             b = self.rows_bucket()
             n = self.max_seq_len
-            step = self._graph_for(b)
+            step = self._graph_for(b)  # captured (and compiled) at the bucket's first use
             frame, hidden, valid = step(
                 self.hidden[:b], self.slot[:b], self.position[:b], self.valid[:b], noise[:b]
             )
@@ -290,24 +302,38 @@ class FrameEngine:
         self.depth_sampling.set(slice(None), depth_decoder)
         buckets = sorted({min(n, self.batch_size) for n in GRAPH_BUCKETS})
         for b in buckets:  # free rows compute pad frames; their writes land at slot 0, which prefill resets
-            self._graph_for(b)(
-                self.hidden[:b], self.slot[:b], self.position[:b], self.valid[:b], self.unit_noise[:b]
-            )
+            inputs = (self.hidden[:b], self.slot[:b], self.position[:b], self.valid[:b], self.unit_noise[:b])
+            if self.compiled:  # compiled apart, so that the log tells compile from capture
+                start = time.perf_counter()
+                self._bucket_step(b)(*inputs)
+                sync(self.hidden.device)
+                self.timings.compile_s += time.perf_counter() - start
+            start = time.perf_counter()
+            self._graph_for(b)(*inputs)
+            sync(self.hidden.device)
+            self.timings.capture_s += time.perf_counter() - start
+        self.timings.graphs = len(self.graphs)
         return buckets
 
     def _graph_for(self, b: int) -> CUDAGraphed:
         """The captured step for the first b rows and the current sampling statics."""
-        backbone, depth = self.backbone_sampling.rows(b), self.depth_sampling.rows(b)
-        key = (b, backbone.key(), depth.key())
+        key = (b, self.backbone_sampling.rows(b).key(), self.depth_sampling.rows(b).key())
         if key not in self.graphs:
-            rows = slice(0, b)
-
-            def step(hidden, slot, position, valid, noise):
-                with kv_rows(self.model.backbone_model, rows), kv_rows(self.model.depth_decoder.model, rows):
-                    return self._frame(hidden, slot, position, valid, noise, backbone, depth)
-
-            self.graphs[key] = CUDAGraphed(step, name=f"frame step for {b} rows", pool=self.graph_pool)
+            self.graphs[key] = CUDAGraphed(
+                self._bucket_step(b), name=f"frame step for {b} rows", pool=self.graph_pool
+            )
         return self.graphs[key]
+
+    def _bucket_step(self, b: int):
+        """The step (eager or compiled) of the first b rows, with the current sampling statics."""
+        backbone, depth = self.backbone_sampling.rows(b), self.depth_sampling.rows(b)
+        rows = slice(0, b)
+
+        def step(hidden, slot, position, valid, noise):
+            with kv_rows(self.model.backbone_model, rows), kv_rows(self.model.depth_decoder.model, rows):
+                return self.step(hidden, slot, position, valid, noise, backbone, depth)
+
+        return step
 
     def free(self, row: int) -> None:
         """End a row: it gives pad frames and takes no part in attention until prefilled again."""
@@ -322,7 +348,8 @@ class FrameEngine:
 
 
 class kv_rows:
-    """Point every layer's KV cache at rows `rows` of itself for the duration of a block."""
+    """Make every layer's KV cache serve rows `rows` (a slice) of itself for the duration of a block: a
+    plain attribute, so a compiled step sees the same modules with another row range (one graph each)."""
 
     def __init__(self, transformer, rows: slice):
         self.transformer, self.rows, self.saved = transformer, rows, []
@@ -330,20 +357,64 @@ class kv_rows:
     def __enter__(self):
         for layer in self.transformer.layers:
             cache = layer.self_attn.kv_cache
-            self.saved.append(cache)
-            view = KVCache.__new__(KVCache)
-            torch.nn.Module.__init__(view)
-            view.k_cache, view.v_cache = cache.k_cache[self.rows], cache.v_cache[self.rows]
-            layer.self_attn.kv_cache = view
+            self.saved.append(cache.rows)
+            start, stop, _ = self.rows.indices(cache.k_cache.shape[0])
+            cache.rows = (start, stop)
 
     def __exit__(self, *exc):
-        for layer, cache in zip(self.transformer.layers, self.saved):
-            layer.self_attn.kv_cache = cache
+        for layer, rows in zip(self.transformer.layers, self.saved):
+            layer.self_attn.kv_cache.rows = rows
 
 
 def use_cuda_graph(device: torch.device, cuda_graph: bool | None) -> bool:
-    """Whether a step on `device` replays as a CUDA graph: `cuda_graph`, else CUDA_GRAPH_DEFAULT or
-    CSM_CUDA_GRAPH=1; never off CUDA or under NO_CUDA_GRAPH=1."""
+    """Whether a step on `device` replays as a CUDA graph: `cuda_graph`, else CSM_CUDA_GRAPH (1 or 0), else
+    CUDA_GRAPH_DEFAULT; never off CUDA or under NO_CUDA_GRAPH=1."""
     if cuda_graph is None:
-        cuda_graph = CUDA_GRAPH_DEFAULT or os.environ.get("CSM_CUDA_GRAPH") == "1"
+        env = os.environ.get("CSM_CUDA_GRAPH")
+        cuda_graph = CUDA_GRAPH_DEFAULT if env in (None, "") else env == "1"
     return cuda_graph and graphs_enabled(device)
+
+
+def use_compile(compile: bool | None) -> bool:
+    """Whether the frame step is compiled: `compile`, else CSM_COMPILE (1 or 0), else COMPILE_DEFAULT;
+    never under NO_TORCH_COMPILE=1."""
+    if compile is None:
+        env = os.environ.get("CSM_COMPILE")
+        compile = COMPILE_DEFAULT if env in (None, "") else env == "1"
+    return compile and os.environ.get("NO_TORCH_COMPILE") != "1"
+
+
+def inductor_cache_dir() -> Path:
+    """Where compiled steps are kept between runs: the user's cache folder, csm/inductor."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "csm" / "inductor"
+
+
+def use_inductor_cache() -> None:
+    """Keep inductor's compiled graphs and kernels on disk (TORCHINDUCTOR_CACHE_DIR when set, else
+    `inductor_cache_dir()`), so that the next start loads them instead of compiling again."""
+    import torch._inductor.config
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    torch._inductor.config.fx_graph_cache = True
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StartTimings:
+    """What getting ready cost: loading the model, compiling the step, capturing its CUDA graphs."""
+
+    load_s: float | None = None
+    compile_s: float = 0.0
+    capture_s: float = 0.0
+    graphs: int = 0
+
+    def summary(self) -> str:
+        load = "?" if self.load_s is None else f"{self.load_s:.1f} s"
+        return (
+            f"load {load}, compile {self.compile_s:.1f} s, capture {self.capture_s:.1f} s "
+            f"({self.graphs} CUDA graphs)"
+        )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .engine import FrameEngine, Sampling, use_cuda_graph
+from .engine import FrameEngine, Sampling, use_compile, use_cuda_graph
 from .frames import FrameRule
 from .output import ModelOutput
 
@@ -220,19 +220,21 @@ def start(
 
 
 def engine_for(
-    model, batch_size: int, max_seq_len: int, compile: bool, cuda_graph: bool | None = None
+    model, batch_size: int, max_seq_len: int, compile: bool | None, cuda_graph: bool | None = None
 ) -> FrameEngine:
     """A fresh engine; a compiled or graphed one is sized to the whole context and kept on the model, so
     later calls with the same batch size reuse its compiled step or captured graphs."""
-    graphed = not compile and use_cuda_graph(model.device, cuda_graph)
+    compile = use_compile(compile)
+    graphed = use_cuda_graph(model.device, cuda_graph)
     if not (compile or graphed):
         return FrameEngine(model, batch_size, max_seq_len)
     size = model.config.max_position_embeddings
     engine = getattr(model, "_kept_engine", None)
-    if engine is None or (engine.batch_size, engine.max_seq_len, engine.graphed) != (
+    if engine is None or (engine.batch_size, engine.max_seq_len, engine.graphed, engine.compiled) != (
         batch_size,
         size,
         graphed,
+        compile,
     ):
         engine = model._kept_engine = FrameEngine(
             model, batch_size, size, compile=compile, cuda_graph=graphed
@@ -304,7 +306,7 @@ def generate(
     output_audio: bool = False,
     seed: int | None = None,
     max_seconds: float | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     cuda_graph: bool | None = None,
     sync_every: int = 8,
     return_dict_in_generate: bool = False,
@@ -321,6 +323,8 @@ def generate(
     Sampling arguments follow the reference: do_sample, temperature, top_k, top_p and the same with a
     `depth_decoder_` prefix, generation_config, num_return_sequences, min_new_tokens; defaults come from the
     checkpoint's generation_config.json.
+    `cuda_graph`: replay the frame step as CUDA graphs (None: on CUDA unless CSM_CUDA_GRAPH=0);
+    `compile`: torch.compile the frame step (None: only with CSM_COMPILE=1); see csm.engine.
     """
     engine, config, generator, code_prompt = start(
         model,
@@ -389,7 +393,7 @@ def generate_stream(
     chunk_frames: int = 4,
     seed: int | None = None,
     max_seconds: float | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     cuda_graph: bool | None = None,
     with_codes: bool = False,
     **kwargs,

@@ -17,9 +17,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale: the reference's order, which matters in bf16.
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * h.to(x.dtype)
+        # Normalised in fp32 and rounded once to x's dtype (rms_norm upcasts inside), then scaled: the
+        # reference's order, which matters in bf16, without its two casts.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
@@ -44,7 +44,7 @@ def rope_inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once per dtype and looked up per step."""
+    """The rotation of every position (see `apply_rope`), computed once per dtype and looked up per step."""
 
     def __init__(self, head_dim: int, params: dict, max_positions: int):
         super().__init__()
@@ -55,15 +55,15 @@ class RotaryEmbedding(nn.Module):
     def compute_buffers(self, device) -> None:
         """Fill the non-persistent buffer; also called after loading a model built on the meta device."""
         self.inv_freq = rope_inverse_frequencies(self.head_dim, self.params).to(device)
-        self.tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tables: dict[torch.dtype, torch.Tensor] = {}
 
-    def table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if dtype not in self.tables or self.tables[dtype][0].device != self.inv_freq.device:
+    def table(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.tables or self.tables[dtype].device != self.inv_freq.device:
             freqs = (
                 torch.arange(self.max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq
             )
-            emb = torch.cat((freqs, freqs), dim=-1)  # fp32 then cast, as the reference does per call
-            self.tables[dtype] = (emb.cos().to(dtype), emb.sin().to(dtype))
+            # fp32 then cast, as the reference does per call
+            self.tables[dtype] = rotation(freqs.cos(), freqs.sin()).to(dtype)
         return self.tables[dtype]
 
     def cover(self, num_positions: int) -> None:
@@ -73,18 +73,32 @@ class RotaryEmbedding(nn.Module):
             self.max_positions = num_positions
             self.tables = {}
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for `positions` (T,) or (B, T), shaped (..., T, head_dim), in `dtype`."""
-        cos, sin = self.table(dtype)
-        return cos[positions], sin[positions]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rotations (..., T, 2, 2, head_dim / 2) for `positions` (T,) or (B, T), in `dtype`."""
+        return self.table(dtype)[positions]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles in cos/sin (T, D) or (B, T, D)."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos and sin (..., D/2) of each frequency's angle -> its rotation matrix (..., 2, 2, D/2), [out][in]."""
+    return torch.stack([torch.stack([cos, -sin], -2), torch.stack([sin, cos], -2)], -3)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by `rot` (T, 2, 2, D/2) or (B, T, 2, 2, D/2) from `rotation`.
+
+    The reference's rotate-half layout pairs x_i with x_{i+D/2}: seen as pairs, x turns with one product
+    and one sum of two, the same arithmetic (and roundings) as x * cos + rotate_half(x) * sin without its
+    negation and concatenation: two kernels instead of five.
+    """
+    B, T, H, D = x.shape
+    pairs = x.view(B, T, H, 1, 2, D // 2)
+    return (pairs * rot.unsqueeze(-4)).sum(-2).view(B, T, H, D)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the 0 / -inf scores attention adds, made once per step
+    instead of by every layer's attention."""
+    return torch.where(mask, 0.0, float("-inf")).to(dtype)
 
 
 # ---- prepacked weights for CPU inference ------------------------------------------------------------
@@ -103,24 +117,28 @@ def packable(weight: torch.Tensor) -> bool:
 
 
 class PackedWeight:
-    """A oneDNN-prepacked copy of `source` (or of matrices derived from it), valid while `source` is
-    neither changed in place nor replaced: an optimizer step, a load or a move makes it stale."""
+    """A oneDNN-prepacked copy of `source` (or of matrices derived from it), valid while `source` (a tensor
+    or a tuple of them) is neither changed in place nor replaced: an optimizer step, a load or a move makes
+    it stale."""
 
-    def __init__(self, source: torch.Tensor, matrices: list[torch.Tensor]):
+    def __init__(self, source: torch.Tensor | tuple[torch.Tensor, ...], matrices: list[torch.Tensor]):
         self.key = self.version(source)
         self.tensors = [torch.ops.mkldnn._reorder_linear_weight(m, PACK_BATCH_HINT) for m in matrices]
 
     @staticmethod
-    def version(source: torch.Tensor) -> tuple[int, int | None]:
+    def version(source: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple:
+        if isinstance(source, tuple):
+            return tuple(PackedWeight.version(t) for t in source)
         if source.is_inference():  # no version counter: made under inference_mode, changed only there
             return source.data_ptr(), None
         return source.data_ptr(), source._version
 
-    def usable(self, source: torch.Tensor, x: torch.Tensor) -> bool:
+    def usable(self, source: torch.Tensor | tuple[torch.Tensor, ...], x: torch.Tensor) -> bool:
+        dtype = source[0].dtype if isinstance(source, tuple) else source.dtype
         return (
             not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and x.dtype == source.dtype
+            and x.dtype == dtype
             and self.key == self.version(source)
         )
 
@@ -137,9 +155,13 @@ class Packable:
 
     def pack(self) -> None:
         """Pack `self.weight` (as `matrices_to_pack` splits it) unless a valid pack is already there."""
-        w = self.weight
-        if packable(w) and (self.packed is None or self.packed.key != PackedWeight.version(w)):
-            self.packed = PackedWeight(w, self.matrices_to_pack(w.detach()))
+        w, source = self.weight, self.pack_source()
+        if packable(w) and (self.packed is None or self.packed.key != PackedWeight.version(source)):
+            self.packed = PackedWeight(source, self.matrices_to_pack(w.detach()))
+
+    def pack_source(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What a pack stays valid with (see PackedWeight)."""
+        return self.weight
 
     def matrices_to_pack(self, weight: torch.Tensor) -> list[torch.Tensor]:
         return [weight]
@@ -164,11 +186,18 @@ class Linear(Packable, nn.Linear):
 
 def prepack(module: nn.Module, min_numel: int | None = None) -> None:
     """Pack every `Linear` (and anything else with a `pack()`) under `module` whose weight has at least
-    `min_numel` (default PACK_MIN_NUMEL) elements; packs that are still valid are kept."""
+    `min_numel` (default PACK_MIN_NUMEL) elements; packs that are still valid are kept. The layers of a
+    FusedLinear are packed as one."""
     min_numel = PACK_MIN_NUMEL if min_numel is None else min_numel
+    fused = {
+        id(p)
+        for m in module.modules()
+        if isinstance(m, FusedLinear) and m.weight is not None
+        for p in m.parts
+    }
     for m in module.modules():
         weight = getattr(m, "weight", None)
-        if hasattr(m, "pack") and weight is not None and weight.numel() >= min_numel:
+        if hasattr(m, "pack") and weight is not None and weight.numel() >= min_numel and id(m) not in fused:
             m.pack()
 
 
@@ -179,6 +208,131 @@ def unpack(module: nn.Module) -> None:
             m.packed = None
 
 
+# ---- fused projections --------------------------------------------------------------------------------
+
+
+class FusedLinear(Packable, nn.Module):
+    """Linear layers that read the same input (q/k/v, gate/up) run as one matrix product.
+
+    `fuse(parts)` moves the layers' weights (and biases) into one buffer, (sum of N, K), and makes each
+    layer's weight a view of its rows: no memory is added, and the layers stay as they were for everything
+    else. The buffer is not saved (checkpoints keep one key per layer), LoRA and quantization replace the
+    layers as before, and an in-place change of a layer's weight (an optimizer step) is a change of the
+    buffer. The fused product stands in only while the layers and their weight parameters are the ones
+    fused and no gradient is asked of them (`serves`, checked per call). The owner fuses again after a move,
+    a load or a copy (`Fuses`); `fuse_projections` does after layers were replaced, and every frame engine
+    runs it, which also catches a weight given other storage by assigning its `.data`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+        self.clear()
+
+    def clear(self) -> None:
+        self.weight = self.bias = self.packed = None
+        self.parts: tuple[nn.Module, ...] = ()
+        self.weights: tuple[torch.Tensor, ...] = ()  # the layers' weight parameters, as fused
+        self.rows: tuple[int, ...] = ()  # the first row of each layer in the buffer
+
+    def fuse(self, parts: tuple[nn.Module, ...]) -> None:
+        """Fuse `parts` (plain Linear layers with the same input size), unless they already are; anything
+        else (a quantized or LoRA layer among them) unfuses."""
+        if self.serves(parts, for_grad=False) and self.aliased():
+            return
+        self.clear()
+        if not all(type(p) is Linear for p in parts) or len({p.bias is None for p in parts}) > 1:
+            return
+        sizes = [p.out_features for p in parts]
+        with torch.no_grad():
+            weight = torch.cat([p.weight.detach() for p in parts])
+            for p, w in zip(parts, weight.split(sizes)):
+                p.weight.data, p.packed = w, None
+            if parts[0].bias is not None:
+                self.bias = torch.cat([p.bias.detach() for p in parts])
+                for p, b in zip(parts, self.bias.split(sizes)):
+                    p.bias.data = b
+        self.weight, self.parts = weight, tuple(parts)
+        self.weights = tuple(p.weight for p in parts)
+        self.rows = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+
+    def serves(self, parts: tuple[nn.Module, ...], for_grad: bool = True) -> bool:
+        """Whether the fused product stands for `parts` now: they are the layers fused, with the weight
+        parameters fused (`for_grad`: and autograd needs no gradient of them). Cheap: it runs per call;
+        `aliased` is checked whenever the owner fuses (built, loaded, moved, copied, or an engine made)."""
+        if parts != self.parts:  # () when nothing is fused
+            return False
+        for p, w in zip(parts, self.weights):
+            if p._parameters["weight"] is not w:
+                return False
+        # A gradient would stop at the buffer: layers being trained run on their own.
+        return not (for_grad and torch.is_grad_enabled() and any(w.requires_grad for w in self.weights))
+
+    def aliased(self) -> bool:
+        """Whether every layer's weight and bias are still views of their rows of the buffer (an assignment
+        to `.data` may have given them storage of their own)."""
+        w, b = self.weight, self.bias
+        for p, row in zip(self.parts, self.rows):
+            if p.weight.data_ptr() != w.data_ptr() + row * w.stride(0) * w.element_size():
+                return False
+            if b is not None and p.bias.data_ptr() != b.data_ptr() + row * b.element_size():
+                return False
+        return True
+
+    def pack_source(self) -> tuple[torch.Tensor, ...]:
+        # Each layer's weight has a version counter of its own; a new buffer gives them new storage too.
+        return self.weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self.packed.usable(self.pack_source(), x):
+            return packed_linear(x, self.packed.tensors[0], self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Fuses:
+    """Mixin for a module owning FusedLinears (`fuse()` fuses them): fused again after a move (`.to()`), a
+    load (`load_state_dict`, hooked in by the owner) and a copy or unpickling."""
+
+    def fuse(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        for m in self.children():  # the layers are converted apart; a converted buffer would be thrown away
+            if isinstance(m, FusedLinear):
+                m.clear()
+        super()._apply(fn, recurse)
+        self.fuse()
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.fuse()  # a deep copy clones each parameter on its own
+
+
+def fuse_after_load(module: nn.Module, incompatible_keys) -> None:
+    module.fuse()
+
+
+def fuse_projections(module: nn.Module) -> None:
+    """(Re)fuse every q/k/v and gate/up under `module` whose layers are plain Linears, unfuse the others
+    (call after replacing layers, e.g. merging LoRA or quantizing)."""
+    for m in module.modules():
+        if isinstance(m, Fuses):
+            m.fuse()
+
+
+def unfuse_projections(module: nn.Module) -> None:
+    """Give every layer under `module` a weight of its own again (before sharding parameters, e.g. FSDP)."""
+    for m in module.modules():
+        if isinstance(m, FusedLinear) and m.weight is not None:
+            for p in m.parts:
+                p.weight.data = p.weight.detach().clone()
+                if p.bias is not None:
+                    p.bias.data = p.bias.detach().clone()
+            m.clear()
+
+
 class KVCache(nn.Module):
     """Keys and values preallocated once, written in place at each row's positions."""
 
@@ -187,20 +341,26 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.rows: tuple[int, int] | None = None  # (start, stop): the rows a step runs (csm.engine.kv_rows)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at `input_pos` (T,) shared by all rows, or (B, T) per row."""
+        """Write k, v (B, H, T, D) at `input_pos` (T,) shared by all rows, or (B, T) per row; returns the
+        caches (of `rows` only, when set)."""
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if self.rows is not None:
+            start, stop = self.rows
+            k_cache, v_cache = k_cache[start:stop], v_cache[start:stop]
         if input_pos.dim() == 1:
-            self.k_cache.index_copy_(2, input_pos, k)
-            self.v_cache.index_copy_(2, input_pos, v)
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
         else:
             index = input_pos[:, None, :, None].expand_as(k)
-            self.k_cache.scatter_(2, index, k)
-            self.v_cache.scatter_(2, index, v)
-        return self.k_cache, self.v_cache
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
+        return k_cache, v_cache
 
 
-class Attention(nn.Module):
+class Attention(Fuses, nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -208,16 +368,30 @@ class Attention(nn.Module):
         self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = Linear(n_heads * head_dim, dim, bias=bias)
+        self.qkv = FusedLinear()
+        self.fuse()
+        self.register_load_state_dict_post_hook(fuse_after_load)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, kv=None) -> torch.Tensor:
-        """x (B, T, D). Keys and values go through `kv(k, v) -> (k, v)` when given (a caller's own
-        cache, e.g. the codec's ring), else through this layer's KVCache at `input_pos`."""
+    def fuse(self) -> None:
+        self.qkv.fuse((self.q_proj, self.k_proj, self.v_proj))
+
+    def forward(self, x, rot, mask=None, input_pos=None, kv=None) -> torch.Tensor:
+        """x (B, T, D), rot the RoPE rotations (`RotaryEmbedding`). Keys and values go through
+        `kv(k, v) -> (k, v)` when given (a caller's own cache, e.g. the codec's ring), else through this
+        layer's KVCache at `input_pos`. `mask`: boolean (True: attend) or additive, over the keys in use."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        m = self._modules  # the layers as they are now, without Module.__getattr__'s cost per call
+        if self.qkv.serves((m["q_proj"], m["k_proj"], m["v_proj"])):
+            qkv = self.qkv(x).view(B, T, H + 2 * KV, D)
+            qk = apply_rope(qkv[:, :, : H + KV], rot)  # queries and keys turn together
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
+        else:
+            q = apply_rope(self.q_proj(x).view(B, T, H, D), rot)
+            k = apply_rope(self.k_proj(x).view(B, T, KV, D), rot)
+            v = self.v_proj(x).view(B, T, KV, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv is not None:
             k, v = kv(k, v)
         elif self.kv_cache is not None:
@@ -240,27 +414,39 @@ class Attention(nn.Module):
 
 def one_query_attention(q, k, v, mask) -> torch.Tensor:
     """Attention of one query per row, q (B, H, 1, D), over k, v (B, KV, S, D), grouped-query aware;
-    mask is boolean, broadcastable to (B, 1, 1, S).
+    mask is boolean (True: attend) or additive, broadcastable to (B, 1, 1, S).
 
     Decoding in bf16 on CPU, PyTorch's flash attention costs ~1.7 us per key and row, 5-10x these few
     products (scores in fp32, as flash accumulates them).
     """
     B, H, _, D = q.shape
     n_kv = k.shape[1]
-    scores = q.view(B, n_kv, H // n_kv, D).float() @ k.float().transpose(-1, -2)
-    scores = (scores * D**-0.5).masked_fill(~mask, float("-inf"))
+    scores = q.reshape(B, n_kv, H // n_kv, D).float() @ k.float().transpose(-1, -2)
+    scores = scores * D**-0.5
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
-class MLP(nn.Module):
+class MLP(Fuses, nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
         self.gate_proj = Linear(dim, hidden, bias=bias)
         self.up_proj = Linear(dim, hidden, bias=bias)
         self.down_proj = Linear(hidden, dim, bias=bias)
+        self.gate_up = FusedLinear()
+        self.fuse()
+        self.register_load_state_dict_post_hook(fuse_after_load)
+
+    def fuse(self) -> None:
+        self.gate_up.fuse((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        m = self._modules  # as in Attention.forward
+        if self.gate_up.serves((m["gate_proj"], m["up_proj"])):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -277,8 +463,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, rot, mask=None, input_pos=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rot, mask, input_pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -311,16 +497,19 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
 
     def run_layers(self, h, positions, mask=None, input_pos=None, hidden_states=None) -> torch.Tensor:
-        """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE.
-        A list passed as `hidden_states` receives each layer's input, then the final normed state."""
-        cos, sin = self.rotary_emb(positions, h.dtype)
+        """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE; mask
+        is boolean (True: attend) or additive. A list passed as `hidden_states` receives each layer's
+        input, then the final normed state."""
+        rot = self.rotary_emb(positions, h.dtype)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = additive_mask(mask, h.dtype)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(h)
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, input_pos, use_reentrant=False)
+                h = checkpoint(layer, h, rot, mask, input_pos, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, input_pos)
+                h = layer(h, rot, mask, input_pos)
         h = self.norm(h)
         if hidden_states is not None:
             hidden_states.append(h)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,16 @@ from .checkpoint import (
 )
 from .config import CsmConfig, CsmDepthDecoderConfig
 from .generate import GENERATION_DEFAULTS, GenerationSettings, generate, generate_stream
-from .llama import Linear, Packable, Transformer, packed_linear, padding_causal_mask, prepack, unpack
+from .llama import (
+    Linear,
+    Packable,
+    Transformer,
+    fuse_projections,
+    packed_linear,
+    padding_causal_mask,
+    prepack,
+    unpack,
+)
 from .mimi import MimiModel
 from .output import ModelOutput
 from .quant import (
@@ -474,6 +484,7 @@ class CsmForConditionalGeneration(nn.Module):
         quantize: "int8" or "int4" (with `group_size`, default 32) quantizes the weights as they are read,
         never holding the full-precision model; a checkpoint saved quantized loads as it was saved.
         """
+        started = time.perf_counter()
         device = loading_device(device, device_map)
         dtype = loading_dtype(dtype, torch_dtype)
         resolve_dtype(dtype)  # a bad name fails before the download
@@ -499,6 +510,7 @@ class CsmForConditionalGeneration(nn.Module):
         gen = folder / GENERATION_CONFIG_NAME
         if gen.is_file():
             model.generation_config = json.loads(gen.read_text())
+        model.load_seconds = time.perf_counter() - started  # for the start-up log (csm.engine.StartTimings)
         return model
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -535,8 +547,11 @@ class CsmForConditionalGeneration(nn.Module):
         config = QuantConfig(scheme, group_size)
         check_supported(scheme, self.device, self.dtype)
         config.modules = choose_modules(self, config)
-        self.__dict__.pop("_compiled_engine", None)  # its compiled step traced the modules replaced here
+        self.__dict__.pop(
+            "_kept_engine", None
+        )  # its compiled step or graphs traced the modules replaced here
         quantize_modules(self, config)
+        fuse_projections(self)  # the quantized layers run on their own: their fused weights go
         self.quantization = config
         return self
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..llama import Attention, Linear
+from ..llama import Attention, Linear, additive_mask, rotation
 from .config import MimiConfig
 from .streaming import StreamingModule, StreamState
 
@@ -23,16 +23,14 @@ _ACTIVATIONS = {
 }
 
 
-def rope(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (..., head_dim) for rotary embeddings at `positions` (...), computed in float32."""
+def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
+    """RoPE rotations (..., 2, 2, head_dim / 2) at `positions` (...) (see csm.llama.apply_rope), computed
+    in float32."""
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
     )
     freqs = positions[..., None].float() * inv_freq
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return rotation(freqs.cos(), freqs.sin()).to(dtype)
 
 
 @dataclass
@@ -114,14 +112,13 @@ class TransformerLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rot: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         kv = None if cache is None else partial(cache.attend, layer)
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv=kv)
+        h = self.self_attn(self.input_layernorm(x), rot, mask, kv=kv)
         x = x + self.self_attn_layer_scale(h)
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
@@ -149,9 +146,9 @@ class Transformer(StreamingModule):
             # pass, in memory and time linear in T instead of quadratic.
             cache = self.init_state(x.shape[0], x.device, x.dtype)
             return torch.cat([self._step(chunk, cache) for chunk in x.split(self.window, dim=1)], dim=1)
-        cos, sin = rope(torch.arange(T, device=x.device), self.head_dim, self.theta, x.dtype)
+        rot = rope(torch.arange(T, device=x.device), self.head_dim, self.theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, None)
+            x = layer(x, rot, None)
         return x
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
@@ -168,11 +165,12 @@ class Transformer(StreamingModule):
         rows = None if stream is None else stream.rows
         offsets = cache.offsets if rows is None else cache.offsets[rows]
         positions = offsets[:, None] + torch.arange(T, device=x.device)  # (B, T): each row at its own point
-        cos, sin = rope(positions, self.head_dim, self.theta, x.dtype)
+        rot = rope(positions, self.head_dim, self.theta, x.dtype)
         held = cache.positions if rows is None else cache.positions[rows]
         held = torch.cat([held, positions], dim=1)  # positions of the keys attended: ring, then new
         delta = positions[:, :, None] - held[:, None, :]
         mask = ((delta >= 0) & (delta < self.window) & (held[:, None, :] >= 0))[:, None]  # (B, 1, T, S)
+        mask = additive_mask(mask, x.dtype)  # once, not per layer
         index = rows if rows is not None else torch.arange(len(offsets), device=offsets.device)
         cache.rows, cache.index, cache.slots = (
             rows,
@@ -182,7 +180,7 @@ class Transformer(StreamingModule):
         cache.later = None if stream is None else stream.later
         try:
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, rot, mask, cache, i)
             cache.write(cache.positions.__setitem__, (cache.index, cache.slots), positions[:, -self.window :])
             cache.write(cache.offsets.index_add_, 0, index, torch.full_like(offsets, T))
         finally:

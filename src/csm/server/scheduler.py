@@ -105,6 +105,7 @@ class Scheduler:
             )
             config = GenerationConfig.from_model(self.model)
             self.core.engine.capture_graphs(config.backbone, config.depth_decoder)  # CUDA graphs only
+            log.info("ready to generate: %s", self.core.engine.timings.summary())
             self._thread = threading.Thread(target=self._run, name="csm-scheduler", daemon=True)
             self._thread.start()
 

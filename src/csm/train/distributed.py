@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..llama import unfuse_projections
+
 
 @dataclass
 class Dist:
@@ -91,6 +93,7 @@ def wrap(model: nn.Module, d: Dist, shard: bool) -> nn.Module:
     # The model returns views (logits of kept positions); nothing changes them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(d.device.type, (d.world,))
+    unfuse_projections(model)  # sharded parameters cannot stay views of one fused buffer
     for layers in (model.backbone_model.layers, model.depth_decoder.model.layers):
         for layer in layers:
             fully_shard(layer, mesh=mesh)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..llama import Linear
+from ..llama import Linear, fuse_projections
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -119,6 +119,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             _set(model, name, module.merged())
+    fuse_projections(model)  # the merged layers' q/k/v and gate/up run as one product again
     return model
 
 
