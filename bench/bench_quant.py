@@ -304,39 +304,73 @@ SHAPES = [(8192, 2048), (2048, 8192), (2048, 2048), (512, 2048), (8192, 1024), (
 
 
 def kernel_table(args) -> None:
-    """ms for one (batch x K) by (K x N) product per shape and kernel, weights cycled through 256 MB."""
+    """Median ms (and GB/s of weights read) for one (batch x K) by (K x N) product per shape and kernel,
+    weights cycled through 256 MB so none runs from cache. `ours` columns are csm.cpu_kernels (absent when
+    they cannot run here); the others are PyTorch's: oneDNN-prepacked fp32 and bf16, the aten int kernels."""
     from bench_generate import PackedWeight, packable, packed_linear
 
+    from csm import cpu_kernels
+    from csm.quant import quantize_int4, quantize_int8
+
+    ours = cpu_kernels.available()
+    names = ["fp32 prepacked", "bf16 torch", "int8 aten", "int4 g32 aten"]
+    if ours:
+        names += ["fp16 ours", "bf16 ours", "int8 ours", "int4 g32 ours"]
     print(
-        "| N x K | batch | fp32 prepacked | bf16 | int8 | "
-        + " | ".join(f"int4 g{g}" for g in (32, 128))
-        + " |"
+        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("cells: median ms / GB/s of weights read")
+    print("| N x K | batch | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
     for n, k in SHAPES:
         copies = max(2, (256 << 20) // (n * k * 4))
         weights = [torch.randn(n, k) * 0.02 for _ in range(copies)]
         for b in args.batch:
             x = torch.randn(b, k)
             cells = []
+
+            def cell(product, x, items, nbytes, cells=cells):
+                ms = cycle(product, x, items)
+                cells.append(f"{ms:.3f} / {nbytes / ms / 1e6:.1f}")
+
             packed = [PackedWeight(w, [w]).tensors[0] for w in weights]
-            cells.append(cycle(packed_linear, x, packed))
+            cell(packed_linear, x, packed, 4 * n * k)
             del packed
             bf16 = [w.bfloat16() for w in weights]
             if packable(bf16[0]):
-                bf16 = [PackedWeight(w, [w]).tensors[0] for w in bf16]
-                cells.append(cycle(packed_linear, x.bfloat16(), bf16))
+                cell(packed_linear, x.bfloat16(), [PackedWeight(w, [w]).tensors[0] for w in bf16], 2 * n * k)
             else:
-                cells.append(cycle(F.linear, x.bfloat16(), bf16))
-            del bf16
-            for scheme, g in (("int8", None), ("int4", 32), ("int4", 128)):
-                config = QuantConfig(scheme, g)
+                cell(F.linear, x.bfloat16(), bf16, 2 * n * k)
+            for scheme, g in (("int8", None), ("int4", 32)):
                 if scheme == "int4" and n % 16:
                     cells.append("-")
                     continue
-                layers = [make_linear(linear_of(w), config) for w in weights]
-                cells.append(cycle(lambda x, m: m(x), x, layers))
+                with cpu_kernels.disabled():
+                    layers = [make_linear(linear_of(w), QuantConfig(scheme, g)) for w in weights]
+                    cell(lambda x, m: m(x), x, layers, _nbytes(layers[0]))
+                del layers
+            if ours:
+                for dtype in (torch.float16, torch.bfloat16):
+                    ws = [w.to(dtype) for w in weights]
+                    cell(lambda x, w, d=dtype: cpu_kernels.linear(x, w, d), x, ws, 2 * n * k)
+                    del ws
+                q8 = [quantize_int8(w) for w in weights]
+                cell(
+                    lambda x, t: cpu_kernels.linear(x, t["qweight"], "int8", t["scales"]),
+                    x,
+                    q8,
+                    n * k + 2 * n,
+                )
+                del q8
+                q4 = [quantize_int4(w, 32) for w in weights]
+                cell(lambda x, t: cpu_kernels.linear(x, t["qweight"], "int4", t["scales"], t["zeros"], 32),
+                     x, q4, n * k // 2 + 4 * n * k // 32)  # fmt: skip
+                del q4
             print(f"| {n} x {k} | {b} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.buffers())
 
 
 def linear_of(w: torch.Tensor) -> torch.nn.Linear:
@@ -346,7 +380,7 @@ def linear_of(w: torch.Tensor) -> torch.nn.Linear:
 
 
 def cycle(product, x, items) -> str:
-    """min / median ms of `product(x, item)` over the items in turn (each 8 times), as a table cell."""
+    """Median ms of `product(x, item)` over the items in turn (each 8 times)."""
     turn = iter(range(1 << 30))
     times = []
     with torch.inference_mode():
@@ -355,7 +389,7 @@ def cycle(product, x, items) -> str:
             t = time.perf_counter()
             product(x, item)
             times.append(time.perf_counter() - t)
-    return f"{1000 * min(times):.3f} / {1000 * statistics.median(times):.3f}"
+    return 1000 * statistics.median(times)
 
 
 if __name__ == "__main__":
