@@ -39,7 +39,9 @@ from bench_generate import GREEDY, matvec_bandwidth, ms_per_frame, reference_mod
 from csm import CsmForConditionalGeneration  # noqa: E402
 from csm.quant import QuantConfig, make_linear  # noqa: E402
 
-VARIANTS = ["bf16", "fp32", "int8", "int4", "int8-fp32", "int4-fp32", "reference"]
+VARIANTS = ["bf16", "fp32", "int8", "int4", "int8-fp32", "int4-fp32", "bf16w-fp32", "fp16w-fp32", "reference"]
+# "bf16w-fp32": quantize="bf16" (16-bit weights under an fp32 model). A variant ending in ":torch" runs with
+# CSM_CPU_KERNELS=0: PyTorch's kernels, what csm ran before csm/cpu_kernels.py.
 CODES = 2048  # ids the codec decodes: what greedy picks among
 
 
@@ -55,8 +57,9 @@ def load(variant: str, folder: str, group_size: int):
         from transformers import CsmForConditionalGeneration as Reference
 
         return Reference.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    variant = variant.removesuffix(":torch")
     scheme, _, dtype = variant.partition("-")  # "int8-fp32": int8 on an fp32 model; "int8": on a bf16 one
-    quantize = scheme if scheme in ("int8", "int4") else None
+    quantize = {"int8": "int8", "int4": "int4", "bf16w": "bf16", "fp16w": "fp16"}.get(scheme)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if quantize else scheme)]
     return CsmForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, quantize=quantize, group_size=group_size if quantize == "int4" else None
@@ -141,7 +144,7 @@ def weight_errors(model, folder: str) -> dict[str, float]:
 def accuracy(model, variant: str, folder: str, probe_file: Path, frames: int) -> dict:
     ids = prompt(1, 32, model.config.text_vocab_size)
     codes = model.generate(input_ids=ids, max_new_tokens=frames, **GREEDY)
-    if variant == "bf16":
+    if variant == "bf16":  # the first variant of an accuracy run
         torch.save({"codes": codes, **teacher_forced(model, ids, codes)}, probe_file)
         return {"frames": codes.shape[1]}
     ref = torch.load(probe_file)
@@ -167,7 +170,10 @@ def accuracy(model, variant: str, folder: str, probe_file: Path, frames: int) ->
 def run_variant(args) -> dict:
     start = time.perf_counter()
     model = load(args.variant, args.folder, args.group_size)
+    from csm import cpu_kernels
+
     result = {"variant": args.variant, "load_s": time.perf_counter() - start, "rss_after_load_mb": rss_mb()}
+    result["cpu_kernels"] = cpu_kernels.available()
     reference = args.variant == "reference"
     if not reference:
         result["bytes_per_frame"] = weight_bytes_per_frame(model)
@@ -203,10 +209,10 @@ def write_checkpoint(folder: str) -> None:
 
 
 def print_summary(results: list[dict], bandwidth: float) -> None:
-    base = {b: ms for r in results if r["variant"] == "bf16" for b, ms in r["ms_per_frame"].items()}
+    base = {b: ms for r in results if r["variant"] == "fp32" for b, ms in r["ms_per_frame"].items()}
     print(f"\nmatvec bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(
-        "| variant | batch | ms/frame | vs our bf16 | GB/frame | bound ms | / bound | RSS load MB | peak RSS MB |"
+        "| variant | batch | ms/frame | speed-up on our fp32 | GB/frame | bound ms | / bound | RSS load MB | peak RSS MB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -218,9 +224,13 @@ def print_summary(results: list[dict], bandwidth: float) -> None:
                 f"{bound:.0f} | {ms / bound:.2f} | {r['rss_after_load_mb']['VmRSS']:.0f} | "
                 f"{r['rss_after_generate_mb']['VmHWM']:.0f} |"
             )
+    fp32_prefill = next(
+        (r["prefill_ms"] for r in results if r["variant"] == "fp32" and "prefill_ms" in r), None
+    )
     for r in results:
         if "prefill_ms" in r:
-            print(f"prefill {r['variant']}: {r['prefill_ms']:.0f} ms")
+            ratio = f" ({r['prefill_ms'] / fp32_prefill:.2f}x our fp32's time)" if fp32_prefill else ""
+            print(f"prefill {r['variant']}: {r['prefill_ms']:.0f} ms{ratio}")
     for r in results:
         acc = r.get("accuracy")
         if acc and "layers" in acc:
@@ -238,7 +248,9 @@ def print_summary(results: list[dict], bandwidth: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument(
+        "--variants", nargs="+", default=VARIANTS, choices=VARIANTS + [v + ":torch" for v in VARIANTS[:-1]]
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--frames", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
@@ -279,7 +291,8 @@ def main() -> None:
                    "--prefill", str(args.prefill), "--accuracy-frames", str(args.accuracy_frames),
                    "--batch", *map(str, args.batch)] + ([] if args.accuracy else ["--no-accuracy"])  # fmt: skip
             load = os.getloadavg()[0]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, **({"CSM_CPU_KERNELS": "0"} if variant.endswith(":torch") else {}))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
                 continue
