@@ -16,9 +16,18 @@ from csm import cpu_kernels
 from csm.quant import Int4Linear, Linear16, QuantConfig, dequantize, make_linear, quantize_int4, quantize_int8
 
 needs_kernels = pytest.mark.skipif(
-    not cpu_kernels.available(),
-    reason="csm's CPU kernels do not run here (no AVX2/FMA/F16C, AMX, or no compiler)",
+    cpu_kernels.kernels() is None,
+    reason="csm's CPU kernels cannot run here (no AVX2/FMA/F16C or no compiler)",
 )
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    """The kernels wherever they can run, also where csm would not use them by default (AVX-512)."""
+    with cpu_kernels.forced(True):
+        yield
+
+
 FORMATS = ["fp16", "bf16", "int8", "int4-g32", "int4-g128"]
 
 
@@ -122,7 +131,7 @@ def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(monkeypa
         raise RuntimeError("Error building extension 'csm_cpu_kernels_v1': c++: not found\nmore lines")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_kernels, "wanted", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "runnable", lambda: True)
     cpu_kernels.kernels.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="csm.cpu_kernels"):
@@ -144,20 +153,23 @@ def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(monkeypa
 
 def test_the_kernels_are_wanted_on_avx2_cpus_without_amx_unless_the_environment_says_otherwise(monkeypatch):
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.delenv("CSM_CPU_KERNELS", raising=False)
 
     def wanted_with(*flags):
-        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: set(flags))
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(flags))
         return cpu_kernels.wanted()
 
-    assert wanted_with("avx2", "fma", "f16c") and wanted_with("avx2", "fma", "f16c", "avx512f")
+    assert wanted_with("avx2", "fma", "f16c")
     assert not wanted_with("avx2", "fma", "f16c", "amx_tile")  # oneDNN's AMX paths stay
     assert not wanted_with("avx", "fma", "f16c") and not wanted_with()
     monkeypatch.setenv("CSM_CPU_KERNELS", "1")
     assert wanted_with("avx2", "fma", "f16c", "amx_tile") and not wanted_with("avx", "fma", "f16c")
     monkeypatch.setenv("CSM_CPU_KERNELS", "0")
     assert not wanted_with("avx2", "fma", "f16c")
-    monkeypatch.delenv("CSM_CPU_KERNELS")
+    monkeypatch.setenv("CSM_CPU_KERNELS", "")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert not wanted_with("avx2", "fma", "f16c", "avx512f")  # PyTorch's AVX-512 kernels stay
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
     assert not wanted_with("avx2", "fma", "f16c")
 

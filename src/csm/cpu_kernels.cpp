@@ -66,9 +66,9 @@ struct I8Rows {
   int64_t K;
   static constexpr bool permuted = false;
   inline void load(int64_t n, int64_t k, __m256& a, __m256& b) const {
-    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * K + k));
-    a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+    const int8_t* p = w + n * K + k;  // each 8-byte load folds into the sign extension
+    a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
   }
   inline float factor(int64_t n) const { return bf16_to_float(scales[n]); }
 };
@@ -93,12 +93,15 @@ struct I4Rows {
   inline float factor(int64_t) const { return 1.0f; }
 };
 
-// NB output channels by R rows of x, over the whole of K.
+// NB output channels by R rows of x, over the whole of K. With one row, the two halves of a block go to
+// accumulators of their own, so that consecutive FMAs do not wait on each other.
 template <class W, int NB, int R>
 inline void block(const W& w, int64_t n0, const float* x, int64_t K, float* y, int64_t N) {
-  __m256 acc[NB][R];
+  constexpr int S = R == 1 ? 2 : 1;
+  __m256 acc[NB][R][S];
   for (int j = 0; j < NB; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < S; ++h) acc[j][r][h] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     __m256 xa[R], xb[R];
     for (int r = 0; r < R; ++r) {
@@ -109,14 +112,18 @@ inline void block(const W& w, int64_t n0, const float* x, int64_t K, float* y, i
       __m256 a, b;
       w.load(n0 + j, k, a, b);
       for (int r = 0; r < R; ++r) {
-        acc[j][r] = _mm256_fmadd_ps(a, xa[r], acc[j][r]);
-        acc[j][r] = _mm256_fmadd_ps(b, xb[r], acc[j][r]);
+        acc[j][r][0] = _mm256_fmadd_ps(a, xa[r], acc[j][r][0]);
+        acc[j][r][S - 1] = _mm256_fmadd_ps(b, xb[r], acc[j][r][S - 1]);
       }
     }
   }
   for (int j = 0; j < NB; ++j) {
     float f = w.factor(n0 + j);
-    for (int r = 0; r < R; ++r) y[r * N + n0 + j] = hsum(acc[j][r]) * f;
+    for (int r = 0; r < R; ++r) {
+      __m256 sum = acc[j][r][0];
+      if (S == 2) sum = _mm256_add_ps(sum, acc[j][r][S - 1]);
+      y[r * N + n0 + j] = hsum(sum) * f;
+    }
   }
 }
 

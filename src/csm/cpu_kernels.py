@@ -1,16 +1,18 @@
 """Weight-streaming CPU kernels for 16-bit and quantized linear layers (cpu_kernels.cpp), built on first use.
 
-On x86 CPUs with AVX2, FMA and F16C and without AMX, decoding reads fp16/bf16/int8/int4 weights through
-these kernels: each weight is converted in registers as it is read, once for all rows of x. PyTorch's own
-kernels there either convert bf16 weights through a slow path or take bf16 activations only (BENCHMARKS.md,
-"CPU kernels"). CPUs with AMX keep PyTorch's kernels (oneDNN's AMX paths are faster than anything AVX2).
+On x86 CPUs where PyTorch runs its AVX2 code (AVX2, FMA and F16C; no AVX-512), decoding reads
+fp16/bf16/int8/int4 weights through these kernels: each weight is converted in registers as it is read,
+once for all rows of x. PyTorch's own kernels there convert bf16 weights through a slow path and take int
+weights with bf16 activations only, at a fraction of the memory's speed (BENCHMARKS.md, "Quantized
+weights"). CPUs with AVX-512 or AMX keep PyTorch's kernels, which are fast there.
 
 The extension is compiled by torch.utils.cpp_extension (one file, a C++ compiler and ninja needed; ninja
 comes with the package) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions), once per machine and torch version. When it cannot be built (no compiler, a
 failed build) one warning is logged and the callers use PyTorch's kernels; nothing fails.
 
-CSM_CPU_KERNELS=0 turns the kernels off, =1 uses them whatever the CPU (where it has AVX2, FMA and F16C).
+CSM_CPU_KERNELS=0 turns the kernels off, =1 uses them wherever they can run (AVX2, FMA and F16C), AVX-512
+machines included.
 """
 
 from __future__ import annotations
@@ -28,33 +30,38 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 NAME = "csm_cpu_kernels_v1"  # change with the source's interface
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: at::parallel_for is serial without it
 FORMATS = {torch.float16: 0, torch.bfloat16: 1, "int8": 2, "int4": 3}
 
 
-def cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux), empty where they cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
+
+
+def runnable() -> bool:
+    """Whether this CPU can run the kernels: x86-64 with AVX2, FMA and F16C."""
+    return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def wanted() -> bool:
-    """Whether this machine should use the kernels: x86-64 with AVX2, FMA and F16C, no AMX (unless
-    CSM_CPU_KERNELS says otherwise)."""
+    """Whether csm uses the kernels here by default: where they can run and PyTorch runs its AVX2 code (no
+    AVX-512, no AMX), unless CSM_CPU_KERNELS says otherwise (0: never, 1: wherever they can run)."""
     setting = os.environ.get("CSM_CPU_KERNELS", "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
+    if setting in ("0", "false", "no", "off") or not runnable():
         return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    flags = cpu_flags()
-    if not {"avx2", "fma", "f16c"} <= flags:
-        return False
-    return setting in ("1", "true", "yes", "on") or not any(f.startswith("amx") for f in flags)
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    # With AVX-512 PyTorch's int8 kernel and oneDNN's bf16 product already stream at the bound (BENCHMARKS.md)
+    amx = any(f.startswith("amx") for f in cpu_flags())
+    return torch.backends.cpu.get_cpu_capability() == "AVX2" and not amx
 
 
 def _ninja_on_path() -> None:
@@ -71,8 +78,8 @@ def _ninja_on_path() -> None:
 
 @functools.lru_cache(maxsize=1)
 def kernels():
-    """The built extension module, or None where it is not wanted or could not be built."""
-    if not wanted():
+    """The built extension module (built on the first call), or None where it cannot run or be built."""
+    if not runnable():
         return None
     try:
         from torch.utils import cpp_extension
@@ -85,23 +92,31 @@ def kernels():
         return None
 
 
-_enabled = True
+_forced: bool | None = None  # set by `forced`; None: `wanted()`, read once
+_wanted = functools.lru_cache(maxsize=1)(wanted)
 
 
 def available() -> bool:
-    """Whether quantized and 16-bit layers made now run these kernels."""
-    return _enabled and kernels() is not None
+    """Whether quantized and 16-bit layers made or run now use these kernels."""
+    on = _wanted() if _forced is None else _forced
+    return on and kernels() is not None
 
 
 @contextlib.contextmanager
-def disabled():
-    """Layers made and run inside this block use PyTorch's kernels (tests and benchmarks of the fallback)."""
-    global _enabled
-    saved, _enabled = _enabled, False
+def forced(on: bool):
+    """Within this block layers use the kernels (where they can run) or PyTorch's, whatever the default:
+    tests and benchmarks of both paths on one machine."""
+    global _forced
+    saved, _forced = _forced, on
     try:
         yield
     finally:
-        _enabled = saved
+        _forced = saved
+
+
+def disabled():
+    """Within this block layers use PyTorch's kernels."""
+    return forced(False)
 
 
 def linear(
