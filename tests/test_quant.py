@@ -324,3 +324,24 @@ def test_compiled_generation_with_quantized_weights_gives_the_eager_codes(checkp
     torch.testing.assert_close(
         model.generate(input_ids=prompt(), compile=True, **greedy), eager, rtol=0, atol=0
     )
+
+
+def test_a_quantizing_load_reads_each_tensor_into_memory_of_its_own_and_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from csm.checkpoint import load_safetensors
+
+    tensors = {
+        "a": torch.randn(3, 5).bfloat16(),
+        "b": torch.arange(7, dtype=torch.int8),
+        "c": torch.randn(4, 2),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    seen = {}
+    state = load_safetensors(tmp_path, transform=lambda name, t: seen.setdefault(name, {name: t}))
+    for name, t in tensors.items():
+        assert torch.equal(state[name], t) and state[name].dtype == t.dtype, name
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated: [abc] is cut short"):
+        load_safetensors(tmp_path, transform=lambda name, t: {name: t})
