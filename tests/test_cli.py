@@ -188,17 +188,17 @@ def test_say_and_serve_take_quantize(ckpt, tmp_path):
 def test_dialogue_and_batch_load_the_model_quantized(ckpt, tmp_path, monkeypatch):
     import json
 
-    import csm.cli as cli
+    import csm.cli.common as cli_common
 
     loaded = []
-    real = cli._load_pipeline
+    real = cli_common.load_pipeline
 
     def spy(*args, **kwargs):
         pipe = real(*args, **kwargs)
         loaded.append(pipe.model.quantization.scheme if pipe.model.quantization else None)
         return pipe
 
-    monkeypatch.setattr(cli, "_load_pipeline", spy)
+    monkeypatch.setattr(cli_common, "load_pipeline", spy)
     (tmp_path / "talk.txt").write_text("[0] Hello there.\n[1] Hi.\n")
     common = ["--model", str(ckpt), "--device", "cpu", "--max-seconds", "0.2", "--seed", "1", "-q"]
     assert main(["dialogue", str(tmp_path / "talk.txt"), "-o", str(tmp_path / "talk.wav"), "--quantize", "int8",

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from serving import SAMPLES_PER_FRAME, assert_error, demo_checkpoint, serve, speak
 
-from csm.server import app as server_app
+from csm.server import service as server_service
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def sse_audio_and_usage(response) -> tuple[bytes, dict]:
 
 
 def test_long_input_is_spoken_sentence_by_sentence_in_context(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(server_app, "frames_for_text", lambda text, rate: 3)  # 3 frames per sentence
+    monkeypatch.setattr(server_service, "frames_for_text", lambda text, rate: 3)  # 3 frames per sentence
     sentences = ["First part is here.", "Second part is here.", "And a third one."]
     fields = dict(response_format="pcm", stream_format="sse", seed=5)
     with serve(checkpoint, tmp_path, max_chunk_chars=20, max_frames=100) as c:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .audio import load_audio
-from .pipeline import (
+from .chunking import (
     CROSSFADE_MS,
     MAX_CHUNK_CHARS,
     MAX_TEXT_CHARS,

@@ -1,4 +1,5 @@
-"""Dialogue scripts and `csm dialogue`: a conversation written by hand, spoken turn by turn in context.
+"""Dialogue scripts: a conversation written by hand, spoken turn by turn in context (`csm dialogue`, and the
+dialogue lines of `csm batch`).
 
 A script in text form holds one turn per line, a speaker id in brackets, then the words; blank lines and
 lines starting with `#` are skipped:
@@ -18,7 +19,6 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,11 +143,12 @@ def _json_turn(item, where: str, line: int, base: Path) -> ScriptTurn:
         raise ScriptError(f"{where}: the turn of speaker {speaker} has no text")
     audio = item.get("audio")
     if audio is not None:
-        if not isinstance(audio, str) or not audio.strip():
-            raise ScriptError(f"{where}: audio must be the path of a clip, got {audio!r:.40}")
+        try:
+            path = clip_path(audio, base)
+        except ValueError as e:
+            raise ScriptError(f"{where}: {e}") from None
         from .audio import load_audio
 
-        path = (base / audio).expanduser()
         if not path.is_file():
             raise ScriptError(f"{where}: audio file {audio} not found (paths are relative to the script)")
         try:
@@ -155,6 +156,14 @@ def _json_turn(item, where: str, line: int, base: Path) -> ScriptTurn:
         except (ValueError, OSError) as e:
             raise ScriptError(f"{where}: cannot read {audio}: {e}") from None
     return ScriptTurn(speaker, " ".join(text.split()), audio, line)
+
+
+def clip_path(audio, base: Path) -> Path:
+    """Where a turn's `audio` (a path relative to the script, or to the requests file of `csm batch`) points;
+    ValueError when it is not a path. Whether the file is there is the caller's to check."""
+    if not isinstance(audio, str) or not audio.strip():
+        raise ValueError(f"audio must be the path of a clip, got {audio!r:.40}")
+    return (base / audio).expanduser()
 
 
 def parse_voice_bindings(values: list[str], turns: list[ScriptTurn], name: str) -> dict[int, str]:
@@ -175,189 +184,3 @@ def parse_voice_bindings(values: list[str], turns: list[ScriptTurn], name: str) 
             )
         bindings[speaker] = voice.strip()
     return bindings
-
-
-# ---- `csm dialogue` ------------------------------------------------------------------------------------
-
-
-def add_dialogue_parser(sub) -> None:
-    """Register `csm dialogue` on the `csm` command's subparsers."""
-    from .cli import _add_model_args, _add_sampling_args
-
-    p = sub.add_parser(
-        "dialogue", help="speak a dialogue script, each turn in the context of the ones before"
-    )
-    p.add_argument("script", help="the script: `[0] Hello.` lines, or a JSON list of turns (- for stdin)")
-    p.add_argument(
-        "-o", "--output", default=None, help="the mixed conversation (.wav, .flac, ...); - for stdout"
-    )
-    p.add_argument("--pause", type=float, default=0.3, help="seconds of silence between turns (default: 0.3)")
-    p.add_argument("--turns-dir", default=None, help="also write one audio file per spoken turn here")
-    p.add_argument("--stream", action="store_true", help="write audio to stdout as each turn is generated")
-    p.add_argument("--format", choices=["pcm", "wav"], default="pcm", help="stdout format: raw s16le or WAV")
-    p.add_argument(
-        "--voice",
-        action="append",
-        default=[],
-        metavar="SPEAKER=VOICE",
-        help="bind a speaker to a saved voice, whose clips stay in every turn's context (repeatable)",
-    )
-    _add_model_args(p)
-    _add_sampling_args(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, seed or summary line")
-    p.set_defaults(handler=cmd_dialogue)
-
-
-def _outputs(args, script: str) -> tuple[Path, Path]:
-    """The mix and the manifest beside it; never the script, never a JSON file we did not write."""
-    out = Path(args.output)
-    manifest = out.with_suffix(".json")
-    if out.suffix.lower() == ".json":
-        raise ScriptError(f"-o {out}: the audio needs an audio extension (.wav, .flac, ...)")
-    if script != "-" and manifest.resolve() == Path(script).resolve():
-        raise ScriptError(f"the manifest {manifest} would overwrite the script; choose another -o name")
-    if manifest.exists():
-        try:
-            ours = json.loads(manifest.read_text(encoding="utf-8")).get("kind") == MANIFEST_KIND
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise ScriptError(
-                f"{manifest} exists and is not a csm dialogue manifest; move it or choose another -o"
-            )
-    return out, manifest
-
-
-def _replace(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: an interrupted run leaves no half file."""
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def cmd_dialogue(args) -> int:
-    """`csm dialogue SCRIPT -o talk.wav`: the mix, talk.json beside it, and per-turn files with --turns-dir."""
-    import time
-
-    from .cli import CliError, _load_pipeline, _pcm16, _seed, _wav_header_unknown_length
-    from .voice import Voice
-
-    turns = load_script(args.script)
-    name = "<stdin>" if args.script == "-" else args.script
-    voices = {s: Voice.named(v) for s, v in parse_voice_bindings(args.voice, turns, name).items()}
-    if all(t.audio is not None for t in turns):
-        raise ScriptError(f"{name}: every turn has its audio already; there is nothing to speak")
-    if not args.stream and args.output is None:
-        raise CliError("say where to write the conversation: -o talk.wav (or --stream, or -o - for stdout)")
-    if args.stream and args.output not in (None, "-"):
-        raise CliError("--stream writes to stdout; drop -o or use -o -")
-    if not 0 <= args.pause <= 60:
-        raise CliError(f"--pause must be between 0 and 60 seconds, got {args.pause}")
-    to_stdout = args.stream or args.output == "-"
-    if not to_stdout:
-        out, manifest_path = _outputs(args, args.script)
-        if args.turns_dir:
-            Path(args.turns_dir).mkdir(parents=True, exist_ok=True)
-    seed = _seed(args)
-    tts = _load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
-    options = dict(temperature=args.temperature, top_k=args.top_k, max_seconds=args.max_seconds)
-    rate, start = tts.sampling_rate, time.perf_counter()
-    if args.stream:
-        conversation = tts.conversation(voices=voices, seed=seed, **options)
-        stdout = sys.stdout.buffer
-        if args.format == "wav":
-            stdout.write(_wav_header_unknown_length(rate))
-        gap, spoken = np.zeros(round(args.pause * rate), np.float32), 0
-        for turn in _bar(turns, not args.quiet):
-            if turn.audio is not None:
-                conversation.add(turn.speaker, turn.text, turn.audio)
-                continue
-            if spoken:
-                stdout.write(_pcm16(gap))
-            with _at_line(name, turns):
-                for chunk in conversation.stream(turn.speaker, turn.text):
-                    stdout.write(_pcm16(chunk))
-                    stdout.flush()
-            spoken += 1
-        samples = sum(len(t.audio) for t in conversation.turns if not t.given) + (spoken - 1) * len(gap)
-        where = "stdout"
-    else:
-        with _at_line(name, turns):
-            result = tts.converse(
-                turns, voices=voices, seed=seed, pause=args.pause, progress=not args.quiet, **options
-            )
-        samples = len(result.audio)
-        if args.output == "-":
-            stdout = sys.stdout.buffer
-            if args.format == "wav":
-                stdout.write(_wav_header_unknown_length(rate))
-            stdout.write(_pcm16(result.audio))
-            stdout.flush()
-            where = "stdout"
-        else:
-            _write_dialogue(result, turns, args, out, manifest_path)
-            where = f"{out} and {manifest_path}"
-    if not args.quiet:
-        took, seconds = time.perf_counter() - start, samples / rate
-        rtf = took / seconds if seconds else float("inf")
-        print(
-            f"csm: wrote {where}: {seconds:.1f} s of audio in {took:.1f} s (RTF {rtf:.2f})", file=sys.stderr
-        )
-    return 0
-
-
-def _bar(turns: list[ScriptTurn], show: bool):
-    from .pipeline import progress_bar
-
-    return progress_bar(turns, show, unit="turn")
-
-
-@contextmanager
-def _at_line(name: str, turns: list[ScriptTurn]):
-    """A turn that cannot be spoken (too long for the context, ...) is reported at its line of the script."""
-    from .planner import TurnError
-
-    try:
-        yield
-    except TurnError as e:
-        raise ScriptError(f"{name}:{turns[e.index].line}: {e.message}") from None
-
-
-def _write_dialogue(result, turns: list[ScriptTurn], args, out: Path, manifest_path: Path) -> None:
-    """The mix, the per-turn files and the manifest that ties them together."""
-    import warnings
-
-    from .audio import save_audio
-
-    if not len(result.audio):
-        raise ScriptError("the model ended every turn at once: nothing was generated (try another --seed)")
-    rate = result.sampling_rate
-    _replace(out, lambda tmp: save_audio(result.audio, tmp, sampling_rate=rate))
-    entries = {e["index"]: e for e in result.manifest["turns"]}
-    for turn in result.turns:
-        if turn.index not in entries:
-            continue
-        entry = entries[turn.index]
-        entry["line"] = turns[turn.index].line
-        if args.turns_dir:
-            path = Path(args.turns_dir) / f"turn_{turn.index:03d}_speaker{turn.speaker}{out.suffix}"
-            if len(turn.audio):
-                _replace(path, lambda tmp, a=turn.audio: save_audio(a, tmp, sampling_rate=rate))
-                entry["file"] = os.path.relpath(path, manifest_path.parent)
-            else:
-                warnings.warn(
-                    f"turn {turn.index} (line {entry['line']}) is empty: no file written", stacklevel=2
-                )
-                entry["file"] = None
-    manifest = {
-        "kind": MANIFEST_KIND,
-        "script": None if args.script == "-" else str(args.script),
-        "audio": os.path.relpath(out, manifest_path.parent),
-        "model": str(args.model),
-        **result.manifest,
-    }
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    _replace(manifest_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

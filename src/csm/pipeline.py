@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from .audio import SAMPLING_RATE
+from .chunking import (  # noqa: F401 (CROSSFADE_MS, crossfade_join, CrossfadeStream, progress_bar: kept importable here)
+    CROSSFADE_MS,
+    MAX_CHUNK_CHARS,
+    MAX_TEXT_CHARS,
+    MIN_CHUNK_CHARS,
+    CrossfadeStream,
+    crossfade_join,
+    progress_bar,
+    split_sentences,
+)
 from .frames import FrameRule
 from .generate import GenerationConfig, decode_rows
 from .model import CsmForConditionalGeneration, resolve_dtype
@@ -24,13 +32,6 @@ from .processor import CsmProcessor
 from .voice import Voice
 
 TASKS = ("text-to-audio", "text-to-speech")
-CROSSFADE_MS = 10.0
-MAX_CHUNK_CHARS = 200  # about 10-15 s of speech: what one CSM call says well
-MIN_CHUNK_CHARS = 24  # shorter sentences ("Hi.") ride along with the next one
-MAX_TEXT_CHARS = 100_000
-
-_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+")
-_CLAUSE_END = re.compile(r"(?<=[,;:—])\s+")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -65,100 +66,6 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return resolve_dtype(dtype)
-
-
-def _split_long(sentence: str, max_chars: int) -> list[str]:
-    """Cut an over-long sentence at clause marks, then between words, into pieces of at most max_chars."""
-    pieces: list[str] = []
-    for clause in _CLAUSE_END.split(sentence):
-        words, current = clause.split(), ""
-        for word in words:
-            if current and len(current) + 1 + len(word) > max_chars:
-                pieces.append(current)
-                current = word
-            else:
-                current = f"{current} {word}" if current else word
-        if current:
-            pieces.append(current)
-    out: list[str] = []  # glue clauses back while they fit
-    for piece in pieces:
-        if out and len(out[-1]) + 1 + len(piece) <= max_chars:
-            out[-1] = f"{out[-1]} {piece}"
-        else:
-            out.append(piece)
-    return out
-
-
-def split_sentences(
-    text: str, max_chars: int = MAX_CHUNK_CHARS, min_chars: int = MIN_CHUNK_CHARS
-) -> list[str]:
-    """Split text into sentence-sized chunks of at most `max_chars` (long sentences cut at commas, then words);
-    a sentence shorter than `min_chars` joins the next one."""
-    text = " ".join(text.split())
-    if not text:
-        return []
-    chunks: list[str] = []
-    for sentence in _SENTENCE_END.split(text):
-        sentence = sentence.strip()
-        if sentence:
-            chunks.extend(_split_long(sentence, max_chars) if len(sentence) > max_chars else [sentence])
-    merged: list[str] = []
-    for chunk in chunks:
-        if merged and len(merged[-1]) < min_chars and len(merged[-1]) + 1 + len(chunk) <= max_chars:
-            merged[-1] = f"{merged[-1]} {chunk}"
-        else:
-            merged.append(chunk)
-    return merged
-
-
-def crossfade_join(
-    pieces: Sequence[np.ndarray], sampling_rate: int = SAMPLING_RATE, ms: float = CROSSFADE_MS
-) -> np.ndarray:
-    """Concatenate waveforms, overlapping each join by `ms` with a linear fade so no click is heard."""
-    pieces = [np.asarray(p, dtype=np.float32) for p in pieces if len(p)]
-    if not pieces:
-        return np.zeros(0, dtype=np.float32)
-    out = pieces[0]
-    for piece in pieces[1:]:
-        n = min(int(sampling_rate * ms / 1000), len(out), len(piece))
-        if n == 0:
-            out = np.concatenate([out, piece])
-            continue
-        fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
-        mixed = out[-n:] * (1 - fade) + piece[:n] * fade
-        out = np.concatenate([out[:-n], mixed, piece[n:]])
-    return out
-
-
-class CrossfadeStream:
-    """`crossfade_join` for audio that arrives in pieces: call `start_sentence(last)` before each sentence,
-    `push` each piece and emit what it returns, and emit `finish()` at the end. Until the last sentence, the
-    latest `ms` of audio is held back to fade into the next one."""
-
-    def __init__(self, sampling_rate: int = SAMPLING_RATE, ms: float = CROSSFADE_MS):
-        self.sampling_rate, self.ms = sampling_rate, ms
-        self.fade = int(sampling_rate * ms / 1000)
-        self.held = np.zeros(0, dtype=np.float32)
-        self.fading_in = self.last = False
-
-    def start_sentence(self, last: bool = False) -> None:
-        self.fading_in, self.last = True, last
-
-    def push(self, piece: np.ndarray) -> np.ndarray:
-        piece = np.asarray(piece, dtype=np.float32)
-        if not len(piece):
-            return piece
-        if self.fading_in and len(self.held):
-            piece, self.held = crossfade_join([self.held, piece], self.sampling_rate, self.ms), self.held[:0]
-        self.fading_in = False
-        joined = np.concatenate([self.held, piece])
-        cut = len(joined) if self.last else max(len(joined) - self.fade, 0)
-        self.held = joined[cut:]
-        return joined[:cut]
-
-    def finish(self) -> np.ndarray:
-        held, self.held = self.held, self.held[:0]
-        return held
 
 
 class TextToAudioPipeline:
@@ -369,18 +276,6 @@ class TextToAudioPipeline:
         from .conversation import converse
 
         return converse(self, turns, voices=voices, seed=seed, pause=pause, **options)
-
-
-def progress_bar(items: list, progress: bool | Callable | None, unit: str = "sentence"):
-    """`items`, wrapped in a tqdm bar when `progress` is True (and there is more than one), or by `progress`
-    itself when it is a callable."""
-    if callable(progress):
-        return progress(items)
-    if progress and len(items) > 1:
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=f"{unit}s", unit=unit, leave=False)
-    return items
 
 
 def pipeline(

@@ -4,7 +4,7 @@ requests.py   the requests file, checked with line numbers before any work
 output.py     the output folder: atomic audio files, manifest.jsonl, job.json, the resume rule
 runner.py     Synthesizer: lines through one BatchCore (continuous batching), sentence by sentence
 on_ray.py     the same Synthesizer in Ray Data actors
-command.py    the CLI command
+(the command itself is csm/cli/batch.py)
 """
 
 from .output import OutputDir

@@ -39,11 +39,11 @@ class BatchWorker:
     def __init__(self, loader: dict, settings: dict, batch_size: int, out: str, threads: int = 0):
         import torch
 
-        from ..cli import _load_pipeline
+        from ..pipeline import pipeline
 
         if threads:
             torch.set_num_threads(threads)
-        pipe = _load_pipeline(**loader, quiet=True)
+        pipe = pipeline("text-to-audio", **loader)
         self.synth = Synthesizer(pipe, JobSettings(**settings), batch_size)
         self.out = OutputDir.attach(out)
 

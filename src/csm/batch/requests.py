@@ -19,9 +19,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..chunking import MAX_TEXT_CHARS
+
 FIELDS = ("id", "text", "turns", "voices", "pause", "speaker", "voice", "seed", "format")
 FORMATS = ("wav", "flac", "ogg", "opus", "mp3")
-MAX_TEXT_CHARS = 100_000  # csm.pipeline's limit for one text
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a file name on every filesystem, no folders
 
 
@@ -81,8 +82,9 @@ def _is_int(value) -> bool:
 
 
 def _check_dialogue(obj: dict, base: Path, find_voice) -> tuple[list[dict], dict[str, str], float]:
-    """A dialogue line's turns, voices and pause, checked as `csm dialogue` checks a script."""
+    """A dialogue line's turns, voices and pause, checked as `csm dialogue` checks a script (csm.dialogue)."""
     from ..conversation import PAUSE_SECONDS, dialogue_turns, speaker_id
+    from ..dialogue import clip_path
 
     for name in ("speaker", "voice"):
         if name in obj:
@@ -97,9 +99,10 @@ def _check_dialogue(obj: dict, base: Path, find_voice) -> tuple[list[dict], dict
         if len(text) > MAX_TEXT_CHARS:
             raise ValueError(f"turn {i} has {len(text)} characters, more than {MAX_TEXT_CHARS}")
         if audio is not None:
-            if not isinstance(audio, str) or not audio.strip():
-                raise ValueError(f"turn {i}: audio must be the path of a clip, got {audio!r:.40}")
-            path = (base / audio).expanduser()
+            try:
+                path = clip_path(audio, base)
+            except ValueError as e:
+                raise ValueError(f"turn {i}: {e}") from None
             if not path.is_file():
                 raise ValueError(f"turn {i}: clip not found: {path}")
             audio = str(path.resolve())

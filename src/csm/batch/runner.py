@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..batching import BatchCore, RowJob
+from ..chunking import CROSSFADE_MS, MAX_CHUNK_CHARS, crossfade_join, split_sentences
 from ..generate import GenerationConfig
-from ..pipeline import CROSSFADE_MS, MAX_CHUNK_CHARS, crossfade_join, split_sentences
 from ..planner import Turn
 from ..voice import Voice
 from .output import OutputDir

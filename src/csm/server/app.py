@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP API: /v1/audio/speech, /v1/voices, /v1/models, /health (and /docs), the extra
-/v1/audio/dialogue, and the web page at /."""
+/v1/audio/dialogue, and the web page at /. `create_app` wires the routers of `routes/` (and the page) around one
+`Service` (model, processor, scheduler, settings, voices); `RequestContext` checks the API key, adds request ids
+and refuses new requests while draining, for every route at once."""
 
 from __future__ import annotations
 
@@ -9,45 +11,22 @@ import re
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..audio import SAMPLING_RATE, load_audio
-from ..generate import GenerationConfig
-from ..pipeline import MAX_CHUNK_CHARS, split_sentences
-from ..planner import Turn, encode_turns, plan_prompt, voice_turns
-from ..voice import Voice, list_voices, voices_dir
-from .dialogue import context_turns, dialogue_events, dialogue_json, dialogue_turns
-from .encode import MEDIA_TYPES
-from .scheduler import Scheduler, SpeechJob
-from .schemas import (
-    DIALOGUE_RESPONSES,
-    OPENAI_MODELS,
-    SPEECH_RESPONSES,
-    DialogueRequest,
-    Health,
-    ModelCard,
-    ModelList,
-    SchedulerStats,
-    SpeechRequest,
-    VoiceCard,
-    VoiceCreated,
-    VoiceList,
-    VoiceRef,
-    errors,
-)
-from .speech import ApiError, PlannedTurn, SpeechPlan, SpeechStream, audio_bytes, sse_events
+from ..chunking import MAX_CHUNK_CHARS
+from .routes import dialogue, speech, status, voices
+from .scheduler import Scheduler
+from .schemas import errors
+from .service import VOICE_NAME, Service, frames_for_text  # noqa: F401 (kept importable from here)
+from .speech import ApiError
 from .web import add_page
 
 log = logging.getLogger("csm.server")
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
-SPEED_HEADER = "resample: speed > 1 plays faster and higher, < 1 slower and lower (pitch follows)"
 
 
 @dataclass
@@ -168,8 +147,6 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         settings.chunk_frames,
         batched_decode=settings.batched_decode,
     )
-    root = Path(settings.voices_dir).expanduser() if settings.voices_dir else voices_dir()
-    loaded: dict[str, Voice] = {}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -186,10 +163,11 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         responses=errors(400, 500),
     )
     app.state.scheduler, app.state.settings = scheduler, settings
+    app.state.service = Service(model, processor, settings, scheduler)
     app.add_middleware(RequestContext, settings=settings, scheduler=scheduler)
     add_page(app)
-
-    # ---- errors ------------------------------------------------------------------------------------
+    for router in (status.router, voices.router, speech.router, dialogue.router):
+        app.include_router(router)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -207,216 +185,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
 
-    # ---- plain endpoints ---------------------------------------------------------------------------
-
-    @app.get(
-        "/health", response_model=Health, responses={503: {"model": Health, "description": "not serving"}}
-    )
-    async def health():
-        status = "draining" if scheduler.draining else "ok" if scheduler.alive else "unavailable"
-        body = {"status": status, "model": settings.model_name, "scheduler": scheduler.stats()}
-        return JSONResponse(body, status_code=200 if status == "ok" else 503)
-
-    @app.get("/v1/stats", response_model=SchedulerStats, responses=errors(401))
-    async def stats():
-        return scheduler.stats()
-
-    @app.get("/v1/models", response_model=ModelList, responses=errors(401))
-    async def models():
-        return ModelList(data=[ModelCard(id=settings.model_name)])
-
-    @app.get("/v1/voices", response_model=VoiceList, responses=errors(401))
-    async def voices():
-        return VoiceList(
-            voices=[VoiceCard(id=name, name=name) for name in list_voices(root)],
-            speakers='any speaker number, e.g. "0", without reference audio',
-        )
-
-    @app.post(
-        "/v1/voices", status_code=201, response_model=VoiceCreated, responses=errors(400, 401, 409, 413, 500)
-    )
-    async def create_voice(
-        audio_file: Annotated[UploadFile, File(description="a clip of the voice (wav, flac, mp3, ...)")],
-        name: Annotated[str, Form(description="1-64 letters, digits, '_', '-' or '.', not only digits")],
-        transcript: Annotated[str, Form(description="the words spoken in the clip")],
-        speaker: Annotated[int, Form(ge=0, le=999, description="the speaker number it speaks as")] = 0,
-    ):
-        if not VOICE_NAME.match(name) or name.isdigit():
-            raise ApiError(
-                400, "name must be 1-64 letters, digits, '_', '-' or '.', not only digits", param="name"
-            )
-        if not transcript.strip():
-            raise ApiError(400, "transcript must hold the words spoken in the clip", param="transcript")
-        data = await audio_file.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            raise ApiError(
-                413, f"audio_file is larger than {settings.max_upload_bytes} bytes", param="audio_file"
-            )
-        try:
-            audio = await asyncio.to_thread(load_audio, data)
-        except Exception as e:
-            raise ApiError(400, f"cannot read audio_file: {e}", param="audio_file") from None
-        seconds = len(audio) / SAMPLING_RATE
-        if seconds > settings.max_upload_seconds:
-            raise ApiError(
-                413,
-                f"audio_file is {seconds:.1f} s long; the limit is {settings.max_upload_seconds:g} s",
-                param="audio_file",
-            )
-        if (root / name).exists():
-            raise ApiError(409, f"a voice named {name!r} exists already", param="name")
-        try:
-            voice = Voice(name, speaker, [(audio, transcript)])
-            await asyncio.to_thread(voice.save, root / name)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        loaded[name] = voice
-        return VoiceCreated(id=name, name=name, speaker=speaker, seconds=round(seconds, 3))
-
-    # ---- speech ------------------------------------------------------------------------------------
-
-    def resolve_voice(value: Any, param: str = "voice") -> tuple[int, Voice | None]:
-        if isinstance(value, VoiceRef):
-            value = value.id
-        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-            speaker = int(value)
-            if not 0 <= speaker < 1000:
-                raise ApiError(400, "a speaker number must be between 0 and 999", param=param)
-            return speaker, None
-        if not isinstance(value, str) or not VOICE_NAME.match(value):
-            raise ApiError(400, "voice must be a saved voice name or a speaker number", param=param)
-        if value not in loaded:
-            if not (root / value / "voice.json").is_file():
-                known = ", ".join(list_voices(root)) or "none saved yet"
-                raise ApiError(
-                    404,
-                    f"unknown voice {value!r} (saved voices: {known}; or a speaker number)",
-                    param=param,
-                )
-            loaded[value] = Voice.load(root / value)
-        return loaded[value].speaker, loaded[value]
-
-    def check_model(name: str | None) -> None:
-        if name not in (None, "", settings.model_name, "csm", *OPENAI_MODELS):
-            raise ApiError(
-                404, f"unknown model {name!r}; this server serves {settings.model_name!r}", param="model"
-            )
-
-    def generation_config(body) -> GenerationConfig:
-        try:
-            return GenerationConfig.from_model(model, temperature=body.temperature, top_k=body.top_k)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-
-    def prepare(body: SpeechRequest) -> SpeechPlan:
-        """Check a request and cut its text into sentence-sized chunks, after its context turns."""
-        text = body.input.strip()
-        if not text:
-            raise ApiError(400, "input is empty", param="input")
-        if len(body.input) > settings.max_input_chars:
-            raise ApiError(
-                400,
-                f"input is {len(body.input)} characters; the limit is {settings.max_input_chars}",
-                param="input",
-            )
-        check_model(body.model)
-        speaker, voice = resolve_voice(body.voice)
-        config = generation_config(body)
-        voices = [(voice, voice_turns(voice))] if voice is not None else []
-        more_voices, given = context_turns(body.context, resolve_voice, settings)
-        turn = PlannedTurn(speaker, text, split_sentences(text, settings.max_chunk_chars), seed=body.seed)
-        return SpeechPlan([*given, turn], config, [*voices, *more_voices])
-
-    def prepare_dialogue(body: DialogueRequest) -> SpeechPlan:
-        check_model(body.model)
-        config = generation_config(body)
-        voices, turns = dialogue_turns(body, resolve_voice, settings)
-        return SpeechPlan(turns, config, voices, pause=body.pause)
-
-    def job_for(plan: SpeechPlan, turn: int, index: int, carried: list[Turn], frames_left: int) -> SpeechJob:
-        """The job for chunk `index` of turn `turn`: the voices' clips and as many of the turns and chunks
-        before it (with the audio made for them) as fit the context with its whole frame budget, then its text."""
-        spoken = plan.turns[turn]
-        text = spoken.chunks[index]
-        budget = min(frames_left, frames_for_text(text, model.codec_model.frame_rate))
-        try:
-            prompt = plan_prompt(
-                processor, plan.fixed, carried, spoken.speaker, text, budget, scheduler.max_seq_len, "keep"
-            )
-        except ValueError as e:
-            raise ApiError(400, str(e), param=spoken.param) from None
-
-        def embed():  # on the scheduler's thread: clips are encoded there, once per request (voices: once)
-            for voice, turns in plan.voices:
-                if turns and turns[0].codes is None:
-                    for t, codes in zip(turns, voice.codes(model), strict=True):
-                        t.codes = codes
-            encode_turns(model, prompt.context)
-            codes = [c.to(model.device) for c in prompt.audio_codes or []]
-            return model.embed_inputs(prompt.input_ids.to(model.device), audio_codes=codes or None)[0]
-
-        return SpeechJob(
-            embed=embed,
-            prompt_len=prompt.length,
-            max_frames=prompt.frames,
-            backbone=plan.config.backbone,
-            depth_decoder=plan.config.depth_decoder,
-            seed=None if spoken.seed is None else spoken.seed + index,
-        )
-
-    @app.post("/v1/audio/speech", response_class=Response, responses=SPEECH_RESPONSES)
-    async def speech(body: SpeechRequest, request: Request):
-        """Speak `input`; the audio streams back as it is made (OpenAI's `audio.speech.create`)."""
-        plan = await asyncio.to_thread(prepare, body)
-        rid = request.state.request_id
-        speech = SpeechStream(
-            plan, job_for, scheduler, settings.max_frames, rid, settings.max_buffered_chunks
-        )
-        request.state.cleanup.append(speech.cancel)
-        await speech.start()  # a failure before the first audio is still an error status
-        stream = audio_bytes(speech.audio(), body.response_format, body.speed)
-        headers = {"X-Accel-Buffering": "no", "X-Speed-Method": SPEED_HEADER if body.speed != 1.0 else "none"}
-        if body.stream_format == "sse":
-            return StreamingResponse(
-                sse_events(stream, speech), media_type="text/event-stream", headers=headers
-            )
-        media_type = MEDIA_TYPES[body.response_format]
-        if body.response_format == "flac":  # written only at the end: buffered, so a failure is a status
-            data = b"".join([part async for part in stream])
-            return Response(data, media_type=media_type, headers=headers)
-        return StreamingResponse(stream, media_type=media_type, headers=headers)
-
-    @app.post("/v1/audio/dialogue", response_class=Response, responses=DIALOGUE_RESPONSES)
-    async def dialogue(body: DialogueRequest, request: Request):
-        """Extra: speak a dialogue, each turn in the context of the ones before; the mix streams back as each
-        turn is made, with `pause` seconds between turns (`sse`: with each turn's times; `json`: all at once)."""
-        plan = await asyncio.to_thread(prepare_dialogue, body)
-        rid = request.state.request_id
-        speech = SpeechStream(
-            plan, job_for, scheduler, settings.max_frames, rid, settings.max_buffered_chunks
-        )
-        request.state.cleanup.append(speech.cancel)
-        await speech.start()
-        stream = audio_bytes(speech.audio(), body.response_format, 1.0)
-        headers = {"X-Accel-Buffering": "no"}
-        if body.stream_format == "sse":
-            events = dialogue_events(stream, speech, body.seed)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        if body.stream_format == "json":
-            return JSONResponse(await dialogue_json(stream, speech, body), headers=headers)
-        media_type = MEDIA_TYPES[body.response_format]
-        if body.response_format == "flac":
-            data = b"".join([part async for part in stream])
-            return Response(data, media_type=media_type, headers=headers)
-        return StreamingResponse(stream, media_type=media_type, headers=headers)
-
     return app
-
-
-def frames_for_text(text: str, frame_rate: float) -> int:
-    """A generous frame budget for `text` (5 s + 0.25 s per character, ~4x normal speech): a guard against
-    runaway generation when the model never says end-of-audio."""
-    return int((5.0 + 0.25 * len(text)) * frame_rate)
 
 
 def settings_dict(settings: ServerSettings) -> dict:

@@ -8,8 +8,8 @@ import binascii
 import logging
 
 from ..audio import SAMPLING_RATE, load_audio
+from ..chunking import split_sentences
 from ..conversation import dialogue_manifest
-from ..pipeline import split_sentences
 from ..planner import Turn, voice_turns
 from ..voice import Voice
 from .schemas import ContextTurn, DialogueRequest

@@ -14,9 +14,9 @@ import soxr
 import torch
 
 from ..audio import SAMPLING_RATE
+from ..chunking import CrossfadeStream
 from ..conversation import manifest_entry
 from ..generate import GenerationConfig
-from ..pipeline import CrossfadeStream
 from ..planner import Turn
 from ..voice import Voice
 from .encode import AudioEncoder

@@ -3,9 +3,10 @@ and `/static/`. No build step and nothing fetched from elsewhere: the page works
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -17,17 +18,26 @@ CSP = (
 )
 
 
+router = APIRouter()
+
+
+@functools.cache
+def index_html() -> str:
+    return (resources.files(__package__) / "static" / "index.html").read_text(encoding="utf-8")
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    headers = {
+        "Content-Security-Policy": CSP,
+        "Cache-Control": "no-cache",
+        "Referrer-Policy": "no-referrer",
+    }
+    return HTMLResponse(index_html(), headers=headers)
+
+
 def add_page(app: FastAPI) -> None:
     """Serve the page at `GET /` and its assets under `/static/` (left out of /openapi.json: not API)."""
-    index = (resources.files(__package__) / "static" / "index.html").read_text(encoding="utf-8")
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        headers = {
-            "Content-Security-Policy": CSP,
-            "Cache-Control": "no-cache",
-            "Referrer-Policy": "no-referrer",
-        }
-        return HTMLResponse(index, headers=headers)
-
+    index_html()  # read now: a broken install fails at start, not on the first visit
+    app.include_router(router)
     app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")

@@ -8,10 +8,24 @@ import sys
 import time
 from pathlib import Path
 
-from .output import MANIFEST, OutputDir
-from .requests import FORMATS, BadLine, read_requests, voice_finder
+from ..batch.output import MANIFEST, OutputDir
+from ..batch.requests import FORMATS, BadLine, read_requests, voice_finder
+from . import common
+from .common import CliError
 
 SHOWN_BAD_LINES = 20
+
+
+def add_parser(sub) -> None:
+    batch = sub.add_parser("batch", help="speak every line of a JSON-lines file into DIR (resumable; --ray)")
+    add_arguments(batch)
+    common.add_model_args(batch)
+    common.add_generation_args(batch)
+    batch.set_defaults(handler=cmd_batch)
+
+
+def cmd_batch(args) -> int:
+    return run(args, common.load_pipeline, CliError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _settings(args, seed: int):
     """The job's settings from the flags, with paths made absolute (workers may run elsewhere)."""
-    from .runner import JobSettings
+    from ..batch.runner import JobSettings
 
     model = (
         str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model
@@ -106,7 +120,7 @@ def run(args, load_pipeline, error=ValueError) -> int:
     if args.workers is not None and args.ray is None:
         raise error("--workers needs --ray (one process runs one model; use --batch-size for more rows)")
     if args.ray is not None:
-        from .on_ray import import_ray
+        from ..batch.on_ray import import_ray
 
         try:
             import_ray()
@@ -194,7 +208,7 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
                 "quantize": settings.quantize,
             }
             if args.ray is not None:
-                from .on_ray import run_on_ray
+                from ..batch.on_ray import run_on_ray
 
                 progress()
                 run_on_ray(
@@ -202,7 +216,7 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
                     args.cpus_per_worker,
                 )  # fmt: skip
             else:
-                from .runner import Synthesizer
+                from ..batch.runner import Synthesizer
 
                 synth = Synthesizer(load_pipeline(**loader, quiet=quiet), settings, args.batch_size)
                 progress()

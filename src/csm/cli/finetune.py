@@ -1,0 +1,23 @@
+"""`csm finetune`: fine-tune on your recordings; its flags are csm.train's own."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import CliError
+
+
+def add_parser(sub) -> None:
+    sub.add_parser(
+        "finetune", help="fine-tune on your recordings (see `csm finetune --help`)", add_help=False
+    )
+
+
+def cmd_finetune(argv: list[str]) -> int:
+    try:
+        from ..train import add_finetune_arguments, run_finetune
+    except ImportError as e:
+        raise CliError(f"`csm finetune` is not available in this install ({e})") from None
+    parser = argparse.ArgumentParser(prog="csm finetune", description="Fine-tune CSM on your recordings.")
+    add_finetune_arguments(parser)
+    return int(run_finetune(parser.parse_args(argv)) or 0)

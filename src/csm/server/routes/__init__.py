@@ -1,0 +1,8 @@
+"""The server's routes by area, one APIRouter each; `create_app` includes them in this order:
+
+status.py     GET /health, /v1/stats, /v1/models
+voices.py     GET and POST /v1/voices
+speech.py     POST /v1/audio/speech
+dialogue.py   POST /v1/audio/dialogue
+(the web page at / is csm/server/web.py)
+"""
