@@ -34,12 +34,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import GREEDY, matvec_bandwidth, ms_per_frame, reference_model, timed  # noqa: E402
+from bench_generate import GREEDY, matvec_bandwidth, reference_model, timed  # noqa: E402
 
 from csm import CsmForConditionalGeneration  # noqa: E402
 from csm.quant import QuantConfig, make_linear  # noqa: E402
 
-VARIANTS = ["bf16", "fp32", "int8", "int4", "int8-fp32", "int4-fp32", "reference"]
+VARIANTS = ["bf16", "fp32", "int8", "int4", "int8-fp32", "int4-fp32", "bf16w-fp32", "fp16w-fp32", "reference"]
+# "bf16w-fp32": quantize="bf16" (16-bit weights under an fp32 model). A variant ending in ":torch" runs with
+# CSM_CPU_KERNELS=0 (PyTorch's kernels, what csm ran before csm/cpu_kernels.py), ":ours" with =1 (csm's
+# kernels also where they are not the default, as on AVX-512 CPUs).
 CODES = 2048  # ids the codec decodes: what greedy picks among
 
 
@@ -55,12 +58,28 @@ def load(variant: str, folder: str, group_size: int):
         from transformers import CsmForConditionalGeneration as Reference
 
         return Reference.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    variant = variant.split(":")[0]
     scheme, _, dtype = variant.partition("-")  # "int8-fp32": int8 on an fp32 model; "int8": on a bf16 one
-    quantize = scheme if scheme in ("int8", "int4") else None
+    quantize = {"int8": "int8", "int4": "int4", "bf16w": "bf16", "fp16w": "fp16"}.get(scheme)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if quantize else scheme)]
     return CsmForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, quantize=quantize, group_size=group_size if quantize == "int4" else None
     )
+
+
+def frame_cost(run, ids, frames: int, repeats: int) -> tuple[float, float]:
+    """bench_generate's ms per frame, and the same in CPU time (all threads): on a machine shared with other
+    work, wall time counts their load too, CPU time much less so."""
+    run(ids, 2)  # warm-up
+    wall, cpu = {frames: [], 1: []}, {frames: [], 1: []}
+    for _ in range(repeats):
+        for n in (frames, 1):
+            w, c = time.perf_counter(), time.process_time()
+            run(ids, n)
+            wall[n].append(time.perf_counter() - w)
+            cpu[n].append(time.process_time() - c)
+    per = lambda t: 1000 * (statistics.median(t[frames]) - statistics.median(t[1])) / (frames - 1)  # noqa: E731
+    return per(wall), per(cpu)
 
 
 def weight_bytes_per_frame(model) -> int:
@@ -141,7 +160,7 @@ def weight_errors(model, folder: str) -> dict[str, float]:
 def accuracy(model, variant: str, folder: str, probe_file: Path, frames: int) -> dict:
     ids = prompt(1, 32, model.config.text_vocab_size)
     codes = model.generate(input_ids=ids, max_new_tokens=frames, **GREEDY)
-    if variant == "bf16":
+    if variant == "bf16":  # the first variant of an accuracy run
         torch.save({"codes": codes, **teacher_forced(model, ids, codes)}, probe_file)
         return {"frames": codes.shape[1]}
     ref = torch.load(probe_file)
@@ -167,7 +186,10 @@ def accuracy(model, variant: str, folder: str, probe_file: Path, frames: int) ->
 def run_variant(args) -> dict:
     start = time.perf_counter()
     model = load(args.variant, args.folder, args.group_size)
+    from csm import cpu_kernels
+
     result = {"variant": args.variant, "load_s": time.perf_counter() - start, "rss_after_load_mb": rss_mb()}
+    result["cpu_kernels"] = cpu_kernels.available()
     reference = args.variant == "reference"
     if not reference:
         result["bytes_per_frame"] = weight_bytes_per_frame(model)
@@ -180,9 +202,11 @@ def run_variant(args) -> dict:
 
     warnings.simplefilter("ignore")
     vocab = model.config.text_vocab_size
-    result["ms_per_frame"] = {
-        b: ms_per_frame(run, prompt(b, 32, vocab), args.frames, args.repeats) for b in args.batch
-    }
+    result["ms_per_frame"], result["cpu_ms_per_frame"] = {}, {}
+    for b in args.batch:
+        result["ms_per_frame"][b], result["cpu_ms_per_frame"][b] = frame_cost(
+            run, prompt(b, 32, vocab), args.frames, args.repeats
+        )
     if args.prefill:
         ids = prompt(1, args.prefill, vocab)
         result["prefill_ms"] = 1000 * timed(lambda: run(ids, 1), args.repeats)
@@ -203,24 +227,32 @@ def write_checkpoint(folder: str) -> None:
 
 
 def print_summary(results: list[dict], bandwidth: float) -> None:
-    base = {b: ms for r in results if r["variant"] == "bf16" for b, ms in r["ms_per_frame"].items()}
+    base = {b: ms for r in results if r["variant"] == "fp32" for b, ms in r["ms_per_frame"].items()}
     print(f"\nmatvec bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(
-        "| variant | batch | ms/frame | vs our bf16 | GB/frame | bound ms | / bound | RSS load MB | peak RSS MB |"
+        "| variant | batch | ms/frame | speed-up on our fp32 | CPU ms/frame | CPU speed-up | GB/frame | bound ms "
+        "| / bound | RSS load MB | peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cpu_base = {b: ms for r in results if r["variant"] == "fp32" for b, ms in r["cpu_ms_per_frame"].items()}
     for r in results:
         for b, ms in r["ms_per_frame"].items():
             gb = r.get("bytes_per_frame", 0) / 1e9
             bound = 1000 * gb * 1e9 / bandwidth if gb else float("nan")
+            cpu = r["cpu_ms_per_frame"][b]
             print(
-                f"| {r['variant']} | {b} | {ms:.0f} | {base.get(b, float('nan')) / ms:.2f}x | {gb:.2f} | "
+                f"| {r['variant']} | {b} | {ms:.0f} | {base.get(b, float('nan')) / ms:.2f}x | {cpu:.0f} | "
+                f"{cpu_base.get(b, float('nan')) / cpu:.2f}x | {gb:.2f} | "
                 f"{bound:.0f} | {ms / bound:.2f} | {r['rss_after_load_mb']['VmRSS']:.0f} | "
                 f"{r['rss_after_generate_mb']['VmHWM']:.0f} |"
             )
+    fp32_prefill = next(
+        (r["prefill_ms"] for r in results if r["variant"] == "fp32" and "prefill_ms" in r), None
+    )
     for r in results:
         if "prefill_ms" in r:
-            print(f"prefill {r['variant']}: {r['prefill_ms']:.0f} ms")
+            ratio = f" ({r['prefill_ms'] / fp32_prefill:.2f}x our fp32's time)" if fp32_prefill else ""
+            print(f"prefill {r['variant']}: {r['prefill_ms']:.0f} ms{ratio}")
     for r in results:
         acc = r.get("accuracy")
         if acc and "layers" in acc:
@@ -238,7 +270,12 @@ def print_summary(results: list[dict], bandwidth: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=VARIANTS,
+        choices=VARIANTS + [v + s for v in VARIANTS[:-1] for s in (":torch", ":ours")],
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--frames", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
@@ -279,7 +316,11 @@ def main() -> None:
                    "--prefill", str(args.prefill), "--accuracy-frames", str(args.accuracy_frames),
                    "--batch", *map(str, args.batch)] + ([] if args.accuracy else ["--no-accuracy"])  # fmt: skip
             load = os.getloadavg()[0]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            kernels = {":torch": "0", ":ours": "1"}.get(
+                variant[variant.find(":") :] if ":" in variant else ""
+            )
+            env = dict(os.environ, **({"CSM_CPU_KERNELS": kernels} if kernels else {}))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
                 continue
@@ -304,39 +345,73 @@ SHAPES = [(8192, 2048), (2048, 8192), (2048, 2048), (512, 2048), (8192, 1024), (
 
 
 def kernel_table(args) -> None:
-    """ms for one (batch x K) by (K x N) product per shape and kernel, weights cycled through 256 MB."""
+    """Median ms (and GB/s of weights read) for one (batch x K) by (K x N) product per shape and kernel,
+    weights cycled through 256 MB so none runs from cache. `ours` columns are csm.cpu_kernels (absent when
+    they cannot run here); the others are PyTorch's: oneDNN-prepacked fp32 and bf16, the aten int kernels."""
     from bench_generate import PackedWeight, packable, packed_linear
 
+    from csm import cpu_kernels
+    from csm.quant import quantize_int4, quantize_int8
+
+    ours = cpu_kernels.kernels() is not None  # wherever they can run, also where csm would not use them
+    names = ["fp32 prepacked", "bf16 torch", "int8 aten", "int4 g32 aten"]
+    if ours:
+        names += ["fp16 ours", "bf16 ours", "int8 ours", "int4 g32 ours"]
     print(
-        "| N x K | batch | fp32 prepacked | bf16 | int8 | "
-        + " | ".join(f"int4 g{g}" for g in (32, 128))
-        + " |"
+        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("cells: median ms / GB/s of weights read")
+    print("| N x K | batch | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
     for n, k in SHAPES:
         copies = max(2, (256 << 20) // (n * k * 4))
         weights = [torch.randn(n, k) * 0.02 for _ in range(copies)]
         for b in args.batch:
             x = torch.randn(b, k)
             cells = []
+
+            def cell(product, x, items, nbytes, cells=cells):
+                ms = cycle(product, x, items)
+                cells.append(f"{ms:.3f} / {nbytes / ms / 1e6:.1f}")
+
             packed = [PackedWeight(w, [w]).tensors[0] for w in weights]
-            cells.append(cycle(packed_linear, x, packed))
+            cell(packed_linear, x, packed, 4 * n * k)
             del packed
             bf16 = [w.bfloat16() for w in weights]
             if packable(bf16[0]):
-                bf16 = [PackedWeight(w, [w]).tensors[0] for w in bf16]
-                cells.append(cycle(packed_linear, x.bfloat16(), bf16))
+                cell(packed_linear, x.bfloat16(), [PackedWeight(w, [w]).tensors[0] for w in bf16], 2 * n * k)
             else:
-                cells.append(cycle(F.linear, x.bfloat16(), bf16))
-            del bf16
-            for scheme, g in (("int8", None), ("int4", 32), ("int4", 128)):
-                config = QuantConfig(scheme, g)
+                cell(F.linear, x.bfloat16(), bf16, 2 * n * k)
+            for scheme, g in (("int8", None), ("int4", 32)):
                 if scheme == "int4" and n % 16:
                     cells.append("-")
                     continue
-                layers = [make_linear(linear_of(w), config) for w in weights]
-                cells.append(cycle(lambda x, m: m(x), x, layers))
+                with cpu_kernels.disabled():
+                    layers = [make_linear(linear_of(w), QuantConfig(scheme, g)) for w in weights]
+                    cell(lambda x, m: m(x), x, layers, _nbytes(layers[0]))
+                del layers
+            if ours:
+                for dtype in (torch.float16, torch.bfloat16):
+                    ws = [w.to(dtype) for w in weights]
+                    cell(lambda x, w, d=dtype: cpu_kernels.linear(x, w, d), x, ws, 2 * n * k)
+                    del ws
+                q8 = [quantize_int8(w) for w in weights]
+                cell(
+                    lambda x, t: cpu_kernels.linear(x, t["qweight"], "int8", t["scales"]),
+                    x,
+                    q8,
+                    n * k + 2 * n,
+                )
+                del q8
+                q4 = [quantize_int4(w, 32) for w in weights]
+                cell(lambda x, t: cpu_kernels.linear(x, t["qweight"], "int4", t["scales"], t["zeros"], 32),
+                     x, q4, n * k // 2 + 4 * n * k // 32)  # fmt: skip
+                del q4
             print(f"| {n} x {k} | {b} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.buffers())
 
 
 def linear_of(w: torch.Tensor) -> torch.nn.Linear:
@@ -346,7 +421,7 @@ def linear_of(w: torch.Tensor) -> torch.nn.Linear:
 
 
 def cycle(product, x, items) -> str:
-    """min / median ms of `product(x, item)` over the items in turn (each 8 times), as a table cell."""
+    """Median ms of `product(x, item)` over the items in turn (each 8 times)."""
     turn = iter(range(1 << 30))
     times = []
     with torch.inference_mode():
@@ -355,7 +430,7 @@ def cycle(product, x, items) -> str:
             t = time.perf_counter()
             product(x, item)
             times.append(time.perf_counter() - t)
-    return f"{1000 * min(times):.3f} / {1000 * statistics.median(times):.3f}"
+    return 1000 * statistics.median(times)
 
 
 if __name__ == "__main__":

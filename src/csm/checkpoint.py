@@ -138,10 +138,36 @@ def load_safetensors(
         if transform is None:
             state.update(load_file(file, device=str(device)))
             continue
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                state.update(transform(name, f.get_tensor(name)))
+        for name, tensor in _read_one_by_one(file, device):
+            state.update(transform(name, tensor))
     return state
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # fmt: skip
+
+
+def _read_one_by_one(file: Path, device):
+    """(name, tensor) for each tensor of a safetensors file, each read into memory of its own with plain
+    reads: a memory map would keep every page read so far counted in the process's RSS until the file is
+    closed, so a quantizing load would peak at the quantized model plus the whole file. Files with dtypes
+    this does not know are read through safetensors."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        if torch.device(device).type != "cpu" or any(v["dtype"] not in _DTYPES for v in header.values()):
+            with safe_open(file, framework="pt", device=str(device)) as st:
+                yield from ((name, st.get_tensor(name)) for name in st.keys())
+            return
+        for name, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = v["data_offsets"]
+            buffer = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(8 + size + start)
+            if f.readinto(memoryview(buffer.numpy())) != end - start:
+                raise CheckpointError(f"{file} is truncated: {name} is cut short")
+            yield name, buffer.view(_DTYPES[v["dtype"]]).view(v["shape"])
 
 
 def save_safetensors(state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -481,8 +481,9 @@ class CsmForConditionalGeneration(nn.Module):
         device_map: as the reference's model card uses it ("cuda", "cpu", "auto" for the best device here,
         a GPU index, or a dict sending every module to one device); or pass `device`.
         dtype (or its older name torch_dtype): torch.bfloat16, "bfloat16", "auto" or None keep the stored one.
-        quantize: "int8" or "int4" (with `group_size`, default 32) quantizes the weights as they are read,
-        never holding the full-precision model; a checkpoint saved quantized loads as it was saved.
+        quantize: "int8", "int4" (with `group_size`, default 32), "bf16" or "fp16" quantizes the weights as
+        they are read, never holding the full-precision model; a checkpoint saved quantized loads as it was
+        saved.
         """
         started = time.perf_counter()
         device = loading_device(device, device_map)
@@ -538,8 +539,9 @@ class CsmForConditionalGeneration(nn.Module):
     quantization: QuantConfig | None = None
 
     def quantize(self, scheme: str, group_size: int | None = None) -> CsmForConditionalGeneration:
-        """Quantize in place the transformer weights read per frame: "int8" (per output channel) or "int4"
-        (groups of `group_size` inputs, default 32). Inference only; see csm/quant.py for what is kept."""
+        """Quantize in place the transformer weights read per frame: "int8" (per output channel), "int4"
+        (groups of `group_size` inputs, default 32), or "bf16"/"fp16" (16-bit weights under a float32
+        model, CPU). Inference only; see csm/quant.py for what is kept."""
         if self.quantization is not None:
             raise ValueError(
                 f"the model is already quantized ({self.quantization.scheme}); load it again to change"

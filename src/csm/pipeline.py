@@ -295,7 +295,8 @@ def pipeline(
 ) -> TextToAudioPipeline:
     """Build a text-to-speech pipeline from a checkpoint folder or hub repo id (e.g. "sesame/csm-1b").
 
-    quantize: "int8" or "int4" loads the model with quantized weights (`CsmForConditionalGeneration.quantize`).
+    quantize: "int8", "int4", "bf16" or "fp16" loads the model with quantized weights
+    (`CsmForConditionalGeneration.quantize`).
 
     defaults: options every call uses unless it overrides them (speaker, voice, context, temperature, top_k,
     max_seconds, seed, ...).

@@ -1,11 +1,14 @@
-"""Weight-only quantization for inference: int8 per output channel, int4 group-wise.
+"""Weight-only quantization for inference: int8 per output channel, int4 group-wise, and 16-bit weights
+(bf16 or fp16) under a float32 model.
 
-Decoding csm-1b on a CPU is bound by streaming its weights from memory, so reading 1 (int8) or ~0.6 (int4)
-bytes per weight instead of 2 (bf16) or 4 (fp32) is the speed-up. The kernels are PyTorch's own
-(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`); on x86 both are vectorized for bf16
-activations only, so activations enter them in bf16 whatever the model's dtype.
+Decoding csm-1b on a CPU is bound by streaming its weights from memory, so reading 2 (bf16, fp16), 1 (int8)
+or ~0.6 (int4) bytes per weight instead of 4 (fp32) is the speed-up. On x86 CPUs with AVX2 (and no AMX) the
+products run csm's own kernels (csm/cpu_kernels.py), which convert each weight in registers as it is read,
+with activations in the model's dtype; elsewhere, and when those cannot be built, PyTorch's
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`: on x86 vectorized for bf16 activations
+only, so activations enter them in bf16).
 
-What is quantized: the linear layers of the backbone's and the depth decoder's transformer blocks and the
+What is quantized (every scheme): the linear layers of the backbone's and the depth decoder's transformer blocks and the
 depth decoder's input projector (BENCHMARKS.md, "Quantized weights"). Embeddings (gathered, not streamed),
 the codebook-0 head, the codebook heads and the codec stay as they are.
 
@@ -14,8 +17,9 @@ weight (N, K):
 - int8: `name.qweight` int8 (N, K) and `name.scales` bf16 (N,): w = qweight * scales.
 - int4: `name.qweight` uint8 (N, K/2), the even k in the low nibble and the odd k in the high one, q in
   0..15; `name.scales` and `name.zeros` bf16 (N, K/group_size): w = (q - 8) * scales + zeros per group of
-  `group_size` consecutive k. In memory it is kept in the CPU kernel's packed layout, which depends on the
-  machine's vector width; the file keeps the portable one.
+  `group_size` consecutive k. In memory it stays in this layout for csm's kernels, or is kept in PyTorch's
+  packed layout, which depends on the machine's vector width; the file keeps the portable one.
+- bf16 / fp16: `name.weight` in that dtype (N, K), the ordinary layout, whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .checkpoint import CheckpointError
 
-SCHEMES = ("int8", "int4")
+SIXTEEN_BIT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEMES = ("int8", "int4", *SIXTEEN_BIT)
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel takes
 DEFAULT_GROUP_SIZE = 32
 FORMAT = "csm-weight-only-1"
@@ -37,6 +43,8 @@ ALIGN = 64
 # From this many rows on (a long prompt's prefill), dequantizing the weight and one fp32 GEMM beat the int
 # kernels, which convert every weight again for each block of 4 rows (8192 x 2048 on this 2-core AVX2
 # machine: at 256 rows 140 ms against 183 for int8, 213 against 207 for int4; at 128 rows 112 against 90).
+# csm's kernels (cpu_kernels.py) need no such switch: they convert each weight once per 4 rows in registers,
+# which at 256 rows is as fast as oneDNN's prepacked fp32 GEMM and ~2x faster than dequantizing first.
 PREFILL_ROWS = 256
 aten = torch.ops.aten
 
@@ -52,9 +60,9 @@ class QuantConfig:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
-        if self.scheme == "int8":
+        if self.scheme != "int4":
             if self.group_size is not None:
-                raise ValueError("group_size is for int4; int8 has one scale per output channel")
+                raise ValueError(f"group_size is for int4; {self.scheme} has no groups")
         elif self.group_size is None:
             self.group_size = DEFAULT_GROUP_SIZE
         elif self.group_size not in GROUP_SIZES:
@@ -85,13 +93,18 @@ def check_supported(scheme: str, device: torch.device, dtype: torch.dtype | None
     device = torch.device(device)
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if scheme in SIXTEEN_BIT and device.type != "cpu":
+        raise ValueError(
+            f"{scheme} weights under a float32 model are a CPU layout; on {device.type} load the model with "
+            f"dtype=torch.{SIXTEEN_BIT[scheme]} instead"
+        )
     if device.type == "cpu":
         if dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(
                 f"quantized weights on CPU need a float32 or bfloat16 model, not {dtype}; pass dtype=torch.bfloat16"
             )
-        op = "_weight_int8pack_mm" if scheme == "int8" else "_weight_int4pack_mm_for_cpu"
-        if not hasattr(aten, op):
+        op = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}.get(scheme)
+        if op is not None and not hasattr(aten, op):
             raise ValueError(
                 f"{scheme} on CPU needs torch >= 2.6 (aten.{op}); this is torch {torch.__version__}"
             )
@@ -124,6 +137,12 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling() or x.data_ptr() % ALIGN == 0:  # compiled code allocates aligned
         return x
     return x.clone()
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    """Whether csm's CPU kernels run this product: on the CPU, outside torch.compile (which traces PyTorch's
+    ops instead of calling into the extension)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.available()
 
 
 # ---- quantizing a matrix ------------------------------------------------------------------------------
@@ -236,9 +255,15 @@ class Int8Linear(nn.Module):
         t = quantize_int8(weight)
         self.qweight, self.scales = t["qweight"].to(weight.device), t["scales"].to(weight.device)
 
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight (N, K) this layer stands for."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _inference_only(self)
-        if x.device.type == "cpu" and x.numel() >= PREFILL_ROWS * self.in_features:
+        if _use_kernels(x):
+            y = cpu_kernels.linear(x, self.qweight, "int8", self.scales.to(torch.bfloat16))
+        elif x.device.type == "cpu" and x.numel() >= PREFILL_ROWS * self.in_features:
             y = (F.linear(x.float(), self.qweight.float()) * self.scales.float()).to(x.dtype)
         elif x.device.type == "cpu":
             y = aten._weight_int8pack_mm(_kernel_input(x), self.qweight, self.scales.to(torch.bfloat16))
@@ -253,7 +278,11 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """A linear layer with int4 weights, a bf16 scale and zero per group of input channels (CPU, inference
-    only). Kept in the kernel's packed layout; its state dict holds the portable one (module docstring)."""
+    only). For csm's kernels it keeps the portable layout (`packed` the portable nibbles, `scales_and_zeros`
+    (2, N, K/g)); for PyTorch's, that kernel's packed layout and (K/g, N, 2). Its state dict holds the
+    portable one (module docstring)."""
+
+    portable_layout = False  # which of the two layouts `packed` and `scales_and_zeros` hold
 
     def __init__(
         self,
@@ -278,9 +307,14 @@ class Int4Linear(nn.Module):
         self.set_portable(quantize_int4(weight, self.group_size))
 
     def set_portable(self, t: dict[str, torch.Tensor]) -> None:
-        """Adopt portable tensors (see `quantize_int4`), packing them for the kernel."""
-        self.packed = pack_int4(t["qweight"])
-        self.scales_and_zeros = torch.stack([t["scales"], t["zeros"]], -1).transpose(0, 1).contiguous()
+        """Adopt portable tensors (see `quantize_int4`), in the layout of the kernel this machine runs."""
+        self.portable_layout = cpu_kernels.available()
+        if self.portable_layout:
+            self.packed = t["qweight"].contiguous()
+            self.scales_and_zeros = torch.stack([t["scales"], t["zeros"]]).to(torch.bfloat16)
+        else:
+            self.packed = pack_int4(t["qweight"])
+            self.scales_and_zeros = torch.stack([t["scales"], t["zeros"]], -1).transpose(0, 1).contiguous()
 
     def portable(self) -> dict[str, torch.Tensor]:
         if self.packed.is_meta:
@@ -288,6 +322,12 @@ class Int4Linear(nn.Module):
             meta = lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
             return {"qweight": meta((N, self.in_features // 2), torch.uint8),
                     "scales": meta((N, G), torch.bfloat16), "zeros": meta((N, G), torch.bfloat16)}  # fmt: skip
+        if self.portable_layout:
+            return {
+                "qweight": self.packed,
+                "scales": self.scales_and_zeros[0],
+                "zeros": self.scales_and_zeros[1],
+            }
         q = unpack_int4(self.packed, self.in_features)
         qweight = q[:, 0::2] | (q[:, 1::2] << 4)
         if not torch.equal(pack_int4(qweight), self.packed):
@@ -304,6 +344,10 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) this layer stands for."""
         N, K, g = self.out_features, self.in_features, self.group_size
+        if self.portable_layout:
+            q = torch.stack([self.packed & 15, self.packed >> 4], -1).view(N, K // g, g).float()
+            scales, zeros = self.scales_and_zeros.float()[..., None]  # (N, K/g, 1) each
+            return q.mul_(scales).add_(zeros - 8 * scales).view(N, K)
         w = unpack_int4(self.packed, K).view(N, K // g, g).float()
         sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
         scales, zeros = sz[..., :1], sz[..., 1:]
@@ -329,7 +373,10 @@ class Int4Linear(nn.Module):
         _inference_only(self)
         if x.device.type != "cpu":
             raise RuntimeError("int4 weights run on the CPU only; move the model to the CPU or use int8")
-        if x.numel() >= PREFILL_ROWS * self.in_features:
+        if self.portable_layout and _use_kernels(x):
+            sz = self.scales_and_zeros.to(torch.bfloat16)
+            y = cpu_kernels.linear(x, self.packed, "int4", sz[0], sz[1], self.group_size)
+        elif self.portable_layout or x.numel() >= PREFILL_ROWS * self.in_features:
             y = F.linear(x.float(), self.dequantized()).to(x.dtype)
         else:
             sz = self.scales_and_zeros.to(torch.bfloat16)
@@ -341,11 +388,49 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
 
 
+class Linear16(nn.Module):
+    """A linear layer whose weight is kept in 16 bits (bf16 or fp16) under a float32 or bfloat16 model: csm's
+    CPU kernels convert it in registers as they read it, so a float32 model reads half its bytes and keeps
+    float32 activations (inference only)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, weight_dtype, bias: bool = False, device=None, dtype=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=weight_dtype, device=device)
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach().to(self.weight.dtype, copy=True).contiguous()
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _inference_only(self)
+        w = self.weight
+        if w.dtype in (torch.bfloat16, torch.float16) and _use_kernels(x):
+            y = cpu_kernels.linear(x, w, w.dtype)
+        elif x.numel() >= PREFILL_ROWS * self.in_features or w.dtype == torch.float16:
+            y = F.linear(x.float(), w.float()).to(x.dtype)
+        else:  # a few rows without csm's kernels: oneDNN's bf16 product
+            y = F.linear(x.to(w.dtype), w).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}"
+
+
 def make_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     """A quantized module standing in for `linear`: empty on the meta device, else from its weight."""
     w = linear.weight
     kw = dict(bias=linear.bias is not None, device=w.device, dtype=w.dtype)
-    if config.scheme == "int8":
+    if config.scheme in SIXTEEN_BIT:
+        q = Linear16(linear.in_features, linear.out_features, SIXTEEN_BIT[config.scheme], **kw)
+    elif config.scheme == "int8":
         q = Int8Linear(linear.in_features, linear.out_features, **kw)
     else:
         q = Int4Linear(linear.in_features, linear.out_features, config.group_size, **kw)
@@ -363,8 +448,8 @@ def make_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
 
 def fits_kernel(out_features: int, in_features: int, config: QuantConfig) -> bool:
     """Whether the CPU kernels take this shape (the int8 one reads 16 input channels at a time, the int4 one
-    packs blocks of 16 output channels and groups of `group_size` inputs)."""
-    if config.scheme == "int8":
+    packs blocks of 16 output channels and groups of `group_size` inputs; csm's read 16 inputs at a time)."""
+    if config.scheme != "int4":
         return in_features % 16 == 0
     return out_features % 16 == 0 and in_features % config.group_size == 0
 
@@ -430,6 +515,8 @@ def quantizing_transform(quant: QuantConfig, dtype: torch.dtype | None = None):
             if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                 return {name: tensor.to(dtype)}
             return {name: tensor.clone()}
+        if quant.scheme in SIXTEEN_BIT:
+            return {name: tensor.to(SIXTEEN_BIT[quant.scheme], copy=True)}
         parts = quantize_int8(tensor) if quant.scheme == "int8" else quantize_int4(tensor, quant.group_size)
         return {f"{module}.{k}": v for k, v in parts.items()}
 

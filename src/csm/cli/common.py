@@ -31,10 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (default: auto)")
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4"],
+        choices=["int8", "int4", "bf16", "fp16"],
         default=None,
-        help="quantize the weights as they load: int8 (recommended) or int4 (experimental); a checkpoint "
-        "saved quantized needs no flag",
+        help="quantize the weights as they load: int8, int4 (experimental), or bf16/fp16 (16-bit weights "
+        "under a float32 model, CPU); a checkpoint saved quantized needs no flag",
     )
 
 

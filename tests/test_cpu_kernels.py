@@ -1,0 +1,182 @@
+"""csm's CPU kernels (csm/cpu_kernels.cpp): each weight format against the product with its dequantized
+weight, the layers that run them against PyTorch's kernels, and the fallback when they cannot be built.
+
+The first test to need the kernels builds them (~40 s on 2 cores); later runs load them from torch's
+extension cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from csm import cpu_kernels
+from csm.quant import Int4Linear, Linear16, QuantConfig, dequantize, make_linear, quantize_int4, quantize_int8
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.kernels() is None,
+    reason="csm's CPU kernels cannot run here (no AVX2/FMA/F16C or no compiler)",
+)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    """The kernels wherever they can run, also where csm would not use them by default (AVX-512)."""
+    with cpu_kernels.forced(True):
+        yield
+
+
+FORMATS = ["fp16", "bf16", "int8", "int4-g32", "int4-g128"]
+
+
+def weight_in(fmt: str, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """(the kernel's arguments, the fp32 weight they stand for)."""
+    if fmt in ("fp16", "bf16"):
+        dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
+        return dict(weight=w.to(dtype), fmt=dtype), w.to(dtype).float()
+    if fmt == "int8":
+        t = quantize_int8(w)
+        return dict(weight=t["qweight"], fmt="int8", scales=t["scales"]), dequantize(t)
+    group = int(fmt.rsplit("g", 1)[1])
+    t = quantize_int4(w, group)
+    args = dict(weight=t["qweight"], fmt="int4", scales=t["scales"], zeros=t["zeros"], group_size=group)
+    return args, dequantize(t, group)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(256, 512), (37, 384)])  # 37: no multiple of any block of output channels
+def test_kernel_equals_the_product_with_the_dequantized_weight(fmt, rows, dtype, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w = torch.randn(n, k, generator=g) * 0.02
+    args, deq = weight_in(fmt, w)
+    x = torch.randn(2, rows, k, generator=g).to(dtype)  # 3-D: rows of 2 sequences
+    got = cpu_kernels.linear(x, **args)
+    expected = x.float() @ deq.t()
+    assert got.dtype == dtype and got.shape == (2, rows, n)
+    scale = expected.abs().max().item()
+    atol = 1e-5 * scale if dtype == torch.float32 else 1e-2 * scale  # fp32 sums; a bf16 result
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=atol)
+
+
+@needs_kernels
+def test_kernel_reads_strided_activations_and_refuses_bad_shapes():
+    w = torch.randn(64, 128).bfloat16()
+    x = torch.randn(128, 5).t()  # (5, 128), not contiguous
+    torch.testing.assert_close(
+        cpu_kernels.linear(x, w, torch.bfloat16), x @ w.float().t(), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_kernels.linear(torch.randn(1, 40), torch.randn(8, 40).bfloat16(), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="w must be bf16"):
+        cpu_kernels.linear(torch.randn(1, 64), torch.randn(8, 64).half(), torch.bfloat16)
+
+
+def layer(n=96, k=256, seed=0, bias=False):
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias)
+    nn.init.normal_(linear.weight, std=0.02)
+    return linear.eval()
+
+
+CONFIGS = [("int8", None), ("int4", 32), ("int4", 64), ("bf16", None), ("fp16", None)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme,group_size", CONFIGS)
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_layers_with_the_kernels_give_pytorchs_product(scheme, group_size, rows):
+    config = QuantConfig(scheme, group_size)
+    source = layer(bias=True)
+    fast = make_linear(source, config)
+    with cpu_kernels.disabled():
+        slow = make_linear(source, config)
+        x = torch.randn(rows, 256)
+        expected = slow(x)
+    assert isinstance(fast, Int4Linear) == (scheme == "int4")
+    if scheme == "int4":
+        assert fast.portable_layout and not slow.portable_layout
+    torch.testing.assert_close(fast.dequantized(), slow.dequantized(), rtol=0, atol=0)
+    # PyTorch's int kernels take bf16 activations: ~2^-8 relative
+    torch.testing.assert_close(fast(x), expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+    with cpu_kernels.disabled():  # a layer made for the kernels still runs without them
+        torch.testing.assert_close(fast(x), expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_state_dict_is_the_portable_layout_with_or_without_the_kernels(group_size):
+    w = layer(n=64, k=256).weight
+    fast = Int4Linear(256, 64, group_size)
+    fast.set_weight(w)
+    with cpu_kernels.disabled():
+        slow = Int4Linear(256, 64, group_size)
+        slow.set_weight(w)
+        slow_state = slow.state_dict()
+        reloaded = Int4Linear(256, 64, group_size)
+        reloaded.load_state_dict(fast.state_dict())  # written by one layout, read into the other
+    for name, t in fast.state_dict().items():
+        assert torch.equal(t, slow_state[name]) and torch.equal(t, reloaded.state_dict()[name]), name
+    assert set(fast.state_dict()) == {"qweight", "scales", "zeros"}
+
+
+def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'csm_cpu_kernels_v1': c++: not found\nmore lines")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "runnable", lambda: True)
+    cpu_kernels.kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="csm.cpu_kernels"):
+            assert not cpu_kernels.available() and not cpu_kernels.available()
+        assert len(caplog.records) == 1
+        assert "CPU kernels unavailable, using PyTorch's" in caplog.text and "c++: not found" in caplog.text
+        assert "more lines" not in caplog.text
+        for scheme, group_size in CONFIGS:
+            q = make_linear(layer(), QuantConfig(scheme, group_size))
+            x = torch.randn(3, 256)
+            expected = x @ q.dequantized().t()
+            torch.testing.assert_close(q(x), expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+            if scheme == "int4":
+                assert not q.portable_layout  # PyTorch's packed layout
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.kernels.cache_clear()
+
+
+def test_the_kernels_are_wanted_on_avx2_cpus_without_amx_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.delenv("CSM_CPU_KERNELS", raising=False)
+
+    def wanted_with(*flags):
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(flags))
+        return cpu_kernels.wanted()
+
+    assert wanted_with("avx2", "fma", "f16c")
+    assert not wanted_with("avx2", "fma", "f16c", "amx_tile")  # oneDNN's AMX paths stay
+    assert not wanted_with("avx", "fma", "f16c") and not wanted_with()
+    monkeypatch.setenv("CSM_CPU_KERNELS", "1")
+    assert wanted_with("avx2", "fma", "f16c", "amx_tile") and not wanted_with("avx", "fma", "f16c")
+    monkeypatch.setenv("CSM_CPU_KERNELS", "0")
+    assert not wanted_with("avx2", "fma", "f16c")
+    monkeypatch.setenv("CSM_CPU_KERNELS", "")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert not wanted_with("avx2", "fma", "f16c", "avx512f")  # PyTorch's AVX-512 kernels stay
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
+    assert not wanted_with("avx2", "fma", "f16c")
+
+
+def test_sixteen_bit_layers_keep_their_weight_in_sixteen_bits():
+    source = layer()
+    for scheme, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        q = make_linear(source, QuantConfig(scheme))
+        assert isinstance(q, Linear16) and q.weight.dtype == dtype and not list(q.parameters())
+        assert q.state_dict()["weight"].dtype == dtype
