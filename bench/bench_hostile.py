@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from healthy import wait_healthy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hostile import claim_length, silent_flac  # noqa: E402  (the test suite's bomb maker)
@@ -219,17 +220,8 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     valid = {"input": "A valid request among the hostile ones.", "response_format": "wav"}
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                print("the server did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        if not wait_healthy(base, server, 120):
+            return 1
         httpx.post(base + "/v1/audio/speech", json=valid, timeout=120)  # warm up
         rss_start = proc_status(server.pid, "VmRSS")
         fds_start = open_fds(server.pid)

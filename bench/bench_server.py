@@ -20,6 +20,7 @@ import sys
 import time
 
 import httpx
+from healthy import wait_healthy
 
 
 def serve(args) -> None:
@@ -114,17 +115,8 @@ def main() -> int:
     server = subprocess.Popen(cmd)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                print("the server did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        if not wait_healthy(base, server, 120):
+            return 1
         print(
             f"model {args.model}, {args.max_frames} frames/request, max batch {args.max_batch_size}, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"

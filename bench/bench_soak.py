@@ -23,6 +23,7 @@ import time
 
 import httpx
 import soundfile as sf
+from healthy import wait_healthy
 
 FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 
@@ -124,17 +125,8 @@ def main() -> int:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + args.start_timeout
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                print("the server did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        if not wait_healthy(base, server, args.start_timeout):
+            return 1
         print(f"healthy {time.time() - launched:.1f} s after launch", flush=True)
         warm = asyncio.run(soak(base, args.clients, args.clients, args.formats))  # allocate, fill pools
         rss_start = rss_mb(server.pid)
