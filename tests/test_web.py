@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -296,6 +297,17 @@ def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(
     # --max-frames bounds the whole request: each turn gets FRAMES (as if the model ended it there), 3 in all.
     monkeypatch.setattr(server_service, "frames_for_text", lambda text, frame_rate: FRAMES)
     monkeypatch.setattr(server.app.state.settings, "max_frames", 3 * FRAMES)
+    # The last turn waits until the first was heard, so a fast machine cannot finish the whole dialogue
+    # between two looks at the page (the check below would see it all arrived).
+    first_heard = threading.Event()
+    job_for = server_service.Service.job_for
+
+    def last_turn_waits(self, plan, turn, *args):
+        if turn == 2:
+            first_heard.wait(timeout=60)
+        return job_for(self, plan, turn, *args)
+
+    monkeypatch.setattr(server_service.Service, "job_for", last_turn_waits)
 
     clip = tmp_path / "bea.wav"
     sf.write(clip, 0.3 * np.sin(np.arange(12000) * 2 * np.pi * 330 / 24000), 24000)
@@ -325,6 +337,7 @@ def test_dialogue_editor_speaks_turns_in_context_and_plays_them_as_they_come(
     first = wait_for(lambda: (d := dialogue())["rows"][0][0].endswith("made") and d, interval=0.02)
     assert first["state"] == "generating" and first["received"] > 0  # heard before the last turn was made
     assert "made" not in first["rows"][2][0]
+    first_heard.set()
     wait_for(lambda: dialogue()["state"] == "idle", message="the end of the dialogue")
     done = dialogue()
     assert [row[0] for row in done["rows"]] == ["turn made"] * 3
