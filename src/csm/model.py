@@ -436,7 +436,7 @@ class CsmForConditionalGeneration(nn.Module):
                 out.depth_decoder_loss, out.depth_decoder_logits = depth.loss, depth.logits
                 out.depth_decoder_hidden_states = depth.hidden_states
             out.loss = out.backbone_loss + out.depth_decoder_loss
-        return out if return_dict is None or return_dict else out.to_tuple()
+        return out.returned(return_dict)
 
     # ---- generation ---------------------------------------------------------------------------------
 

@@ -28,6 +28,10 @@ class ModelOutput:
         """The set fields' values, in order."""
         return tuple(self.values())
 
+    def returned(self, return_dict: bool | None) -> ModelOutput | tuple:
+        """What a call given `return_dict` returns: this object (None or True), or its tuple (False)."""
+        return self if return_dict is None or return_dict else self.to_tuple()
+
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 

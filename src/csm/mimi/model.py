@@ -176,7 +176,7 @@ class MimiModel(nn.Module):
             if stream is None:
                 stream = self.streaming_encoder(input_values.shape[0], num_quantizers)
             out = MimiEncoderOutput(stream.step(input_values), stream, stream)
-            return out if return_dict is None or return_dict else out.to_tuple()
+            return out.returned(return_dict)
         audio = self._check_audio(input_values)
         num_quantizers = self._check_num_quantizers(num_quantizers)
         lengths = None if padding_mask is None else self._check_padding_mask(padding_mask, audio)
@@ -184,7 +184,7 @@ class MimiModel(nn.Module):
             lengths = None
         codes = self.quantizer.encode(self._encode_latents(audio, lengths=lengths), num_quantizers)
         out = MimiEncoderOutput(audio_codes=codes)
-        return out if return_dict is None or return_dict else out.to_tuple()
+        return out.returned(return_dict)
 
     @torch.no_grad()
     def decode(
@@ -224,7 +224,7 @@ class MimiModel(nn.Module):
         if padding_mask is not None and padding_mask.shape[-1] < audio.shape[-1]:
             audio = audio[..., : padding_mask.shape[-1]]
         out = MimiDecoderOutput(audio, stream)
-        return out if return_dict is None or return_dict else out.to_tuple()
+        return out.returned(return_dict)
 
     def forward(
         self,
@@ -249,7 +249,7 @@ class MimiModel(nn.Module):
         out = MimiOutput(
             audio_codes, decoded.audio_values, encoder_past_key_values, decoded.decoder_past_key_values
         )
-        return out if return_dict is None or return_dict else out.to_tuple()
+        return out.returned(return_dict)
 
     def _encode_latents(
         self, audio: torch.Tensor, stream: StreamState | None = None, lengths: torch.Tensor | None = None
