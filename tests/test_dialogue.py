@@ -148,6 +148,18 @@ def test_voice_bindings_name_speakers_of_the_script(tmp_path):
         parse_voice_bindings(["alice"], turns, "t.txt")
     with pytest.raises(ScriptError, match="twice"):
         parse_voice_bindings(["0=alice", "0=bob"], turns, "t.txt")
+    for speaker in ["²", "٣", "1" * 5000]:  # str.isdigit holds, int() fails or reads another script
+        with pytest.raises(ScriptError, match="SPEAKER=VOICE"):
+            parse_voice_bindings([f"{speaker}=alice"], turns, "t.txt")
+
+
+def test_speaker_ids_are_ascii_digits_or_ints():
+    from csm.conversation import speaker_id
+
+    assert speaker_id(" 3 ") == speaker_id(3) == 3
+    for value in ["²", "٣", "１", "1" * 5000, "-1", "", -1, True, 1.0]:
+        with pytest.raises(ValueError, match="non-negative integer speaker id"):
+            speaker_id(value)
 
 
 # ---- `csm dialogue` ----------------------------------------------------------------------------------

@@ -59,9 +59,12 @@ class DialogueAudio:
 
 
 def speaker_id(value, where: str = "speaker") -> int:
-    """A speaker id from an int or a string of digits; ValueError otherwise."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    """A speaker id from an int or a string of ASCII digits; ValueError otherwise ("²" and "٣" are digits
+    to str.isdigit, not speaker ids; a string of thousands of digits is refused before int() sees it)."""
+    if isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= 9:
+            value = int(digits)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{where} must be a non-negative integer speaker id, got {value!r}")
     return value

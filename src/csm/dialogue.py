@@ -170,13 +170,18 @@ def clip_path(audio, base: Path) -> Path:
 
 def parse_voice_bindings(values: list[str], turns: list[ScriptTurn], name: str) -> dict[int, str]:
     """`["0=alice", "1=bob"]` as {0: "alice", 1: "bob"}; every speaker bound must speak in the script."""
+    from .conversation import speaker_id
+
     speakers = sorted({t.speaker for t in turns})
     bindings: dict[int, str] = {}
     for value in values:
         speaker, _, voice = value.partition("=")
-        if not speaker.strip().isdigit() or not voice.strip():
+        try:
+            speaker = speaker_id(speaker)
+        except ValueError:
+            speaker = None
+        if speaker is None or not voice.strip():
             raise ScriptError(f"--voice takes SPEAKER=VOICE, like --voice 0=alice; got {value!r}")
-        speaker = int(speaker)
         if speaker in bindings:
             raise ScriptError(f"--voice binds speaker {speaker} twice ({bindings[speaker]}, {voice.strip()})")
         if speaker not in speakers:
