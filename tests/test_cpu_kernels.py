@@ -1,5 +1,5 @@
 """csm's CPU kernels (csm/cpu_kernels.cpp): each weight format against the product with its dequantized
-weight, the layers that run them against PyTorch's kernels, and the fallback when they cannot be built.
+weight (for int8 and int4 also with x quantized as the integer products do), the layers that run them against PyTorch's kernels, and the fallback when they cannot be built.
 
 The first test to need the kernels builds them (~40 s on 2 cores); later runs load them from torch's
 extension cache."""
@@ -45,22 +45,79 @@ def weight_in(fmt: str, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
     return args, dequantize(t, group)
 
 
+def blocks_of_32(x: torch.Tensor) -> torch.Tensor:
+    """x as the integer products see it: each block of 32 along the last dimension rounded to int8 steps of
+    max|x| / 127, in fp32 (the kernels' q8_0 rounding)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    top = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, top.new_tensor(127.0) / top, 0)  # not `127 / top`: that is 127 * (1 / top)
+    q = (xb * inv).round()
+    return (q * (top / 127)).reshape(x.shape)
+
+
+def integer_product(fmt: str, x: torch.Tensor, args: dict, deq: torch.Tensor) -> torch.Tensor:
+    """What the integer kernels compute, in fp64: int8 x quantized x; for int4 the zeros meet x itself."""
+    xq = blocks_of_32(x).double()
+    if fmt == "int8":
+        return (xq @ deq.double().t()).float()
+    g = args["group_size"]
+    zeros = args["zeros"].double().repeat_interleave(g, 1)
+    return (xq @ (deq.double() - zeros).t() + x.double() @ zeros.t()).float()
+
+
+def takes_integer_path(fmt: str, k: int) -> bool:
+    return fmt == "int8" and k % 32 == 0 or fmt.startswith("int4") and k % 256 == 0
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k", [(256, 512), (37, 384)])  # 37: no multiple of any block of output channels
+@pytest.mark.parametrize("n,k", [(256, 512), (37, 384), (19, 400)])  # 37, 19: no multiple of a block
 def test_kernel_equals_the_product_with_the_dequantized_weight(fmt, rows, dtype, n, k):
+    if fmt.startswith("int4") and k % int(fmt.rsplit("g", 1)[1]):
+        pytest.skip("the groups do not divide k")
     g = torch.Generator().manual_seed(rows * 1000 + n)
     w = torch.randn(n, k, generator=g) * 0.02
     args, deq = weight_in(fmt, w)
     x = torch.randn(2, rows, k, generator=g).to(dtype)  # 3-D: rows of 2 sequences
-    got = cpu_kernels.linear(x, **args)
     expected = x.float() @ deq.t()
-    assert got.dtype == dtype and got.shape == (2, rows, n)
     scale = expected.abs().max().item()
     atol = 1e-5 * scale if dtype == torch.float32 else 1e-2 * scale  # fp32 sums; a bf16 result
+    if fmt.startswith("int"):  # the weight-only product, each weight converted to fp32
+        exact = cpu_kernels.linear(x, **args, integer=False)
+        assert exact.dtype == dtype and exact.shape == (2, rows, n)
+        torch.testing.assert_close(exact.float(), expected, rtol=0, atol=atol)
+        if takes_integer_path(fmt, k):
+            expected = integer_product(fmt, x, args, deq)
+    got = cpu_kernels.linear(x, **args)
+    assert got.dtype == dtype and got.shape == (2, rows, n)
     torch.testing.assert_close(got.float(), expected, rtol=0, atol=atol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g64", "int4-g256"])
+def test_integer_products_stay_within_a_percent_of_the_weight_only_product(fmt):
+    """Quantizing x costs ~0.5% of the product (llama.cpp's q8_0 activations); an outlier costs its own
+    block's precision, all-zero blocks give zeros."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(512, 1024, generator=g) * 0.02
+    args, deq = weight_in(fmt, w)
+    x = torch.randn(5, 1024, generator=g)
+    x[0, 17] = 300.0  # an outlier widens its block's steps only
+    x[1, :64] = 0.0  # all-zero blocks
+    x[2] = 0.0
+    got = cpu_kernels.linear(x, **args)
+    expected = x @ deq.t()
+    assert torch.equal(got[2], torch.zeros(512)) and not torch.equal(got, expected)
+    for row, bound in (
+        (0, 3e-2),
+        (1, 1e-2),
+        (3, 1e-2),
+        (4, 1e-2),
+    ):  # row 0: 31 values rounded in steps of 2.4
+        err = (got[row] - expected[row]).norm() / expected[row].norm()
+        assert err < bound, (row, err)
 
 
 @needs_kernels

@@ -2,11 +2,15 @@
 //
 // y (M, N) = x (M, K) @ w (N, K)^T for few rows M, with w held as fp16, bf16, int8 (one scale per output
 // channel) or int4 (a scale and zero per group of input channels, the portable layout of csm/quant.py).
-// Each weight is converted to fp32 in registers as it is read and used for every row of x, so a product
-// reads each weight byte once: decoding is bound by memory, and this reads it at close to that bound.
+// Each weight is read once for every row of x (up to 4 rows a pass), so decoding is bound by memory:
+// - fp16 and bf16 weights are converted to fp32 in registers and multiplied in fp32;
+// - int8 and int4 weights meet x quantized to int8 (blocks of 32, one fp32 scale each) in 8-bit integer
+//   multiply-adds, since converting each of them to fp32 costs more instructions per byte than two AVX2
+//   cores can issue at the memory's speed. The fp32 conversion remains for shapes the integer path does not
+//   take (and for exact weight-only products).
 //
-// Layout trick: the bf16 and int4 loads yield the even-k weights of a 16-wide block in one vector and the
-// odd-k ones in another; x is permuted the same way once per call (it is small), so no shuffle is needed.
+// Layout trick: the bf16 and int4 loads yield the even-k weights of a block in one vector and the odd-k
+// ones in another; x is permuted the same way once per call (it is small), so no shuffle is needed.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -93,70 +97,262 @@ struct I4Rows {
   inline float factor(int64_t) const { return 1.0f; }
 };
 
+// ---- products in fp32: each weight converted to fp32 in registers -------------------------------------
+
 // NB output channels by R rows of x, over the whole of K. With one row, the two halves of a block go to
 // accumulators of their own, so that consecutive FMAs do not wait on each other.
-template <class W, int NB, int R>
-inline void block(const W& w, int64_t n0, const float* x, int64_t K, float* y, int64_t N) {
-  constexpr int S = R == 1 ? 2 : 1;
-  __m256 acc[NB][R][S];
-  for (int j = 0; j < NB; ++j)
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < S; ++h) acc[j][r][h] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m256 xa[R], xb[R];
-    for (int r = 0; r < R; ++r) {
-      xa[r] = _mm256_loadu_ps(x + r * K + k);
-      xb[r] = _mm256_loadu_ps(x + r * K + k + 8);
+template <class W>
+struct FloatDot {
+  W w;
+  const float* x;  // (M, K), permuted as W wants
+  float* y;        // (M, N)
+  int64_t K, N;
+
+  template <int NB, int R>
+  inline void block(int64_t n0, int64_t m) const {
+    constexpr int S = R == 1 ? 2 : 1;
+    const float* xm = x + m * K;
+    __m256 acc[NB][R][S];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < S; ++h) acc[j][r][h] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m256 xa[R], xb[R];
+      for (int r = 0; r < R; ++r) {
+        xa[r] = _mm256_loadu_ps(xm + r * K + k);
+        xb[r] = _mm256_loadu_ps(xm + r * K + k + 8);
+      }
+      for (int j = 0; j < NB; ++j) {
+        __m256 a, b;
+        w.load(n0 + j, k, a, b);
+        for (int r = 0; r < R; ++r) {
+          acc[j][r][0] = _mm256_fmadd_ps(a, xa[r], acc[j][r][0]);
+          acc[j][r][S - 1] = _mm256_fmadd_ps(b, xb[r], acc[j][r][S - 1]);
+        }
+      }
     }
     for (int j = 0; j < NB; ++j) {
-      __m256 a, b;
-      w.load(n0 + j, k, a, b);
+      float f = w.factor(n0 + j);
       for (int r = 0; r < R; ++r) {
-        acc[j][r][0] = _mm256_fmadd_ps(a, xa[r], acc[j][r][0]);
-        acc[j][r][S - 1] = _mm256_fmadd_ps(b, xb[r], acc[j][r][S - 1]);
+        __m256 sum = acc[j][r][0];
+        if (S == 2) sum = _mm256_add_ps(sum, acc[j][r][S - 1]);
+        y[(m + r) * N + n0 + j] = hsum(sum) * f;
       }
     }
   }
-  for (int j = 0; j < NB; ++j) {
-    float f = w.factor(n0 + j);
-    for (int r = 0; r < R; ++r) {
-      __m256 sum = acc[j][r][0];
-      if (S == 2) sum = _mm256_add_ps(sum, acc[j][r][S - 1]);
-      y[r * N + n0 + j] = hsum(sum) * f;
+};
+
+// ---- integer products on quantized activations (int8 and int4 weights) --------------------------------
+//
+// Converting int8 or int4 weights to fp32 costs more instructions per byte than two cores can issue at the
+// memory's speed. Instead each row of x is quantized once per call to int8 in blocks of 32 (d = max|x| / 127,
+// q = round(x / d): llama.cpp's q8_0), and weights meet it in 8-bit integer multiply-adds (maddubs: 32
+// products and pair sums per instruction), scaled per block in fp32.
+
+constexpr int QB = 32;  // activations per quantization block
+
+struct QuantizedX {
+  std::vector<int8_t> q;  // (M, K): natural order, or per 64 k the even k of both blocks, then the odd ones
+  std::vector<float> d;   // (M, K/QB) block scales
+  std::vector<float> c;   // (M, K/QB) 8 * d * sum(q): the int4 weights' offset of 8, folded out
+  std::vector<float> s;   // (M, K/QB) sum of x over the block, for the int4 zeros
+};
+
+QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool int4_order) {
+  QuantizedX out;
+  int64_t blocks = M * K / QB;
+  out.q.resize(M * K);
+  out.d.resize(blocks);
+  out.c.resize(blocks);
+  out.s.resize(blocks);
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* p = x + b * QB;
+    __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(p + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+      sum = _mm256_add_ps(sum, v[i]);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float top = _mm_cvtss_f32(m4);
+    float d = top / 127.0f;
+    __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv));  // rounds to nearest (even)
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
+    __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    // The packs interleave 128-bit halves; the permute puts the 32 bytes back in k order.
+    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    packed = _mm256_permutevar8x32_epi32(packed, order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + b * QB), packed);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    out.d[b] = d;
+    out.c[b] = 8.0f * d * static_cast<float>(_mm_cvtsi128_si32(s4));
+    out.s[b] = hsum(sum);
+  }
+  if (int4_order) {  // per 64 k: the even k of blocks A and B (32 bytes), then their odd k, as int4 unpacks
+    int8_t tmp[64];
+    for (int64_t k = 0; k < M * K; k += 64) {
+      int8_t* q = out.q.data() + k;
+      std::memcpy(tmp, q, 64);
+      for (int j = 0; j < 16; ++j) {
+        q[j] = tmp[2 * j];
+        q[16 + j] = tmp[32 + 2 * j];
+        q[32 + j] = tmp[2 * j + 1];
+        q[48 + j] = tmp[33 + 2 * j];
+      }
     }
   }
+  return out;
 }
 
-template <class W, int R>
-inline void rows(const W& w, int64_t n_begin, int64_t n_end, const float* x, int64_t K, float* y, int64_t N) {
-  constexpr int NB = R <= 2 ? 4 : 2;
+// int8 weights (one scale per output channel) by int8 blocks of x. maddubs takes an unsigned and a signed
+// operand: |w| and x with w's sign (|w| <= 128 and |q| <= 127, so its pair sums cannot saturate).
+struct Int8Dot {
+  const int8_t* w;
+  const uint16_t* scales;  // bf16 (N,)
+  const QuantizedX* x;
+  float* y;
+  int64_t K, N;
+
+  template <int NB, int R>
+  inline void block(int64_t n0, int64_t m) const {
+    const int64_t nb = K / QB;
+    const int8_t* xq = x->q.data() + m * K;
+    const float* xd = x->d.data() + m * nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NB][R];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i xv[R];
+      __m256 dv[R];
+      for (int r = 0; r < R; ++r) {
+        xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * QB));
+        dv[r] = _mm256_broadcast_ss(xd + r * nb + b);
+      }
+      for (int j = 0; j < NB; ++j) {
+        __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + j) * K + b * QB));
+        __m256i aw = _mm256_abs_epi8(wv);
+        for (int r = 0; r < R; ++r) {
+          __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], wv)), ones);
+          acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv[r], acc[j][r]);
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      float f = bf16_to_float(scales[n0 + j]);
+      for (int r = 0; r < R; ++r) y[(m + r) * N + n0 + j] = hsum(acc[j][r]) * f;
+    }
+  }
+};
+
+// Eight bf16 values from p as fp32 (one per block of 32 k when groups are 32 wide), or, for wider groups,
+// each group's value repeated for each of its blocks.
+inline __m256 group_values(const uint16_t* p, int group_shift) {
+  if (group_shift == 5) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+  alignas(32) float f[8];
+  for (int b = 0; b < 8; ++b) f[b] = bf16_to_float(p[(b * QB) >> group_shift]);
+  return _mm256_load_ps(f);
+}
+
+// int4 weights (w = (q - 8) * scale + zero per group) by int8 blocks of x, 256 k at a time. The low and
+// high nibbles of 32 bytes are the even and odd k of two blocks; x is ordered to match (quantize_rows).
+// Per block: sum(w x) = scale * d * (sum(q qx) - 8 sum(qx)) + zero * sum(x).
+struct Int4Dot {
+  const uint8_t* w;        // (N, K/2)
+  const uint16_t* scales;  // bf16 (N, K/G)
+  const uint16_t* zeros;
+  int group_shift;
+  const QuantizedX* x;
+  float* y;
+  int64_t K, N;
+
+  template <int NB, int R>
+  inline void block(int64_t n0, int64_t m) const {
+    const int64_t nb = K / QB, groups = K >> group_shift;
+    const int8_t* xq = x->q.data() + m * K;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // hadd's block order -> k order
+    __m256 acc[NB][R];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 256) {
+      const int64_t b = k / QB;
+      for (int j = 0; j < NB; ++j) {
+        const uint8_t* p = w + (n0 + j) * (K / 2) + k / 2;
+        __m256i lo[4], hi[4];
+        for (int i = 0; i < 4; ++i) {
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i));
+          lo[i] = _mm256_and_si256(v, low4);
+          hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+        const int64_t g = (n0 + j) * groups + (k >> group_shift);
+        __m256 sv = group_values(scales + g, group_shift), zv = group_values(zeros + g, group_shift);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xr = xq + r * K + k;
+          __m256i part[4];
+          for (int i = 0; i < 4; ++i) {
+            __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64 * i));
+            __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64 * i + 32));
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xe), _mm256_maddubs_epi16(hi[i], xo));
+            part[i] = _mm256_madd_epi16(pairs, ones);  // lanes 0-3: block 2i, 4-7: block 2i+1
+          }
+          __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(part[0], part[1]), _mm256_hadd_epi32(part[2], part[3]));
+          sums = _mm256_permutevar8x32_epi32(sums, order);  // the 8 blocks' sum(q qx), in k order
+          const int64_t at = (m + r) * nb + b;
+          __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(x->d.data() + at),
+                                     _mm256_loadu_ps(x->c.data() + at));
+          acc[j][r] = _mm256_fmadd_ps(sv, t, acc[j][r]);
+          acc[j][r] = _mm256_fmadd_ps(zv, _mm256_loadu_ps(x->s.data() + at), acc[j][r]);
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) y[(m + r) * N + n0 + j] = hsum(acc[j][r]);
+  }
+};
+
+// ---- scheduling: output channels split among threads, rows of x in passes of up to 4 -------------------
+
+template <class D, int R>
+inline void rows(const D& d, int64_t n_begin, int64_t n_end, int64_t m) {
+  constexpr int NB = R == 1 ? 1 : (R <= 2 ? 4 : 2);  // one row: one channel at a time, a single stream
   int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) block<W, NB, R>(w, n, x, K, y, N);
-  for (; n < n_end; ++n) block<W, 1, R>(w, n, x, K, y, N);
+  for (; n + NB <= n_end; n += NB) d.template block<NB, R>(n, m);
+  for (; n < n_end; ++n) d.template block<1, R>(n, m);
 }
 
-template <class W>
-void run(const W& w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+template <class D>
+void run(const D& d, int64_t M, int64_t bytes_per_channel, int64_t N) {
   constexpr int64_t CHUNK = 16;  // output channels per task: their weights stay in cache across rows
-  int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (K * CHUNK));
+  int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (bytes_per_channel * CHUNK));
   at::parallel_for(0, (N + CHUNK - 1) / CHUNK, grain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t n0 = c * CHUNK, n1 = std::min(N, n0 + CHUNK);
       for (int64_t m = 0; m < M;) {
         int64_t left = M - m;
-        const float* xm = x + m * K;
-        float* ym = y + m * N;
         if (left >= 4) {
-          rows<W, 4>(w, n0, n1, xm, K, ym, N);
+          rows<D, 4>(d, n0, n1, m);
           m += 4;
         } else if (left == 3) {
-          rows<W, 3>(w, n0, n1, xm, K, ym, N);
+          rows<D, 3>(d, n0, n1, m);
           m += 3;
         } else if (left == 2) {
-          rows<W, 2>(w, n0, n1, xm, K, ym, N);
+          rows<D, 2>(d, n0, n1, m);
           m += 2;
         } else {
-          rows<W, 1>(w, n0, n1, xm, K, ym, N);
+          rows<D, 1>(d, n0, n1, m);
           m += 1;
         }
       }
@@ -183,8 +379,16 @@ torch::Tensor kernel_input(const torch::Tensor& x, bool permuted) {
   return out;
 }
 
+template <class W>
+void float_product(const W& w, const torch::Tensor& x, torch::Tensor& y, int64_t bytes_per_channel) {
+  torch::Tensor xf = kernel_input(x, W::permuted);
+  FloatDot<W> d{w, xf.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1)};
+  run(d, x.size(0), bytes_per_channel, y.size(1));
+}
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scales,
-                     const c10::optional<torch::Tensor>& zeros, int64_t format, int64_t group_size) {
+                     const c10::optional<torch::Tensor>& zeros, int64_t format, int64_t group_size,
+                     bool integer) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be a contiguous 2-D tensor");
   int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -197,28 +401,34 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   };
   if (format == F16) {
     TORCH_CHECK(w.scalar_type() == torch::kFloat16 && w.size(1) == K, "w must be fp16 (N, K)");
-    torch::Tensor xf = kernel_input(x, F16Rows::permuted);
-    F16Rows rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), K};
-    run(rows, xf.data_ptr<float>(), M, K, y.data_ptr<float>(), N);
+    float_product(F16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), K}, x, y, 2 * K);
   } else if (format == BF16) {
     TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.size(1) == K, "w must be bf16 (N, K)");
-    torch::Tensor xf = kernel_input(x, BF16Rows::permuted);
-    BF16Rows rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), K};
-    run(rows, xf.data_ptr<float>(), M, K, y.data_ptr<float>(), N);
+    float_product(BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), K}, x, y, 2 * K);
   } else if (format == I8) {
     TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.size(1) == K, "w must be int8 (N, K)");
-    torch::Tensor xf = kernel_input(x, I8Rows::permuted);
-    I8Rows rows{w.data_ptr<int8_t>(), bf16_ptr(scales), K};
-    run(rows, xf.data_ptr<float>(), M, K, y.data_ptr<float>(), N);
+    if (integer && K % QB == 0) {
+      torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+      QuantizedX qx = quantize_rows(xf.data_ptr<float>(), M, K, false);
+      Int8Dot d{w.data_ptr<int8_t>(), bf16_ptr(scales), &qx, y.data_ptr<float>(), K, N};
+      run(d, M, K, N);
+    } else {
+      float_product(I8Rows{w.data_ptr<int8_t>(), bf16_ptr(scales), K}, x, y, K);
+    }
   } else if (format == I4) {
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.size(1) * 2 == K, "w must be uint8 (N, K/2)");
     TORCH_CHECK(group_size >= 16 && (group_size & (group_size - 1)) == 0 && K % group_size == 0,
                 "group_size must be a power of two of at least 16 dividing in_features");
     int shift = 0;
     while ((int64_t{1} << shift) < group_size) ++shift;
-    torch::Tensor xf = kernel_input(x, I4Rows::permuted);
-    I4Rows rows{w.data_ptr<uint8_t>(), bf16_ptr(scales), bf16_ptr(zeros), K, shift};
-    run(rows, xf.data_ptr<float>(), M, K, y.data_ptr<float>(), N);
+    if (integer && K % 256 == 0 && group_size >= QB) {
+      torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+      QuantizedX qx = quantize_rows(xf.data_ptr<float>(), M, K, true);
+      Int4Dot d{w.data_ptr<uint8_t>(), bf16_ptr(scales), bf16_ptr(zeros), shift, &qx, y.data_ptr<float>(), K, N};
+      run(d, M, K / 2, N);
+    } else {
+      float_product(I4Rows{w.data_ptr<uint8_t>(), bf16_ptr(scales), bf16_ptr(zeros), K, shift}, x, y, K / 2);
+    }
   } else {
     TORCH_CHECK(false, "unknown weight format ", format);
   }
@@ -228,5 +438,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x @ dequantized(w)^T for 16-bit, int8 or int4 weights (AVX2, FMA, F16C)");
+  m.def("linear", &linear,
+        "y = x @ dequantized(w)^T for 16-bit, int8 or int4 weights (AVX2, FMA, F16C); integer: int8 and int4 "
+        "weights meet x quantized to int8 in blocks of 32");
 }
