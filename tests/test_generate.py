@@ -89,6 +89,27 @@ def test_greedy_codes_match_reference_with_every_weight_prepacked(setup, monkeyp
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not packable(torch.zeros(1)), reason="oneDNN is not available")
+def test_greedy_codes_match_reference_with_fp32_weights_read_plain_at_batch_1(setup, monkeypatch):
+    """At one row fp32 is not prepacked: oneDNN reads the plain weights (csm.llama.onednn_reads_plain)."""
+    ours, ref, inputs = setup
+    monkeypatch.setattr(csm.llama, "PACK_MIN_NUMEL", 0)  # the tiny model's matrices are below the default
+    plain_reads = []
+
+    def spy(x, weight, bias=None):
+        plain_reads.append(not weight.is_mkldnn)
+        return csm.llama.torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    monkeypatch.setattr(csm.llama, "packed_linear", spy)
+    row = {k: inputs[k][1:] for k in ("input_ids", "attention_mask")}  # the text-only row
+    expected = ref.generate(**row, max_new_tokens=6, **GREEDY)
+    ours.unpack()
+    got = ours.generate(**row, max_new_tokens=6, **GREEDY)
+    assert not any(getattr(m, "packed", None) is not None for m in ours.modules())
+    assert plain_reads and all(plain_reads)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def ending(tmp_path_factory):
     """A model whose depth decoder always says 0, so a frame ends the audio when the backbone says 0."""
@@ -282,3 +303,52 @@ def test_compiled_and_graphed_step_gives_the_eager_codes_on_cuda(tmp_path):
     )  # graphs are the default
     graphed = ours.generate(input_ids=ids, max_new_tokens=6, compile=True, **GREEDY)  # compiled, then graphed
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+
+
+# A fp32 model of ~300 MB: layers large enough to be prepacked (csm.llama.PACK_MIN_NUMEL), run in a process of
+# its own so its peak RSS is its own. Prints the weights' bytes and how far RSS peaked above its level before
+# generate, in bytes.
+PEAK_DURING_GENERATE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from reference_models import tiny_csm_config
+from csm import CsmForConditionalGeneration
+from csm.config import CsmConfig
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+torch.manual_seed(0)
+config = tiny_csm_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
+                         num_key_value_heads=4, head_dim=64)
+config["depth_decoder_config"].update(backbone_hidden_size=1024, hidden_size=1024, intermediate_size=2048,
+                                      num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+model = CsmForConditionalGeneration(CsmConfig(**config)).eval()
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+ids = torch.randint(0, 200, (1, 16))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the RSS now
+before = status("VmRSS")
+model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, depth_decoder_do_sample=False)
+print(weights, status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not packable(torch.zeros(1)), reason="oneDNN is not available")
+def test_fp32_generate_at_batch_1_holds_no_second_copy_of_the_weights():
+    """Peak RSS of a batch-1 fp32 generate stays within 1.3x the weights: oneDNN reads the plain weights
+    (csm.llama.onednn_reads_plain) instead of prepacked copies, which cost the weights once more."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_DURING_GENERATE, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    weights, growth = map(int, done.stdout.split())
+    assert weights > 250e6  # large enough that a copy of the weights stands out from the frame loop's buffers
+    assert growth < 0.3 * weights, (growth / 1e6, weights / 1e6)

@@ -105,6 +105,11 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 PACK_MIN_NUMEL = 1 << 18  # below ~256 x 1024, oneDNN's call overhead eats what faster streaming saves
 PACK_BATCH_HINT = 8  # the layout chosen for 8 rows also serves 1 row at full speed (bench/bench_generate.py)
+# fp32 is packed only for frame loops of this many rows or more: at one row oneDNN reads the plain fp32
+# weight faster than its prepacked copy (`onednn_reads_plain`), so batch-1 generation holds one copy of
+# each weight; from 8 rows the prepacked copy is 1.25-1.5x faster and worth its memory (BENCHMARKS.md).
+# bf16 has no such plain path (oneDNN's plain bf16 product is aten's), so bf16 packs at any batch.
+FP32_PACK_MIN_ROWS = 2
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -144,7 +149,26 @@ class PackedWeight:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) by oneDNN, from a prepacked weight or from a plain one (`onednn_reads_plain`)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def onednn_reads_plain(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `packed_linear` runs on this weight as it is: a large contiguous fp32 CPU weight, inference.
+
+    oneDNN streams a plain fp32 weight at one row 1.2-1.6x faster than `F.linear` and faster than its own
+    prepacked copy (and at eight rows 1.7-2.4x faster than `F.linear`), holding no copy (BENCHMARKS.md).
+    """
+    return (
+        weight.dtype == torch.float32
+        and x.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.numel() >= PACK_MIN_NUMEL
+        and weight.is_contiguous()
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.is_available()
+    )
 
 
 class Packable:
@@ -181,12 +205,15 @@ class Linear(Packable, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.packed.usable(self.weight, x):
             return packed_linear(x, self.packed.tensors[0], self.bias)
+        if onednn_reads_plain(self.weight, x):
+            return packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def prepack(module: nn.Module, min_numel: int | None = None) -> None:
+def prepack(module: nn.Module, min_numel: int | None = None, rows: int = PACK_BATCH_HINT) -> None:
     """Pack every `Linear` (and anything else with a `pack()`) under `module` whose weight has at least
-    `min_numel` (default PACK_MIN_NUMEL) elements; packs that are still valid are kept. The layers of a
+    `min_numel` (default PACK_MIN_NUMEL) elements, for products of `rows` rows (the frame loop's batch):
+    fp32 weights only from FP32_PACK_MIN_ROWS rows. Packs that are still valid are kept. The layers of a
     FusedLinear are packed as one."""
     min_numel = PACK_MIN_NUMEL if min_numel is None else min_numel
     fused = {
@@ -198,7 +225,8 @@ def prepack(module: nn.Module, min_numel: int | None = None) -> None:
     for m in module.modules():
         weight = getattr(m, "weight", None)
         if hasattr(m, "pack") and weight is not None and weight.numel() >= min_numel and id(m) not in fused:
-            m.pack()
+            if weight.dtype != torch.float32 or rows >= FP32_PACK_MIN_ROWS:
+                m.pack()
 
 
 def unpack(module: nn.Module) -> None:
@@ -287,6 +315,8 @@ class FusedLinear(Packable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.packed.usable(self.pack_source(), x):
             return packed_linear(x, self.packed.tensors[0], self.bias)
+        if onednn_reads_plain(self.weight, x):
+            return packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

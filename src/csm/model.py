@@ -26,6 +26,7 @@ from .checkpoint import (
 from .config import CsmConfig, CsmDepthDecoderConfig
 from .generate import GENERATION_DEFAULTS, GenerationSettings, generate, generate_stream
 from .llama import (
+    PACK_BATCH_HINT,
     Linear,
     Packable,
     Transformer,
@@ -449,14 +450,17 @@ class CsmForConditionalGeneration(nn.Module):
         return generate_stream(self, *args, **kwargs)
 
     # Generation on CPU keeps oneDNN-prepacked copies of the large weights of the backbone, the depth
-    # decoder and the codec's transformers (2-3x faster matrix-vector products, at the cost of those
-    # weights' memory once more). Set this to False, or call `unpack()`, to give the memory back.
+    # decoder and the codec's transformers (faster matrix-vector products, at the cost of those weights'
+    # memory once more): bf16 always, fp32 for batches of 2 rows or more only (at one row oneDNN reads the
+    # plain fp32 weights faster: see csm.llama.FP32_PACK_MIN_ROWS). Set this to False, or call `unpack()`,
+    # to give the memory back.
     prepack_weights: bool = True
 
-    def prepack(self, min_numel: int | None = None) -> None:
-        """Prepack the weights the frame loop reads (CPU, fp32 or bf16; elsewhere a no-op)."""
+    def prepack(self, min_numel: int | None = None, rows: int = PACK_BATCH_HINT) -> None:
+        """Prepack the weights the frame loop reads, for `rows` rows a step (CPU, fp32 or bf16; elsewhere a
+        no-op)."""
         for part in (self.backbone_model, self.lm_head, self.depth_decoder, self.codec_model):
-            prepack(part, min_numel)
+            prepack(part, min_numel, rows)
 
     def unpack(self) -> None:
         """Free the prepacked copies (they are made again by the next CPU generate)."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..llama import PACK_MIN_NUMEL, PackedWeight, packable, packed_linear
+from ..llama import PACK_MIN_NUMEL, PackedWeight, onednn_reads_plain, packable, packed_linear
 from .derived import derived
 from .streaming import StreamingModule, StreamState
 
@@ -32,7 +32,8 @@ SHORT_FRAMES = 32  # up to this many output frames (a streamed step), a large co
 
 def short_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, stride: int = 1):
     """The conv of unpadded x (B, C, T) with weight (O, C, K) (one group, no dilation) as the product of
-    x's windows with the oneDNN-prepacked (O, C * K) weight; None where that is not the faster way.
+    x's windows with the (O, C * K) weight, oneDNN-prepacked (plain in fp32); None where that is not the
+    faster way.
 
     For a few output frames PyTorch's CPU conv takes its slow path (~4x the time to read the weight);
     the product streams the weight at memory speed.
@@ -43,8 +44,10 @@ def short_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, s
         return None
     if not packable(weight):
         return None
-    packed = derived(module, "packed", [weight], lambda: PackedWeight(weight, [weight.reshape(n_out, C * K)]))
     windows = x.unfold(-1, K, stride).transpose(1, 2).reshape(x.shape[0], frames, C * K)
+    if onednn_reads_plain(weight, windows):  # fp32: no copy of the weight (csm.llama.FP32_PACK_MIN_ROWS)
+        return packed_linear(windows, weight.view(n_out, C * K), bias).transpose(1, 2)
+    packed = derived(module, "packed", [weight], lambda: PackedWeight(weight, [weight.reshape(n_out, C * K)]))
     return packed_linear(windows, packed.tensors[0], bias).transpose(1, 2)
 
 
