@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from csm import cpu_kernels
 from csm.quant import Int4Linear, Linear16, QuantConfig, dequantize, make_linear, quantize_int4, quantize_int8
@@ -23,7 +24,7 @@ needs_kernels = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def kernels_on():
-    """The kernels wherever they can run, also where csm would not use them by default (AVX-512)."""
+    """The kernels wherever they can run, also where csm would not use them by default (AMX)."""
     with cpu_kernels.forced(True):
         yield
 
@@ -208,9 +209,10 @@ def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(monkeypa
         cpu_kernels.kernels.cache_clear()
 
 
-def test_the_kernels_are_wanted_on_avx2_cpus_without_amx_unless_the_environment_says_otherwise(monkeypatch):
+def test_the_kernels_are_wanted_on_x86_cpus_with_avx2_and_without_amx_unless_the_environment_says_otherwise(
+    monkeypatch,
+):
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.delenv("CSM_CPU_KERNELS", raising=False)
 
     def wanted_with(*flags):
@@ -218,6 +220,7 @@ def test_the_kernels_are_wanted_on_avx2_cpus_without_amx_unless_the_environment_
         return cpu_kernels.wanted()
 
     assert wanted_with("avx2", "fma", "f16c")
+    assert wanted_with("avx2", "fma", "f16c", "avx512f", "avx512bw")  # faster than PyTorch's there too
     assert not wanted_with("avx2", "fma", "f16c", "amx_tile")  # oneDNN's AMX paths stay
     assert not wanted_with("avx", "fma", "f16c") and not wanted_with()
     monkeypatch.setenv("CSM_CPU_KERNELS", "1")
@@ -225,8 +228,6 @@ def test_the_kernels_are_wanted_on_avx2_cpus_without_amx_unless_the_environment_
     monkeypatch.setenv("CSM_CPU_KERNELS", "0")
     assert not wanted_with("avx2", "fma", "f16c")
     monkeypatch.setenv("CSM_CPU_KERNELS", "")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert not wanted_with("avx2", "fma", "f16c", "avx512f")  # PyTorch's AVX-512 kernels stay
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
     assert not wanted_with("avx2", "fma", "f16c")
 
@@ -237,3 +238,31 @@ def test_sixteen_bit_layers_keep_their_weight_in_sixteen_bits():
         q = make_linear(source, QuantConfig(scheme))
         assert isinstance(q, Linear16) and q.weight.dtype == dtype and not list(q.parameters())
         assert q.state_dict()["weight"].dtype == dtype
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_models_run_their_linear_layers_on_the_kernels(dtype, monkeypatch):
+    """A model loaded in bf16 (the checkpoint's dtype, what from_pretrained gives by default) streams its
+    weights through the kernels as quantize="bf16" does; training and other devices keep PyTorch's."""
+    from csm.llama import FusedLinear, Linear
+
+    calls = []
+    real = cpu_kernels.linear
+    monkeypatch.setattr(cpu_kernels, "linear", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    torch.manual_seed(0)
+    parts = [Linear(256, n, bias=True).to(dtype) for n in (64, 32)]
+    fused = FusedLinear()
+    fused.fuse(tuple(parts))
+    x = torch.randn(3, 256).to(dtype)
+    with torch.no_grad():
+        expected = [F.linear(x.float(), p.weight.float(), p.bias.float()) for p in parts]
+        got = [parts[0](x), fused(x)]
+    assert calls == [dtype, dtype]
+    for y, e in zip(got, [expected[0], torch.cat(expected, -1)]):
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), e, rtol=0, atol=1e-2 * e.abs().max().item())
+    parts[0](x)  # autograd on: PyTorch's product, which it can differentiate
+    with torch.no_grad(), cpu_kernels.disabled():
+        parts[0](x)
+    assert len(calls) == 2

@@ -1,17 +1,19 @@
 """Weight-streaming CPU kernels for 16-bit and quantized linear layers (cpu_kernels.cpp), built on first use.
 
-On x86 CPUs where PyTorch runs its AVX2 code (AVX2, FMA and F16C; no AVX-512), decoding reads
-fp16/bf16/int8/int4 weights through these kernels: each weight is converted in registers as it is read,
-once for all rows of x. PyTorch's own kernels there convert bf16 weights through a slow path and take int
-weights with bf16 activations only, at a fraction of the memory's speed (BENCHMARKS.md, "Quantized
-weights"). CPUs with AVX-512 or AMX keep PyTorch's kernels, which are fast there.
+On x86 CPUs with AVX2, FMA and F16C and no AMX, decoding reads fp16/bf16/int8/int4 weights through these
+kernels: 16-bit weights are converted in registers as they are read, int8 and int4 weights meet the
+activations quantized to int8 in integer multiply-adds; each weight is read once for all rows of x. On
+AVX2-only CPUs PyTorch's own kernels convert bf16 weights through a slow path and take int weights with
+bf16 activations only, at a fraction of the memory's speed; with AVX-512 these are still 1.1x (bf16) and
+1.9x (int8) faster per frame (BENCHMARKS.md, "csm's CPU kernels"). CPUs with AMX keep PyTorch's (oneDNN's
+AMX paths; not measured here).
 
 The extension is compiled by torch.utils.cpp_extension (one file, a C++ compiler and ninja needed; ninja
 comes with the package) into torch's extension cache ($TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions), once per machine and torch version. When it cannot be built (no compiler, a
 failed build) one warning is logged and the callers use PyTorch's kernels; nothing fails.
 
-CSM_CPU_KERNELS=0 turns the kernels off, =1 uses them wherever they can run (AVX2, FMA and F16C), AVX-512
+CSM_CPU_KERNELS=0 turns the kernels off, =1 uses them wherever they can run (AVX2, FMA and F16C), AMX
 machines included.
 """
 
@@ -52,16 +54,14 @@ def runnable() -> bool:
 
 
 def wanted() -> bool:
-    """Whether csm uses the kernels here by default: where they can run and PyTorch runs its AVX2 code (no
-    AVX-512, no AMX), unless CSM_CPU_KERNELS says otherwise (0: never, 1: wherever they can run)."""
+    """Whether csm uses the kernels here by default: where they can run and the CPU has no AMX, unless
+    CSM_CPU_KERNELS says otherwise (0: never, 1: wherever they can run)."""
     setting = os.environ.get("CSM_CPU_KERNELS", "").strip().lower()
     if setting in ("0", "false", "no", "off") or not runnable():
         return False
     if setting in ("1", "true", "yes", "on"):
         return True
-    # With AVX-512 PyTorch's int8 kernel and oneDNN's bf16 product already stream at the bound (BENCHMARKS.md)
-    amx = any(f.startswith("amx") for f in cpu_flags())
-    return torch.backends.cpu.get_cpu_capability() == "AVX2" and not amx
+    return not any(f.startswith("amx") for f in cpu_flags())
 
 
 def _ninja_on_path() -> None:

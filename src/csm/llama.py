@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from . import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -116,8 +119,8 @@ def packable(weight: torch.Tensor) -> bool:
     """Whether oneDNN can run this weight prepacked: a CPU fp32 weight, or bf16 where the CPU has bf16."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if weight.dtype == torch.bfloat16:  # where csm's kernels run, they stream it without a copy
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported() and not cpu_kernels.available()
     return weight.dtype == torch.float32
 
 
@@ -171,6 +174,25 @@ def onednn_reads_plain(weight: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
+def sixteen_bit_kernel(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether csm's CPU kernels run this product (csm/cpu_kernels.py): a bf16 or fp16 CPU weight at
+    inference, where they are in use (x86 with AVX2 and PyTorch's AVX2 code). PyTorch's own bf16 product
+    there converts the weight through a slow path at a third of the memory's speed (BENCHMARKS.md)."""
+    return (
+        weight.dtype in (torch.bfloat16, torch.float16)
+        and weight.device.type == "cpu"
+        and weight.shape[-1] % 16 == 0
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and cpu_kernels.available()
+    )
+
+
+def linear_16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = cpu_kernels.linear(x, weight, weight.dtype)
+    return y if bias is None else y + bias
+
+
 class Packable:
     """Mixin for a module that keeps a PackedWeight in `packed`: copies and pickles leave it out
     (oneDNN tensors can be neither), and the copy packs again when asked."""
@@ -207,6 +229,8 @@ class Linear(Packable, nn.Linear):
             return packed_linear(x, self.packed.tensors[0], self.bias)
         if onednn_reads_plain(self.weight, x):
             return packed_linear(x, self.weight, self.bias)
+        if sixteen_bit_kernel(self.weight, x):
+            return linear_16(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -317,6 +341,8 @@ class FusedLinear(Packable, nn.Module):
             return packed_linear(x, self.packed.tensors[0], self.bias)
         if onednn_reads_plain(self.weight, x):
             return packed_linear(x, self.weight, self.bias)
+        if sixteen_bit_kernel(self.weight, x):
+            return linear_16(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -340,8 +366,26 @@ class Fuses:
         self.fuse()  # a deep copy clones each parameter on its own
 
 
+_fuse_on_load = True  # off within `fusing_deferred`
+
+
 def fuse_after_load(module: nn.Module, incompatible_keys) -> None:
-    module.fuse()
+    if _fuse_on_load:
+        module.fuse()
+
+
+@contextlib.contextmanager
+def fusing_deferred():
+    """Within this block `load_state_dict` leaves the projections unfused. A loader that still holds the
+    state dict it loaded uses it, drops the dict, then calls `fuse_projections`: fusing then moves each
+    layer's weights into its buffer instead of copying them beside the dict's reference (the whole set of
+    q/k/v and gate/up weights once more at the load's peak)."""
+    global _fuse_on_load
+    saved, _fuse_on_load = _fuse_on_load, False
+    try:
+        yield
+    finally:
+        _fuse_on_load = saved
 
 
 def fuse_projections(module: nn.Module) -> None:

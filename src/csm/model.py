@@ -31,6 +31,7 @@ from .llama import (
     Packable,
     Transformer,
     fuse_projections,
+    fusing_deferred,
     packed_linear,
     padding_causal_mask,
     prepack,
@@ -500,7 +501,7 @@ class CsmForConditionalGeneration(nn.Module):
         stored = raw.pop("quantization", None)
         config = CsmConfig.from_dict(raw)
         quant = quant_config(cls, config, stored, quantize, group_size, folder / CONFIG_NAME)
-        transform = None
+        transform = converting_transform(resolve_dtype(dtype))  # one tensor at a time: no 2nd copy at peak
         if quant is not None:
             check_supported(quant.scheme, torch.device(device or "cpu"), resolve_dtype(dtype))
             if stored is None:
@@ -562,6 +563,17 @@ class CsmForConditionalGeneration(nn.Module):
         return self
 
 
+def converting_transform(dtype: torch.dtype | None):
+    """A load_safetensors transform giving each floating tensor in `dtype` (None: as stored) as it is read."""
+
+    def transform(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return {name: tensor}
+
+    return transform
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """Accept torch dtypes, their names ("bfloat16", "float16", "float32") and "auto"/None (keep stored)."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -576,23 +588,26 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def build_on_meta(cls, config, state: dict, source, dtype=None, device=None, quant=None) -> nn.Module:
     """Build `cls(config)` without allocating, adopt the loaded tensors, fill computed buffers. With `quant`,
-    its modules are quantized ones and their tensors keep the dtypes the quantized format fixes."""
+    its modules are quantized ones and their tensors keep the dtypes the quantized format fixes. `state` is
+    consumed (emptied), so that no tensor outlives its use at the load's peak."""
     dtype = resolve_dtype(dtype)
     quantized = tuple(m + "." for m in quant.modules) if quant is not None else ()
-    if dtype is not None:
-        state = {
-            k: v.to(dtype) if v.is_floating_point() and not k.startswith(quantized) else v
-            for k, v in state.items()
-        }
-    # safetensors hands out views of its file buffer at any byte offset; CPU GEMMs on weights that are not
-    # 64-byte aligned run ~8% slower, so such a tensor gets an allocation of its own.
-    state = {k: v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v for k, v in state.items()}
+    for k, v in state.items():  # in place: each replaced tensor is freed as the next one is made
+        if dtype is not None and v.is_floating_point() and not k.startswith(quantized):
+            v = state[k] = v.to(dtype)
+        # safetensors hands out views of its file buffer at any byte offset; CPU GEMMs on weights that are
+        # not 64-byte aligned run ~8% slower, so such a tensor gets an allocation of its own.
+        if v.device.type == "cpu" and v.data_ptr() % 64:
+            state[k] = v.clone()
     with torch.device("meta"):
         model = cls(config)
     if quant is not None:
         quantize_modules(model, quant)
         model.quantization = quant
-    load_into(model, state, str(source))
+    with fusing_deferred():
+        load_into(model, state, str(source))
+    state.clear()  # the model holds the only reference to each tensor now,
+    fuse_projections(model)  # so fusing moves the projections' weights rather than copying them
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     device = torch.device(device or "cpu")

@@ -3,8 +3,9 @@
 
 Decoding csm-1b on a CPU is bound by streaming its weights from memory, so reading 2 (bf16, fp16), 1 (int8)
 or ~0.6 (int4) bytes per weight instead of 4 (fp32) is the speed-up. On x86 CPUs with AVX2 (and no AMX) the
-products run csm's own kernels (csm/cpu_kernels.py), which convert each weight in registers as it is read,
-with activations in the model's dtype; elsewhere, and when those cannot be built, PyTorch's
+products run csm's own kernels (csm/cpu_kernels.py): 16-bit weights are converted in registers as they are
+read; int8 and int4 weights meet the activations quantized to int8 per block of 32 (llama.cpp's q8_0) in
+integer multiply-adds, ~0.5% of each product's size in error; elsewhere, and when those cannot be built, PyTorch's
 (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`: on x86 vectorized for bf16 activations
 only, so activations enter them in bf16).
 
