@@ -73,8 +73,11 @@ def weight_bytes_per_frame(model) -> int:
 
 def matvec_bandwidth(dtype: torch.dtype) -> float:
     """Bytes per second matrix-vector products stream on this machine: the best over the model's large
-    shapes and over the plain and the oneDNN-prepacked product (a bound our own kernels cannot beat).
-    Each shape cycles through copies adding up to 512 MB, so no product runs from cache."""
+    shapes and over the plain and the oneDNN-prepacked product, and csm's bf16 kernel where it can run (the
+    fastest reader of memory here, so the bound is the memory's, not one kernel's). Each shape cycles
+    through copies adding up to 512 MB, so no product runs from cache."""
+    from csm import cpu_kernels
+
     best = 0.0
     for n, k in ((8192, 2048), (2048, 8192), (8192, 1024), (1024, 8192), (8192, 8192)):
         ws = [torch.randn(n, k, dtype=dtype) for _ in range(max(2, (512 << 20) // (n * k * 4)))]
@@ -82,6 +85,8 @@ def matvec_bandwidth(dtype: torch.dtype) -> float:
         kernels = [(ws, torch.nn.functional.linear)]
         if packable(ws[0]):
             kernels.append(([PackedWeight(w, [w]).tensors[0] for w in ws], packed_linear))
+        if dtype == torch.bfloat16 and cpu_kernels.kernels() is not None:
+            kernels.append((ws, lambda x, w: cpu_kernels.linear(x, w, torch.bfloat16)))
         for mats, product in kernels:
             turn = iter(range(1 << 30))
             t = timed(lambda: product(x, mats[next(turn) % len(mats)]), 4 * len(mats))  # noqa: B023

@@ -10,7 +10,7 @@ ours in bf16 and fp32, int8 and int4 (on a bf16 model, and with `-fp32` on an fp
 in bf16. ms per frame is bench_generate's: (time for F frames - time for 1 frame) / (F - 1), greedy, medians.
 Bytes per frame: the weights a frame reads (backbone and codebook-0 head once, depth decoder, projector
 and one codebook head per codebook 1..31); the bound is those bytes over the fastest matrix-vector
-streaming measured on this machine (bench_generate.matvec_bandwidth, fp32).
+streaming measured on this machine (bench_generate.matvec_bandwidth, fp32 and bf16, csm's kernels included).
 
 Accuracy against our bf16 model (random weights cannot judge audio, so what can be measured): the relative
 error of each decoder layer's output and of the logits, teacher-forced on bf16's own greedy frames; the
@@ -85,9 +85,13 @@ def frame_cost(run, ids, frames: int, repeats: int) -> tuple[float, float]:
 def weight_bytes_per_frame(model) -> int:
     """Bytes of weights one frame reads (quantized tensors included; caches and tables left out)."""
 
-    def size(m):
-        named = [*m.named_parameters(), *m.named_buffers()]
-        return sum(t.numel() * t.element_size() for n, t in named if "kv_cache" not in n)
+    def size(m):  # a fused q/k/v buffer and its layers' views of it count once
+        largest: dict[int, int] = {}
+        for n, t in [*m.named_parameters(), *m.named_buffers()]:
+            if "kv_cache" not in n:
+                key = t.untyped_storage().data_ptr()
+                largest[key] = max(largest.get(key, 0), t.numel() * t.element_size())
+        return sum(largest.values())
 
     backbone = size(model.backbone_model.layers) + size(model.lm_head)
     dd = model.depth_decoder.model
@@ -302,7 +306,7 @@ def main() -> None:
         if not (Path(folder) / "model.safetensors").is_file():
             print(f"writing random full-size weights to {folder} ...", flush=True)
             write_checkpoint(folder)
-        bandwidth = matvec_bandwidth(torch.float32)
+        bandwidth = max(matvec_bandwidth(torch.float32), matvec_bandwidth(torch.bfloat16))
         print(
             f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
         )

@@ -272,6 +272,47 @@ def test_pipeline_takes_quantize(checkpoint):
     assert out["audio"].ndim == 1 and out["sampling_rate"] == 24000
 
 
+@pytest.fixture(scope="module")
+def bf16_checkpoint(checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant") / "bf16"
+    CsmForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(path)
+    write_reference_processor(path)
+    return path
+
+
+def test_auto_keeps_a_sixteen_bit_checkpoints_weights_in_sixteen_bits_under_a_float32_cpu_model(
+    checkpoint, bf16_checkpoint
+):
+    """What the pipeline, CLI and server load on a CPU when no dtype is asked for: the checkpoint's own
+    numbers with float32 arithmetic, read at half fp32's bytes where csm's kernels run."""
+    from csm import cpu_kernels
+
+    load = CsmForConditionalGeneration.from_pretrained
+    with cpu_kernels.forced(True):
+        auto = load(bf16_checkpoint, dtype=torch.float32, quantize="auto")
+        if cpu_kernels.kernels() is None:
+            pytest.skip("csm's CPU kernels cannot run here")
+        assert auto.quantization.scheme == "bf16" and auto.dtype == torch.float32
+        plain = load(bf16_checkpoint, dtype=torch.float32)
+        assert plain.quantization is None
+        ids = prompt()
+        assert torch.equal(auto.generate(input_ids=ids, max_new_tokens=4, **GREEDY),
+                           plain.generate(input_ids=ids, max_new_tokens=4, **GREEDY))  # fmt: skip
+        assert load(checkpoint, dtype=torch.float32, quantize="auto").quantization is None  # stored fp32
+        assert load(bf16_checkpoint, dtype=torch.bfloat16, quantize="auto").quantization is None
+        assert load(bf16_checkpoint, quantize="auto").dtype == torch.bfloat16  # "auto" dtype: as stored
+        tts = csm.pipeline("text-to-audio", model=str(bf16_checkpoint), device="cpu")
+        assert tts.model.quantization.scheme == "bf16"
+        assert (
+            csm.pipeline(
+                "text-to-audio", model=str(bf16_checkpoint), device="cpu", dtype="float32"
+            ).model.quantization
+            is None
+        )
+    with cpu_kernels.disabled():  # no kernels (another CPU, no compiler): the float32 model as before
+        assert load(bf16_checkpoint, dtype=torch.float32, quantize="auto").quantization is None
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 
 

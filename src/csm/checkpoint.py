@@ -148,6 +148,31 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}  # fmt: skip
 
 
+def stored_float_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype holding most of a checkpoint's floating-point bytes, from its safetensors headers (nothing
+    else is read); None when there is none it knows."""
+    index = folder / WEIGHTS_INDEX_NAME
+    if (folder / WEIGHTS_NAME).is_file():
+        files = [folder / WEIGHTS_NAME]
+    elif index.is_file():
+        files = [
+            folder / shard
+            for shard in sorted(set(read_json(folder, WEIGHTS_INDEX_NAME).get("weight_map", {}).values()))
+        ]
+    else:
+        return None
+    totals: dict[torch.dtype, int] = {}
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        for v in header.values():
+            dtype = _DTYPES.get(v["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                totals[dtype] = totals.get(dtype, 0) + v["data_offsets"][1] - v["data_offsets"][0]
+    return max(totals, key=totals.get) if totals else None
+
+
 def _read_one_by_one(file: Path, device):
     """(name, tensor) for each tensor of a safetensors file, each read into memory of its own with plain
     reads: a memory map would keep every page read so far counted in the process's RSS until the file is

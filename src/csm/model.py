@@ -22,6 +22,7 @@ from .checkpoint import (
     read_json,
     resolve_checkpoint,
     save_safetensors,
+    stored_float_dtype,
 )
 from .config import CsmConfig, CsmDepthDecoderConfig
 from .generate import GENERATION_DEFAULTS, GenerationSettings, generate, generate_stream
@@ -41,6 +42,7 @@ from .mimi import MimiModel
 from .output import ModelOutput
 from .quant import (
     QuantConfig,
+    auto_scheme,
     check_supported,
     choose_modules,
     quant_config,
@@ -488,7 +490,9 @@ class CsmForConditionalGeneration(nn.Module):
         dtype (or its older name torch_dtype): torch.bfloat16, "bfloat16", "auto" or None keep the stored one.
         quantize: "int8", "int4" (with `group_size`, default 32), "bf16" or "fp16" quantizes the weights as
         they are read, never holding the full-precision model; a checkpoint saved quantized loads as it was
-        saved.
+        saved. "auto" (what csm's pipeline, CLI and server pass when no dtype is asked for): a float32 CPU
+        model of a bf16 or fp16 checkpoint keeps those weights in 16 bits, where csm's kernels run
+        (`csm.quant.auto_scheme`).
         """
         started = time.perf_counter()
         device = loading_device(device, device_map)
@@ -500,6 +504,8 @@ class CsmForConditionalGeneration(nn.Module):
         raw = read_json(folder, CONFIG_NAME)
         stored = raw.pop("quantization", None)
         config = CsmConfig.from_dict(raw)
+        if quantize == "auto":
+            quantize = auto_scheme(stored, stored_float_dtype(folder), device or "cpu", resolve_dtype(dtype))
         quant = quant_config(cls, config, stored, quantize, group_size, folder / CONFIG_NAME)
         transform = converting_transform(resolve_dtype(dtype))  # one tensor at a time: no 2nd copy at peak
         if quant is not None:

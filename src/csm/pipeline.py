@@ -68,6 +68,12 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return resolve_dtype(dtype)
 
 
+def pick_quantize(quantize: str | None, dtype: str | torch.dtype | None) -> str | None:
+    """With neither asked for, "auto": on a CPU with csm's kernels a bf16 checkpoint's weights stay in 16
+    bits under the float32 model, the same numbers read ~1.9x faster (csm.quant.auto_scheme)."""
+    return "auto" if quantize is None and dtype in (None, "auto") else quantize
+
+
 class TextToAudioPipeline:
     """Text in, 24 kHz speech out: `pipe("Hello.")` -> {"audio": np.ndarray, "sampling_rate": 24000}.
 
@@ -296,7 +302,8 @@ def pipeline(
     """Build a text-to-speech pipeline from a checkpoint folder or hub repo id (e.g. "sesame/csm-1b").
 
     quantize: "int8", "int4", "bf16" or "fp16" loads the model with quantized weights
-    (`CsmForConditionalGeneration.quantize`).
+    (`CsmForConditionalGeneration.quantize`); with neither it nor dtype given, a CPU model keeps a bf16
+    checkpoint's weights in 16 bits where csm's kernels run (`pick_quantize`).
 
     defaults: options every call uses unless it overrides them (speaker, voice, context, temperature, top_k,
     max_seconds, seed, ...).
@@ -316,7 +323,7 @@ def pipeline(
         loaded = model
     else:
         loaded = CsmForConditionalGeneration.from_pretrained(
-            model, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize
+            model, dtype=pick_dtype(dtype, dev), device=dev, quantize=pick_quantize(quantize, dtype)
         )
     if not isinstance(processor, CsmProcessor):
         processor = CsmProcessor.from_pretrained(processor if processor is not None else model)

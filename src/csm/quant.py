@@ -477,6 +477,17 @@ def quantize_modules(model: nn.Module, config: QuantConfig) -> None:
 # ---- loading --------------------------------------------------------------------------------------------
 
 
+def auto_scheme(stored: dict | None, stored_dtype: torch.dtype | None, device, dtype) -> str | None:
+    """What quantize="auto" loads: where csm's CPU kernels run, a float32 model of a checkpoint stored in bf16
+    or fp16 keeps those weights in 16 bits ("bf16", "fp16"): the same numbers, half the bytes to read, ~1.9x
+    fp32's frames (BENCHMARKS.md); anything else (another device or dtype, a quantized checkpoint, no
+    kernels) loads as asked, with None."""
+    if stored is not None or torch.device(device).type != "cpu" or dtype != torch.float32:
+        return None
+    scheme = {v: k for k, v in SIXTEEN_BIT.items()}.get(stored_dtype)
+    return scheme if scheme is not None and cpu_kernels.available() else None
+
+
 def quant_config(
     cls, config, stored: dict | None, scheme: str | None, group_size, source
 ) -> QuantConfig | None:

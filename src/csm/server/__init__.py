@@ -36,12 +36,12 @@ def load_app(
     """Load a checkpoint folder or hub id (model and processor) and build the app around it; `quantize`
     ("int8", "int4") quantizes the weights as they load."""
     from ..model import CsmForConditionalGeneration
-    from ..pipeline import pick_device, pick_dtype
+    from ..pipeline import pick_device, pick_dtype, pick_quantize
     from ..processor import CsmProcessor
 
     device = pick_device(device)
     model = CsmForConditionalGeneration.from_pretrained(
-        model_path, dtype=pick_dtype(dtype, device), device=device, quantize=quantize
+        model_path, dtype=pick_dtype(dtype, device), device=device, quantize=pick_quantize(quantize, dtype)
     )
     model.eval()
     processor = CsmProcessor.from_pretrained(model_path)
