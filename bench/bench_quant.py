@@ -194,6 +194,8 @@ def run_variant(args) -> dict:
 
     result = {"variant": args.variant, "load_s": time.perf_counter() - start, "rss_after_load_mb": rss_mb()}
     result["cpu_kernels"] = cpu_kernels.available()
+    tensors = {t.untyped_storage().data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    result["model_mb"] = sum(t.untyped_storage().nbytes() for t in tensors.values()) / 2**20  # codec included
     reference = args.variant == "reference"
     if not reference:
         result["bytes_per_frame"] = weight_bytes_per_frame(model)
@@ -235,9 +237,9 @@ def print_summary(results: list[dict], bandwidth: float) -> None:
     print(f"\nmatvec bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(
         "| variant | batch | ms/frame | speed-up on our fp32 | CPU ms/frame | CPU speed-up | GB/frame | bound ms "
-        "| / bound | RSS load MB | peak RSS MB |"
+        "| / bound | RSS load MB | peak RSS MB | peak / model |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     cpu_base = {b: ms for r in results if r["variant"] == "fp32" for b, ms in r["cpu_ms_per_frame"].items()}
     for r in results:
         for b, ms in r["ms_per_frame"].items():
@@ -248,7 +250,8 @@ def print_summary(results: list[dict], bandwidth: float) -> None:
                 f"| {r['variant']} | {b} | {ms:.0f} | {base.get(b, float('nan')) / ms:.2f}x | {cpu:.0f} | "
                 f"{cpu_base.get(b, float('nan')) / cpu:.2f}x | {gb:.2f} | "
                 f"{bound:.0f} | {ms / bound:.2f} | {r['rss_after_load_mb']['VmRSS']:.0f} | "
-                f"{r['rss_after_generate_mb']['VmHWM']:.0f} |"
+                f"{r['rss_after_generate_mb']['VmHWM']:.0f} | "
+                f"{r['rss_after_generate_mb']['VmHWM'] / r.get('model_mb', float('nan')):.2f} |"
             )
     fp32_prefill = next(
         (r["prefill_ms"] for r in results if r["variant"] == "fp32" and "prefill_ms" in r), None

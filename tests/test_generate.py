@@ -78,6 +78,7 @@ def test_greedy_codes_match_reference_with_every_weight_prepacked(setup, monkeyp
     monkeypatch.setattr(csm.llama, "PACK_MIN_NUMEL", 0)  # the tiny model's matrices are below the default
     expected = ref.generate(**reference_inputs(inputs), max_new_tokens=6, **GREEDY)
     try:
+        ours.prepack()  # fp32 is packed only on request: the frame loop reads it plain
         got = ours.generate(**inputs, max_new_tokens=6, **GREEDY)
         fused = {id(p) for m in ours.modules() if isinstance(m, FusedLinear) for p in m.parts}  # run as one
         unpacked = [
@@ -91,7 +92,7 @@ def test_greedy_codes_match_reference_with_every_weight_prepacked(setup, monkeyp
 
 @pytest.mark.skipif(not packable(torch.zeros(1)), reason="oneDNN is not available")
 def test_greedy_codes_match_reference_with_fp32_weights_read_plain_at_batch_1(setup, monkeypatch):
-    """At one row fp32 is not prepacked: oneDNN reads the plain weights (csm.llama.onednn_reads_plain)."""
+    """The frame loop does not prepack fp32: oneDNN reads the plain weights (csm.llama.onednn_reads_plain)."""
     ours, ref, inputs = setup
     monkeypatch.setattr(csm.llama, "PACK_MIN_NUMEL", 0)  # the tiny model's matrices are below the default
     plain_reads = []
@@ -325,7 +326,7 @@ config["depth_decoder_config"].update(backbone_hidden_size=1024, hidden_size=102
                                       num_attention_heads=16, num_key_value_heads=4, head_dim=64)
 model = CsmForConditionalGeneration(CsmConfig(**config)).eval()
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
-ids = torch.randint(0, 200, (1, 16))
+ids = torch.randint(0, 200, (int(sys.argv[2]), 16))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the RSS now
 before = status("VmRSS")
@@ -335,15 +336,17 @@ print(weights, status("VmHWM") - before)
 
 
 @pytest.mark.skipif(not packable(torch.zeros(1)), reason="oneDNN is not available")
-def test_fp32_generate_at_batch_1_holds_no_second_copy_of_the_weights():
-    """Peak RSS of a batch-1 fp32 generate stays within 1.3x the weights: oneDNN reads the plain weights
-    (csm.llama.onednn_reads_plain) instead of prepacked copies, which cost the weights once more."""
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fp32_generate_holds_no_second_copy_of_the_weights(batch):
+    """Peak RSS of an fp32 generate stays within 1.3x the weights at one row and at several: oneDNN reads
+    the plain weights (csm.llama.onednn_reads_plain) instead of prepacked copies, which cost the weights
+    once more."""
     import subprocess
     import sys
     from pathlib import Path
 
     done = subprocess.run(
-        [sys.executable, "-c", PEAK_DURING_GENERATE, str(Path(__file__).parent)],
+        [sys.executable, "-c", PEAK_DURING_GENERATE, str(Path(__file__).parent), str(batch)],
         capture_output=True,
         text=True,
         timeout=300,

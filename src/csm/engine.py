@@ -158,7 +158,7 @@ class FrameEngine:
         self.graph_pool = torch.cuda.graph_pool_handle() if self.graphed and device.type == "cuda" else None
         self.timings = StartTimings(load_s=getattr(model, "load_seconds", None))
         if model.prepack_weights and not self.compiled:
-            model.prepack(rows=batch_size)
+            model.prepack(fp32=False)  # fp32: read plain, no second copy (csm.llama)
         if self.compiled:
             use_inductor_cache()
             # CUDA: the compiled step is captured in our CUDA graphs, one per bucket. CPU: a C++ wrapper

@@ -108,11 +108,10 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 PACK_MIN_NUMEL = 1 << 18  # below ~256 x 1024, oneDNN's call overhead eats what faster streaming saves
 PACK_BATCH_HINT = 8  # the layout chosen for 8 rows also serves 1 row at full speed (bench/bench_generate.py)
-# fp32 is packed only for frame loops of this many rows or more: at one row oneDNN reads the plain fp32
-# weight faster than its prepacked copy (`onednn_reads_plain`), so batch-1 generation holds one copy of
-# each weight; from 8 rows the prepacked copy is 1.25-1.5x faster and worth its memory (BENCHMARKS.md).
-# bf16 has no such plain path (oneDNN's plain bf16 product is aten's), so bf16 packs at any batch.
-FP32_PACK_MIN_ROWS = 2
+# The frame loop does not pack fp32 weights: oneDNN reads a plain fp32 weight as fast as its prepacked
+# copy at one row and within 1.0-1.45x of it at eight (0.98-1.03x with AVX2 only), and the copy would
+# double the model's memory (BENCHMARKS.md). `prepack(..., fp32=True)` still packs them on request. bf16
+# has no such plain path (oneDNN's plain bf16 product is aten's), so bf16 packs where oneDNN runs it.
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -234,11 +233,10 @@ class Linear(Packable, nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def prepack(module: nn.Module, min_numel: int | None = None, rows: int = PACK_BATCH_HINT) -> None:
+def prepack(module: nn.Module, min_numel: int | None = None, fp32: bool = True) -> None:
     """Pack every `Linear` (and anything else with a `pack()`) under `module` whose weight has at least
-    `min_numel` (default PACK_MIN_NUMEL) elements, for products of `rows` rows (the frame loop's batch):
-    fp32 weights only from FP32_PACK_MIN_ROWS rows. Packs that are still valid are kept. The layers of a
-    FusedLinear are packed as one."""
+    `min_numel` (default PACK_MIN_NUMEL) elements, fp32 ones only with `fp32`. Packs that are still valid
+    are kept. The layers of a FusedLinear are packed as one."""
     min_numel = PACK_MIN_NUMEL if min_numel is None else min_numel
     fused = {
         id(p)
@@ -249,7 +247,7 @@ def prepack(module: nn.Module, min_numel: int | None = None, rows: int = PACK_BA
     for m in module.modules():
         weight = getattr(m, "weight", None)
         if hasattr(m, "pack") and weight is not None and weight.numel() >= min_numel and id(m) not in fused:
-            if weight.dtype != torch.float32 or rows >= FP32_PACK_MIN_ROWS:
+            if fp32 or weight.dtype != torch.float32:
                 m.pack()
 
 

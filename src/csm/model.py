@@ -27,7 +27,6 @@ from .checkpoint import (
 from .config import CsmConfig, CsmDepthDecoderConfig
 from .generate import GENERATION_DEFAULTS, GenerationSettings, generate, generate_stream
 from .llama import (
-    PACK_BATCH_HINT,
     Linear,
     Packable,
     Transformer,
@@ -452,18 +451,16 @@ class CsmForConditionalGeneration(nn.Module):
         """Yield audio chunks as they are generated; see `csm.generate.generate_stream`."""
         return generate_stream(self, *args, **kwargs)
 
-    # Generation on CPU keeps oneDNN-prepacked copies of the large weights of the backbone, the depth
-    # decoder and the codec's transformers (faster matrix-vector products, at the cost of those weights'
-    # memory once more): bf16 always, fp32 for batches of 2 rows or more only (at one row oneDNN reads the
-    # plain fp32 weights faster: see csm.llama.FP32_PACK_MIN_ROWS). Set this to False, or call `unpack()`,
-    # to give the memory back.
+    # Generation on CPU keeps oneDNN-prepacked copies of the large bf16 weights of the backbone, the depth
+    # decoder and the codec's transformers where oneDNN runs bf16 and csm's kernels do not (faster
+    # matrix-vector products, at the cost of those weights' memory once more); fp32 weights are read as
+    # they are (csm.llama, above `packable`). Set this to False, or call `unpack()`, to give the memory back.
     prepack_weights: bool = True
 
-    def prepack(self, min_numel: int | None = None, rows: int = PACK_BATCH_HINT) -> None:
-        """Prepack the weights the frame loop reads, for `rows` rows a step (CPU, fp32 or bf16; elsewhere a
-        no-op)."""
+    def prepack(self, min_numel: int | None = None, fp32: bool = True) -> None:
+        """Prepack the weights the frame loop reads (CPU, bf16, and fp32 with `fp32`; elsewhere a no-op)."""
         for part in (self.backbone_model, self.lm_head, self.depth_decoder, self.codec_model):
-            prepack(part, min_numel, rows)
+            prepack(part, min_numel, fp32)
 
     def unpack(self) -> None:
         """Free the prepacked copies (they are made again by the next CPU generate)."""

@@ -45,7 +45,7 @@ def short_conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, s
     if not packable(weight):
         return None
     windows = x.unfold(-1, K, stride).transpose(1, 2).reshape(x.shape[0], frames, C * K)
-    if onednn_reads_plain(weight, windows):  # fp32: no copy of the weight (csm.llama.FP32_PACK_MIN_ROWS)
+    if onednn_reads_plain(weight, windows):  # fp32: no copy of the weight (csm.llama)
         return packed_linear(windows, weight.view(n_out, C * K), bias).transpose(1, 2)
     packed = derived(module, "packed", [weight], lambda: PackedWeight(weight, [weight.reshape(n_out, C * K)]))
     return packed_linear(windows, packed.tensors[0], bias).transpose(1, 2)
