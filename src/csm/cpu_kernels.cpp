@@ -1,9 +1,9 @@
 // Weight-streaming linear layers for x86 CPUs with AVX2, FMA and F16C (built by csm/cpu_kernels.py).
 //
-// y (M, N) = x (M, K) @ w (N, K)^T for few rows M, with w held as fp32, fp16, bf16, int8 (one scale per output
+// y (M, N) = x (M, K) @ w (N, K)^T for few rows M, with w held as fp16, bf16, int8 (one scale per output
 // channel) or int4 (a scale and zero per group of input channels, the portable layout of csm/quant.py).
 // Each weight is read once for every row of x (up to 4 rows a pass), so decoding is bound by memory:
-// - fp32 weights are read as they are, fp16 and bf16 ones converted to fp32 in registers;
+// - fp16 and bf16 weights are converted to fp32 in registers and multiplied in fp32;
 // - int8 and int4 weights meet x quantized to int8 (blocks of 32, one fp32 scale each) in 8-bit integer
 //   multiply-adds, since converting each of them to fp32 costs more instructions per byte than two AVX2
 //   cores can issue at the memory's speed. The fp32 conversion remains for shapes the integer path does not
@@ -22,7 +22,7 @@
 
 namespace {
 
-enum Format { F16 = 0, BF16 = 1, I8 = 2, I4 = 3, F32 = 4 };
+enum Format { F16 = 0, BF16 = 1, I8 = 2, I4 = 3 };
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -40,17 +40,6 @@ inline float hsum(__m256 v) {
 
 // Each loader turns weights k..k+15 of one output channel into two fp32 vectors (a, b), matching x's
 // permuted block (xa, xb), and gives a factor applied to the channel's sum at the end.
-struct F32Rows {
-  const float* w;
-  int64_t K;
-  static constexpr bool permuted = false;
-  inline void load(int64_t n, int64_t k, __m256& a, __m256& b) const {
-    a = _mm256_loadu_ps(w + n * K + k);
-    b = _mm256_loadu_ps(w + n * K + k + 8);
-  }
-  inline float factor(int64_t) const { return 1.0f; }
-};
-
 struct F16Rows {
   const uint16_t* w;
   int64_t K;
@@ -410,10 +399,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
                 "scales and zeros must be contiguous bf16 tensors");
     return reinterpret_cast<const uint16_t*>(t->data_ptr());
   };
-  if (format == F32) {
-    TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.size(1) == K, "w must be fp32 (N, K)");
-    float_product(F32Rows{w.data_ptr<float>(), K}, x, y, 4 * K);
-  } else if (format == F16) {
+  if (format == F16) {
     TORCH_CHECK(w.scalar_type() == torch::kFloat16 && w.size(1) == K, "w must be fp16 (N, K)");
     float_product(F16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), K}, x, y, 2 * K);
   } else if (format == BF16) {

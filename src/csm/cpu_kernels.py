@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 NAME = "csm_cpu_kernels_v3"  # change with the source's interface
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: at::parallel_for is serial without it
-FORMATS = {torch.float16: 0, torch.bfloat16: 1, "int8": 2, "int4": 3, torch.float32: 4}
+FORMATS = {torch.float16: 0, torch.bfloat16: 1, "int8": 2, "int4": 3}
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,8 +128,7 @@ def linear(
     group_size: int = 0,
     integer: bool = True,
 ) -> torch.Tensor:
-    """x (..., K) @ w^T for a weight in format `fmt` (torch.float32, torch.float16, torch.bfloat16, "int8",
-    "int4"), in
+    """x (..., K) @ w^T for a weight in format `fmt` (torch.float16, torch.bfloat16, "int8", "int4"), in
     x's dtype. For int8 and int4, `integer` quantizes x to int8 in blocks of 32 and multiplies in integers
     (where K is a multiple of 32, and for int4 of 256 with groups of 32 or more); False converts the weights
     to fp32 instead (the exact weight-only product, slower). Callers check `available()` first."""
