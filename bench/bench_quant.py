@@ -188,11 +188,13 @@ def accuracy(model, variant: str, folder: str, probe_file: Path, frames: int) ->
 
 
 def run_variant(args) -> dict:
+    before = rss_mb()  # the interpreter, torch and csm imported: what the model's memory comes on top of
     start = time.perf_counter()
     model = load(args.variant, args.folder, args.group_size)
     from csm import cpu_kernels
 
     result = {"variant": args.variant, "load_s": time.perf_counter() - start, "rss_after_load_mb": rss_mb()}
+    result["rss_before_load_mb"] = before
     result["cpu_kernels"] = cpu_kernels.available()
     tensors = {t.untyped_storage().data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     result["model_mb"] = sum(t.untyped_storage().nbytes() for t in tensors.values()) / 2**20  # codec included
@@ -237,21 +239,25 @@ def print_summary(results: list[dict], bandwidth: float) -> None:
     print(f"\nmatvec bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(
         "| variant | batch | ms/frame | speed-up on our fp32 | CPU ms/frame | CPU speed-up | GB/frame | bound ms "
-        "| / bound | RSS load MB | peak RSS MB | peak / model |"
+        "| / bound | RSS load MB | peak RSS MB | peak / model | peak growth / model |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     cpu_base = {b: ms for r in results if r["variant"] == "fp32" for b, ms in r["cpu_ms_per_frame"].items()}
     for r in results:
         for b, ms in r["ms_per_frame"].items():
             gb = r.get("bytes_per_frame", 0) / 1e9
             bound = 1000 * gb * 1e9 / bandwidth if gb else float("nan")
             cpu = r["cpu_ms_per_frame"][b]
+            growth = r["rss_after_generate_mb"]["VmHWM"] - r.get("rss_before_load_mb", {}).get(
+                "VmRSS", float("nan")
+            )
             print(
                 f"| {r['variant']} | {b} | {ms:.0f} | {base.get(b, float('nan')) / ms:.2f}x | {cpu:.0f} | "
                 f"{cpu_base.get(b, float('nan')) / cpu:.2f}x | {gb:.2f} | "
                 f"{bound:.0f} | {ms / bound:.2f} | {r['rss_after_load_mb']['VmRSS']:.0f} | "
                 f"{r['rss_after_generate_mb']['VmHWM']:.0f} | "
-                f"{r['rss_after_generate_mb']['VmHWM'] / r.get('model_mb', float('nan')):.2f} |"
+                f"{r['rss_after_generate_mb']['VmHWM'] / r.get('model_mb', float('nan')):.2f} | "
+                f"{growth / r.get('model_mb', float('nan')):.2f} |"
             )
     fp32_prefill = next(
         (r["prefill_ms"] for r in results if r["variant"] == "fp32" and "prefill_ms" in r), None
