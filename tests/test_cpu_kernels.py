@@ -266,3 +266,23 @@ def test_sixteen_bit_models_run_their_linear_layers_on_the_kernels(dtype, monkey
     with torch.no_grad(), cpu_kernels.disabled():
         parts[0](x)
     assert len(calls) == 2
+
+    from csm.model import CsmCodebooksHead
+
+    head = CsmCodebooksHead(256, 4, 100)  # codebooks 1..3, stored (3, D, V) as the checkpoint has it
+    torch.nn.init.normal_(head.weight, std=0.02)
+    head = head.to(dtype)
+    with torch.no_grad():
+        for codebook in (1, 3, 2):
+            expected = x.float() @ head.weight[codebook - 1].float()
+            got = head.logits(x, codebook)
+            assert got.dtype == dtype and got.shape == (3, 100)
+            torch.testing.assert_close(got.float(), expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+        head.weight.mul_(2)  # a changed weight: the kernels' transposed copy is made again
+        torch.testing.assert_close(
+            head.logits(x, 1).float(),
+            x.float() @ head.weight[0].float(),
+            rtol=0,
+            atol=2e-2 * expected.abs().max().item(),
+        )
+    assert calls[2:] == [dtype] * 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -173,10 +174,21 @@ def onednn_reads_plain(weight: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
+# From this many rows (a prompt's prefill), a CPU with bf16 arithmetic (avx512_bf16, AMX) multiplies bf16
+# faster in oneDNN's GEMM than csm's kernels, which compute in fp32 (BENCHMARKS.md, "csm's CPU kernels").
+NATIVE_BF16_ROWS = 16
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def sixteen_bit_kernel(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether csm's CPU kernels run this product (csm/cpu_kernels.py): a bf16 or fp16 CPU weight at
-    inference, where they are in use (x86 with AVX2 and PyTorch's AVX2 code). PyTorch's own bf16 product
-    there converts the weight through a slow path at a third of the memory's speed (BENCHMARKS.md)."""
+    inference, where they are in use (x86 with AVX2, no AMX), except a bf16 prefill where the CPU has bf16
+    arithmetic. PyTorch's own bf16 product converts the weight through a slow path at a third of the
+    memory's speed without it, and streams ~1.2x slower than these with it (BENCHMARKS.md)."""
     return (
         weight.dtype in (torch.bfloat16, torch.float16)
         and weight.device.type == "cpu"
@@ -184,6 +196,9 @@ def sixteen_bit_kernel(weight: torch.Tensor, x: torch.Tensor) -> bool:
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and cpu_kernels.available()
+        and not (
+            weight.dtype == torch.bfloat16 and x.numel() >= NATIVE_BF16_ROWS * x.shape[-1] and native_bf16()
+        )
     )
 
 

@@ -32,12 +32,15 @@ from .llama import (
     Transformer,
     fuse_projections,
     fusing_deferred,
+    linear_16,
     packed_linear,
     padding_causal_mask,
     prepack,
+    sixteen_bit_kernel,
     unpack,
 )
 from .mimi import MimiModel
+from .mimi.derived import derived
 from .output import ModelOutput
 from .quant import (
     QuantConfig,
@@ -223,7 +226,11 @@ class CsmCodebooksHead(Packable, nn.Module):
         """Logits (N, V) of one codebook (1..K-1) from h (N, D): the generation step's head."""
         if self.packed is not None and self.packed.usable(self.weight, h):
             return packed_linear(h, self.packed.tensors[codebook - 1])
-        return h @ self.weight[codebook - 1]
+        w = self.weight
+        if sixteen_bit_kernel(w[0].t(), h):  # csm's kernels read (V, D) rows: a transposed copy, made once
+            heads = derived(self, "rows", [w], lambda: [head.t().contiguous() for head in w.detach()])
+            return linear_16(h, heads[codebook - 1], None)
+        return h @ w[codebook - 1]
 
     def matrices_to_pack(self, weight: torch.Tensor) -> list[torch.Tensor]:
         return [head.t().contiguous() for head in weight]  # (V, D) per codebook

@@ -28,7 +28,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="checkpoint folder or hub repo id (default: %(default)s; $CSM_MODEL)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
-    p.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (default: auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="bfloat16, float16, float32 or auto (default: auto: on a GPU bf16 or fp16; on a CPU float32, with "
+        "a bf16 checkpoint's weights kept in bf16 where csm's CPU kernels run)",
+    )
     p.add_argument(
         "--quantize",
         choices=["int8", "int4", "bf16", "fp16"],
