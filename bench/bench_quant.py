@@ -234,6 +234,50 @@ def write_checkpoint(folder: str) -> None:
     model.save_pretrained(folder)
 
 
+def run_child(args, variant: str, folder: str, tmp: str) -> dict | None:
+    """One variant in a process of its own: its figures, or None (with its error printed) when it failed."""
+    cmd = [sys.executable, __file__, "--variant", variant, "--folder", folder, "--probe", os.path.join(tmp, "probe.pt"),
+           "--frames", str(args.frames), "--repeats", str(args.repeats), "--group-size", str(args.group_size),
+           "--prefill", str(args.prefill), "--accuracy-frames", str(args.accuracy_frames),
+           "--batch", *map(str, args.batch)] + ([] if args.accuracy else ["--no-accuracy"])  # fmt: skip
+    load = os.getloadavg()[0]
+    kernels = {":torch": "0", ":ours": "1"}.get(variant[variant.find(":") :] if ":" in variant else "")
+    env = dict(os.environ, **({"CSM_CPU_KERNELS": kernels} if kernels else {}))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
+        return None
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["load_average"] = [load, os.getloadavg()[0]]  # 1-minute load before and after: others' work
+    print(
+        f"{variant}: " + ", ".join(f"batch {b} {ms:.0f} ms/frame" for b, ms in r["ms_per_frame"].items()),
+        flush=True,
+    )
+    return r
+
+
+def print_rounds(rounds: list[list[dict]]) -> None:
+    """Medians over rounds of ms/frame and of each round's speed-up on that round's fp32 (the machine's
+    speed drifts between rounds; a ratio within one round does not see most of it)."""
+    print(f"\nmedians over {len(rounds)} rounds (variants rotated each round)")
+    print("| variant | batch | ms/frame | speed-up on our fp32, same round | speed-ups per round |")
+    print("|---|---|---|---|---|")
+    names = [r["variant"] for r in rounds[0]]
+    for name in names:
+        for b in rounds[0][names.index(name)]["ms_per_frame"]:
+            ms, ups = [], []
+            for results in rounds:
+                by = {r["variant"]: r["ms_per_frame"][b] for r in results}
+                if name in by:
+                    ms.append(by[name])
+                    if "fp32" in by:
+                        ups.append(by["fp32"] / by[name])
+            med = statistics.median(ups) if ups else float("nan")
+            print(
+                f"| {name} | {b} | {statistics.median(ms):.0f} | {med:.2f}x | {', '.join(f'{u:.2f}' for u in ups)} |"
+            )
+
+
 def print_summary(results: list[dict], bandwidth: float) -> None:
     base = {b: ms for r in results if r["variant"] == "fp32" for b, ms in r["ms_per_frame"].items()}
     print(f"\nmatvec bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -292,6 +336,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--frames", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="run the variants this many times, rotated")
     ap.add_argument("--group-size", type=int, default=QuantConfig("int4").group_size)
     ap.add_argument("--prefill", type=int, default=128, help="also time a prompt this long (0: no)")
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
@@ -319,35 +364,19 @@ def main() -> None:
         print(
             f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
         )
-        variants = args.variants  # in the order given: rotate it between runs, so drift favours none
+        variants = args.variants  # in the order given, rotated each round, so drift favours none
         if args.accuracy:
             variants = sorted(variants, key=lambda v: v != "bf16")  # bf16 first: the others compare with it
-        results = []
-        for variant in variants:
-            cmd = [sys.executable, __file__, "--variant", variant, "--folder", folder, "--probe", os.path.join(tmp, "probe.pt"),
-                   "--frames", str(args.frames), "--repeats", str(args.repeats), "--group-size", str(args.group_size),
-                   "--prefill", str(args.prefill), "--accuracy-frames", str(args.accuracy_frames),
-                   "--batch", *map(str, args.batch)] + ([] if args.accuracy else ["--no-accuracy"])  # fmt: skip
-            load = os.getloadavg()[0]
-            kernels = {":torch": "0", ":ours": "1"}.get(
-                variant[variant.find(":") :] if ":" in variant else ""
-            )
-            env = dict(os.environ, **({"CSM_CPU_KERNELS": kernels} if kernels else {}))
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
-                continue
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = results[-1]
-            r["load_average"] = [load, os.getloadavg()[0]]  # 1-minute load before and after: others' work
-            print(
-                f"{variant}: "
-                + ", ".join(f"batch {b} {ms:.0f} ms/frame" for b, ms in r["ms_per_frame"].items()),
-                flush=True,
-            )
+        rounds: list[list[dict]] = []
+        for turn in range(args.rounds):
+            order = variants[turn % len(variants) :] + variants[: turn % len(variants)]
+            rounds.append([r for r in (run_child(args, v, folder, tmp) for v in order) if r is not None])
+        results = rounds[-1]
+        if args.rounds > 1:
+            print_rounds(rounds)
         print_summary(results, bandwidth)
         if args.json:
-            Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "results": results}, indent=1))
+            Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "rounds": rounds}, indent=1))
 
 
 # ---- one product per shape --------------------------------------------------------------------------------
