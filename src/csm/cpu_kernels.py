@@ -4,8 +4,8 @@ On x86 CPUs with AVX2, FMA and F16C and no AMX, decoding reads fp16/bf16/int8/in
 kernels: 16-bit weights are converted in registers as they are read, int8 and int4 weights meet the
 activations quantized to int8 in integer multiply-adds; each weight is read once for all rows of x. On
 AVX2-only CPUs PyTorch's own kernels convert bf16 weights through a slow path and take int weights with
-bf16 activations only, at a fraction of the memory's speed; with AVX-512 these are still 1.1x (bf16) and
-1.9x (int8) faster per frame (BENCHMARKS.md, "csm's CPU kernels"). CPUs with AMX keep PyTorch's (oneDNN's
+bf16 activations only, at a fraction of the memory's speed; with AVX-512 these are still 1.2x (bf16) and
+1.8x (int8) faster per frame (BENCHMARKS.md, "csm's CPU kernels"). CPUs with AMX keep PyTorch's (oneDNN's
 AMX paths; not measured here).
 
 The extension is compiled by torch.utils.cpp_extension (one file, a C++ compiler and ninja needed; ninja
