@@ -74,7 +74,9 @@ def takes_integer_path(fmt: str, k: int) -> bool:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k", [(256, 512), (37, 384), (19, 400)])  # 37, 19: no multiple of a block
+@pytest.mark.parametrize(
+    "n,k", [(256, 512), (37, 384), (19, 400), (37, 4096)]
+)  # 37, 19: no multiple of a block; 4096: fp32 x past L1
 def test_kernel_equals_the_product_with_the_dequantized_weight(fmt, rows, dtype, n, k):
     if fmt.startswith("int4") and k % int(fmt.rsplit("g", 1)[1]):
         pytest.skip("the groups do not divide k")
