@@ -479,7 +479,7 @@ def quantize_modules(model: nn.Module, config: QuantConfig) -> None:
 
 def auto_scheme(stored: dict | None, stored_dtype: torch.dtype | None, device, dtype) -> str | None:
     """What quantize="auto" loads: where csm's CPU kernels run, a float32 model of a checkpoint stored in bf16
-    or fp16 keeps those weights in 16 bits ("bf16", "fp16"): the same numbers, half the bytes to read, 1.65-1.93x
+    or fp16 keeps those weights in 16 bits ("bf16", "fp16"): the same numbers, half the bytes to read, ~2.6x
     fp32's frames (BENCHMARKS.md); anything else (another device or dtype, a quantized checkpoint, no
     kernels) loads as asked, with None."""
     if stored is not None or torch.device(device).type != "cpu" or dtype != torch.float32:
