@@ -207,6 +207,18 @@ def linear_16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return y if bias is None else y + bias
 
 
+def fastest_linear(x, weight, bias, packed: PackedWeight | None, source) -> torch.Tensor:
+    """x @ weight.T (+ bias) by the fastest path that can run it: a valid prepacked copy (`source` is what
+    it stays valid with), oneDNN on the plain fp32 weight, csm's 16-bit kernels, else `F.linear`."""
+    if packed is not None and packed.usable(source, x):
+        return packed_linear(x, packed.tensors[0], bias)
+    if onednn_reads_plain(weight, x):
+        return packed_linear(x, weight, bias)
+    if sixteen_bit_kernel(weight, x):
+        return linear_16(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Packable:
     """Mixin for a module that keeps a PackedWeight in `packed`: copies and pickles leave it out
     (oneDNN tensors can be neither), and the copy packs again when asked."""
@@ -239,13 +251,7 @@ class Linear(Packable, nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and self.packed.usable(self.weight, x):
-            return packed_linear(x, self.packed.tensors[0], self.bias)
-        if onednn_reads_plain(self.weight, x):
-            return packed_linear(x, self.weight, self.bias)
-        if sixteen_bit_kernel(self.weight, x):
-            return linear_16(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return fastest_linear(x, self.weight, self.bias, self.packed, self.weight)
 
 
 def prepack(module: nn.Module, min_numel: int | None = None, fp32: bool = True) -> None:
@@ -350,13 +356,7 @@ class FusedLinear(Packable, nn.Module):
         return self.weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and self.packed.usable(self.pack_source(), x):
-            return packed_linear(x, self.packed.tensors[0], self.bias)
-        if onednn_reads_plain(self.weight, x):
-            return packed_linear(x, self.weight, self.bias)
-        if sixteen_bit_kernel(self.weight, x):
-            return linear_16(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return fastest_linear(x, self.weight, self.bias, self.packed, self.pack_source())
 
 
 class Fuses:
