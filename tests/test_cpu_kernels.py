@@ -288,3 +288,20 @@ def test_sixteen_bit_models_run_their_linear_layers_on_the_kernels(dtype, monkey
             atol=2e-2 * expected.abs().max().item(),
         )
     assert calls[2:] == [dtype] * 4
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, caplog):
+    """torch's builder would wait for ever on a lock file a killed first build left behind."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_kernels.clear_stale_lock(tmp_path)  # a build under way: its lock stays
+    assert lock.exists()
+    old = time.time() - cpu_kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="csm.cpu_kernels"):
+        cpu_kernels.clear_stale_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in caplog.text
+    cpu_kernels.clear_stale_lock(tmp_path)  # no lock: nothing to do

@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +77,25 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + (os.pathsep + path if path else "")
 
 
+STALE_LOCK_SECONDS = 600  # a build takes 30-50 s on 2 cores: a lock this old was left by a killed one
+
+
+def clear_stale_lock(build_dir: Path) -> None:
+    """torch's builder waits, silently and for ever, while its build folder holds a `lock` file, and a build
+    that was killed (the first run stopped by SIGTERM, SIGKILL or the OOM killer) leaves one behind: remove
+    one older than any build takes, saying so."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_LOCK_SECONDS:
+            lock.unlink()
+            log.warning(
+                "csm: removed %s, left %.0f s ago by a CPU-kernel build that did not finish", lock, age
+            )
+    except OSError:  # no lock (the usual case), or another process removed it first
+        pass
+
+
 @functools.lru_cache(maxsize=1)
 def kernels():
     """The built extension module (built on the first call), or None where it cannot run or be built."""
@@ -85,6 +105,7 @@ def kernels():
         from torch.utils import cpp_extension
 
         _ninja_on_path()
+        clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, False)))
         return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels do the work
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
