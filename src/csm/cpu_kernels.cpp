@@ -155,26 +155,27 @@ constexpr int QB = 32;  // activations per quantization block
 struct QuantizedX {
   std::vector<int8_t> q;  // (M, K): natural order, or per 64 k the even k of both blocks, then the odd ones
   std::vector<float> d;   // (M, K/QB) block scales
-  std::vector<float> c;   // (M, K/QB) 8 * d * sum(q): the int4 weights' offset of 8, folded out
-  std::vector<float> s;   // (M, K/QB) sum of x over the block, for the int4 zeros
+  std::vector<float> c;   // (M, K/QB) 8 * d * sum(q): the int4 weights' offset of 8, folded out (int4 only)
+  std::vector<float> s;   // (M, K/QB) sum of x over the block, for the int4 zeros (int4 only)
 };
 
-QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool int4_order) {
+QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool for_int4) {
   QuantizedX out;
   int64_t blocks = M * K / QB;
   out.q.resize(M * K);
   out.d.resize(blocks);
-  out.c.resize(blocks);
-  out.s.resize(blocks);
+  if (for_int4) {
+    out.c.resize(blocks);
+    out.s.resize(blocks);
+  }
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < blocks; ++b) {
     const float* p = x + b * QB;
-    __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    __m256 v[4], amax = _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
       v[i] = _mm256_loadu_ps(p + 8 * i);
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
-      sum = _mm256_add_ps(sum, v[i]);
     }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -186,19 +187,21 @@ QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool int4_order) 
     __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
     __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv));
     __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
-    __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
     // The packs interleave 128-bit halves; the permute puts the 32 bytes back in k order.
     __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
     packed = _mm256_permutevar8x32_epi32(packed, order);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + b * QB), packed);
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
     out.d[b] = d;
-    out.c[b] = 8.0f * d * static_cast<float>(_mm_cvtsi128_si32(s4));
-    out.s[b] = hsum(sum);
+    if (for_int4) {  // the sums int4's offset and zeros need (int8 uses neither)
+      __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      out.c[b] = 8.0f * d * static_cast<float>(_mm_cvtsi128_si32(s4));
+      out.s[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    }
   }
-  if (int4_order) {  // per 64 k: the even k of blocks A and B (32 bytes), then their odd k, as int4 unpacks
+  if (for_int4) {  // per 64 k: the even k of blocks A and B (32 bytes), then their odd k, as int4 unpacks
     int8_t tmp[64];
     for (int64_t k = 0; k < M * K; k += 64) {
       int8_t* q = out.q.data() + k;
