@@ -113,6 +113,22 @@ def read_json(folder: Path, name: str = CONFIG_NAME) -> dict:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """`model.safetensors`, or every shard listed in `model.safetensors.index.json`."""
+    index = folder / WEIGHTS_INDEX_NAME
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise CheckpointError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+    weight_map = read_json(folder, WEIGHTS_INDEX_NAME).get("weight_map", {})
+    files = [folder / shard for shard in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"shard {file.name} listed in {index} is missing")
+    return files
+
+
 def load_safetensors(
     folder: Path, device: str | torch.device = "cpu", transform: Callable | None = None
 ) -> dict[str, torch.Tensor]:
@@ -121,20 +137,8 @@ def load_safetensors(
     `transform(name, tensor) -> {name: tensor}`, when given, sees each tensor as it is read, so a tensor it
     replaces (e.g. by its quantized form) is never held beside the others.
     """
-    index = folder / WEIGHTS_INDEX_NAME
-    single = folder / WEIGHTS_NAME
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = read_json(folder, WEIGHTS_INDEX_NAME).get("weight_map", {})
-        files = [folder / shard for shard in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"shard {file.name} listed in {index} is missing")
-    else:
-        raise CheckpointError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in weight_files(folder):
         if transform is None:
             state.update(load_file(file, device=str(device)))
             continue
@@ -148,24 +152,21 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}  # fmt: skip
 
 
+def read_header(f) -> tuple[int, dict]:
+    """A safetensors file's header length and its tensor entries (name -> dtype, shape, data_offsets)."""
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return size, header
+
+
 def stored_float_dtype(folder: Path) -> torch.dtype | None:
     """The dtype holding most of a checkpoint's floating-point bytes, from its safetensors headers (nothing
     else is read); None when there is none it knows."""
-    index = folder / WEIGHTS_INDEX_NAME
-    if (folder / WEIGHTS_NAME).is_file():
-        files = [folder / WEIGHTS_NAME]
-    elif index.is_file():
-        files = [
-            folder / shard
-            for shard in sorted(set(read_json(folder, WEIGHTS_INDEX_NAME).get("weight_map", {}).values()))
-        ]
-    else:
-        return None
     totals: dict[torch.dtype, int] = {}
-    for file in files:
+    for file in weight_files(folder):
         with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        header.pop("__metadata__", None)
+            _, header = read_header(f)
         for v in header.values():
             dtype = _DTYPES.get(v["dtype"])
             if dtype is not None and dtype.is_floating_point:
@@ -179,9 +180,7 @@ def _read_one_by_one(file: Path, device):
     closed, so a quantizing load would peak at the quantized model plus the whole file. Files with dtypes
     this does not know are read through safetensors."""
     with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
+        size, header = read_header(f)
         if torch.device(device).type != "cpu" or any(v["dtype"] not in _DTYPES for v in header.values()):
             with safe_open(file, framework="pt", device=str(device)) as st:
                 yield from ((name, st.get_tensor(name)) for name in st.keys())

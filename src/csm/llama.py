@@ -115,12 +115,22 @@ PACK_BATCH_HINT = 8  # the layout chosen for 8 rows also serves 1 row at full sp
 # has no such plain path (oneDNN's plain bf16 product is aten's), so bf16 packs where oneDNN runs it.
 
 
+# From this many rows (a prompt's prefill), a CPU with bf16 arithmetic (avx512_bf16, AMX) multiplies bf16
+# faster in oneDNN's GEMM than csm's kernels, which compute in fp32 (BENCHMARKS.md, "csm's CPU kernels").
+NATIVE_BF16_ROWS = 16
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packable(weight: torch.Tensor) -> bool:
     """Whether oneDNN can run this weight prepacked: a CPU fp32 weight, or bf16 where the CPU has bf16."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.bfloat16:  # where csm's kernels run, they stream it without a copy
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported() and not cpu_kernels.available()
+        return native_bf16() and not cpu_kernels.available()
     return weight.dtype == torch.float32
 
 
@@ -172,16 +182,6 @@ def onednn_reads_plain(weight: torch.Tensor, x: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()
     )
-
-
-# From this many rows (a prompt's prefill), a CPU with bf16 arithmetic (avx512_bf16, AMX) multiplies bf16
-# faster in oneDNN's GEMM than csm's kernels, which compute in fp32 (BENCHMARKS.md, "csm's CPU kernels").
-NATIVE_BF16_ROWS = 16
-
-
-@functools.lru_cache(maxsize=1)
-def native_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def sixteen_bit_kernel(weight: torch.Tensor, x: torch.Tensor) -> bool:

@@ -228,7 +228,7 @@ class CsmCodebooksHead(Packable, nn.Module):
             return packed_linear(h, self.packed.tensors[codebook - 1])
         w = self.weight
         if sixteen_bit_kernel(w[0].t(), h):  # csm's kernels read (V, D) rows: a transposed copy, made once
-            heads = derived(self, "rows", [w], lambda: [head.t().contiguous() for head in w.detach()])
+            heads = derived(self, "rows", [w], lambda: self.matrices_to_pack(w.detach()))
             return linear_16(h, heads[codebook - 1], None)
         return h @ w[codebook - 1]
 
@@ -501,7 +501,7 @@ class CsmForConditionalGeneration(nn.Module):
         started = time.perf_counter()
         device = loading_device(device, device_map)
         dtype = loading_dtype(dtype, torch_dtype)
-        resolve_dtype(dtype)  # a bad name fails before the download
+        resolved = resolve_dtype(dtype)  # a bad name fails before the download
         folder = resolve_checkpoint(
             path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
         )
@@ -509,13 +509,13 @@ class CsmForConditionalGeneration(nn.Module):
         stored = raw.pop("quantization", None)
         config = CsmConfig.from_dict(raw)
         if quantize == "auto":
-            quantize = auto_scheme(stored, stored_float_dtype(folder), device or "cpu", resolve_dtype(dtype))
+            quantize = auto_scheme(stored, stored_float_dtype(folder), device or "cpu", resolved)
         quant = quant_config(cls, config, stored, quantize, group_size, folder / CONFIG_NAME)
-        transform = converting_transform(resolve_dtype(dtype))  # one tensor at a time: no 2nd copy at peak
+        transform = converting_transform(resolved)  # one tensor at a time: no second copy at the peak
         if quant is not None:
-            check_supported(quant.scheme, torch.device(device or "cpu"), resolve_dtype(dtype))
+            check_supported(quant.scheme, torch.device(device or "cpu"), resolved)
             if stored is None:
-                transform = quantizing_transform(quant, resolve_dtype(dtype))
+                transform = quantizing_transform(quant, resolved)
         state = load_safetensors(folder, device or "cpu", transform)
         for a, b in (TIED_AUDIO_EMBEDDING, TIED_AUDIO_EMBEDDING[::-1]):
             if a not in state and b in state and config.tie_codebooks_embeddings:
