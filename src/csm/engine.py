@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import prefix_cache
 from .cuda_graph import CUDAGraphed, graphs_enabled
 from .frames import FrameRule
 from .llama import additive_mask, fuse_projections
@@ -157,6 +158,9 @@ class FrameEngine:
         self.graphs: dict[tuple, CUDAGraphed] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.graphed and device.type == "cuda" else None
         self.timings = StartTimings(load_s=getattr(model, "load_seconds", None))
+        self.n_backbone = len(model.backbone_model.layers)
+        self.pending: dict[int, _Pending] = {}  # rows whose prompt is being prefilled, slice by slice
+        self.prompts: list[_Pending | None] = [None] * batch_size  # each row's prompt, for keep_generated
         if model.prepack_weights and not self.compiled:
             model.prepack(fp32=False)  # fp32: read plain, no second copy (csm.llama)
         if self.compiled:
@@ -179,13 +183,28 @@ class FrameEngine:
 
     @torch.inference_mode()
     def prefill(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, rows: slice | None = None
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rows: slice | None = None,
+        content: torch.Tensor | None = None,
     ) -> None:
-        """Run the prompt embeds (b, T, D) for rows `rows` (default: all), left padding given by attention_mask."""
+        """Run the prompt embeds (b, T, D) for rows `rows` (default: all), left padding given by attention_mask.
+
+        With `content` (b, T, 1 + K), what each position holds (csm.prefix_cache), rows without padding take
+        over the longest stored prefix of their prompt and prefill only the rest, one row at a time; the
+        segments they read are stored for the next prompts. Padded rows are prefilled together, as without it.
+        """
         rows = rows or slice(0, embeds.shape[0])
         self.install()
         b, T, _ = embeds.shape
         device = embeds.device
+        unpadded = attention_mask is None or bool(attention_mask.bool().all())
+        if content is not None and unpadded and prefix_cache.store_for(self.model) is not None:
+            for i, row in enumerate(range(*rows.indices(self.batch_size))):
+                if self.begin_prefill(row, embeds[i : i + 1], content[i]):
+                    self.prefill_step(row, T)
+            return
         if attention_mask is None:
             attention_mask = torch.ones(b, T, dtype=torch.long, device=device)
         attention_mask = attention_mask.bool()
@@ -207,6 +226,110 @@ class FrameEngine:
         self.finished[rows] = False
         for row in range(*rows.indices(self.batch_size)):
             self.next_slot_bound[row] = T
+            self.pending.pop(row, None)
+            self.prompts[row] = None
+
+    @torch.inference_mode()
+    def begin_prefill(self, row: int, embeds: torch.Tensor, content: torch.Tensor | None = None) -> int:
+        """Start prefilling one row's prompt embeds (1, T, D), unpadded: the longest stored prefix of its
+        `content` (T, 1 + K) is copied into the row's cache. Returns the positions left to prefill
+        (`prefill_step`); at 0 the row is ready to generate. Until then the row takes no part in frames."""
+        self.install()
+        T = embeds.shape[1]
+        cfg = self.model.config
+        job = _Pending(embeds, T)
+        store = prefix_cache.store_for(self.model) if content is not None else None
+        if store is not None:
+            job.content = content.cpu()
+            job.starts = prefix_cache.cuts(job.content, cfg.bos_token_id, cfg.audio_eos_token_id)
+            job.root = prefix_cache.weights_key(self.model)
+            hit = store.lookup(job.content, job.starts, job.root)
+            at = 0
+            for block in hit.blocks:
+                n = block.positions
+                for layer, cache in zip(range(self.n_backbone), self.caches):
+                    kv = block.kv[layer].to(cache.k_cache.device)
+                    cache.k_cache[row, :, at : at + n] = kv[0]
+                    cache.v_cache[row, :, at : at + n] = kv[1]
+                at += n
+            job.done, job.last = hit.positions, hit.hidden
+        self.valid[row].zero_()
+        self.valid[row, : job.done] = True
+        self.finished[row] = True  # frames skip it (pad) until its prompt is in
+        # A frame step meanwhile writes this row's (ignored) keys at the next slot to prefill, which the
+        # next slice overwrites.
+        self.slot[row] = self.position[row] = job.done
+        self.next_slot_bound[row] = max(job.done, 1)
+        self.pending[row] = job
+        self.prompts[row] = None
+        if job.done == T:
+            self._ready(row)
+        return T - job.done
+
+    @torch.inference_mode()
+    def prefill_step(self, row: int, max_positions: int) -> int:
+        """Prefill up to `max_positions` more positions of a row begun with `begin_prefill`; returns the
+        positions left (0: the row generates from the next frame on)."""
+        job = self.pending[row]
+        start = job.done
+        stop = min(job.length, start + max(1, max_positions))
+        device = job.embeds.device
+        pos = torch.arange(start, stop, device=device)
+        keys = torch.arange(stop, device=device)
+        mask = (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, n, stop): causal over the whole cache
+        backbone = self.model.backbone_model
+        with kv_rows(backbone, slice(row, row + 1)):
+            h = backbone.run_layers(job.embeds[:, start:stop], pos, mask, pos)
+        if job.content is not None:  # the state after each segment's last position, for the store
+            for s in [*job.starts[1:], job.length]:
+                if start < s <= stop:
+                    job.hidden_at[s - 1] = h[0, s - 1 - start]
+        job.last = h[0, -1]
+        job.done = stop
+        self.valid[row, start:stop] = True
+        self.slot[row] = self.position[row] = stop
+        self.next_slot_bound[row] = stop
+        if stop == job.length:
+            self._ready(row)
+        return job.length - stop
+
+    def _ready(self, row: int) -> None:
+        """A row's prompt is in: it generates from the next frame on; its new segments go to the store."""
+        job = self.pending.pop(row)
+        T = job.length
+        self.hidden[row] = job.last
+        self.slot[row] = self.position[row] = T
+        self.next_slot_bound[row] = T
+        self.finished[row] = False
+        store = prefix_cache.store_for(self.model) if job.content is not None else None
+        if store is not None:
+            store.insert(job.content, job.starts, T, job.root, lambda a, b: self.read_kv(row, a, b), job.hidden_at.get)
+            job.embeds, job.hidden_at = None, {}
+            self.prompts[row] = job
+
+    def read_kv(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """A row's backbone keys and values at slots [start, stop): (L, 2, KV heads, n, D)."""
+        return torch.stack(
+            [
+                torch.stack([c.k_cache[row, :, start:stop], c.v_cache[row, :, start:stop]])
+                for c in self.caches[: self.n_backbone]
+            ]
+        )
+
+    @torch.inference_mode()
+    def keep_generated(self, row: int, frames: torch.Tensor) -> None:
+        """Store a row's generated turn, its prompt's last segment and `frames` (F, K) (the frames before its
+        end-of-audio frame), for a next prompt that has this turn as context. Call before the row is freed."""
+        job = self.prompts[row]
+        store = prefix_cache.store_for(self.model)
+        if job is None or store is None or len(frames) == 0:
+            return
+        ids = torch.full((len(frames), 1), self.model.config.audio_token_id, dtype=torch.long)
+        content = torch.cat([job.content, torch.cat([ids, frames.to("cpu", torch.long)], 1)])
+        end = job.length + len(frames)
+        if end > self.max_seq_len:
+            return
+        store.insert(content, job.starts, end, job.root, lambda a, b: self.read_kv(row, a, b))
 
     # ---- one frame ----------------------------------------------------------------------------------
 
@@ -337,6 +460,8 @@ class FrameEngine:
 
     def free(self, row: int) -> None:
         """End a row: it gives pad frames and takes no part in attention until prefilled again."""
+        self.pending.pop(row, None)
+        self.prompts[row] = None
         self.finished[row] = True
         self.slot[row] = 0  # it keeps writing (ignored) keys until then: at slot 0, inside any step's view
         self.next_slot_bound[row] = 0
@@ -345,6 +470,20 @@ class FrameEngine:
         """Free the caches."""
         self.model.backbone_model.remove_caches()
         self.model.depth_decoder.model.remove_caches()
+
+
+@dataclass
+class _Pending:
+    """A row's prompt: its embeds while being prefilled, and its content for the prefix store."""
+
+    embeds: torch.Tensor | None
+    length: int
+    done: int = 0
+    last: torch.Tensor | None = None  # the state after position done - 1
+    content: torch.Tensor | None = None  # (T, 1 + K) on the CPU
+    starts: list[int] | None = None
+    root: bytes = b""
+    hidden_at: dict = field(default_factory=dict)  # position -> the state after it (segment ends)
 
 
 class kv_rows:

@@ -112,7 +112,8 @@ def frames_for(model, max_new_tokens: int | None, max_seconds: float | None) -> 
 
 
 def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs):
-    """Validate and embed the prompt; returns (embeds, attention_mask, GenerationConfig, code prompt).
+    """Validate and embed the prompt; returns (embeds, attention_mask, GenerationConfig, code prompt, content:
+    what each position holds, for the prefix store).
 
     kwargs may carry `audio_codes` (per-clip codes encoded beforehand, e.g. a saved voice) in place of
     input_values, `generation_config` (a dict of settings), `num_return_sequences` (each row repeated
@@ -148,22 +149,19 @@ def prepare(model, input_ids, attention_mask, input_values, input_values_cutoffs
         )
     code_prompt = input_ids if input_ids.dim() == 3 else None
     with torch.inference_mode():
-        if code_prompt is not None:
-            embeds = model.backbone_model.embed_tokens(input_ids)
-        else:
-            if input_values is not None:
-                input_values = input_values.to(model.device)
+        if input_values is not None:
+            input_values = input_values.to(model.device)
+            if input_values_cutoffs is not None:
                 input_values_cutoffs = input_values_cutoffs.to(model.device)
-            embeds, _ = model.embed_inputs(
-                input_ids, input_values, input_values_cutoffs, audio_codes=audio_codes
-            )
+        embeds, content = model.embed_prompt(input_ids, input_values, input_values_cutoffs, audio_codes)
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
     if copies > 1:
         embeds = embeds.repeat_interleave(copies, 0)
+        content = content.repeat_interleave(copies, 0)
         attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, 0)
         code_prompt = None if code_prompt is None else code_prompt.repeat_interleave(copies, 0)
-    return embeds, attention_mask, config, code_prompt
+    return embeds, attention_mask, config, code_prompt, content
 
 
 SAMPLING_KWARGS = {
@@ -205,14 +203,14 @@ def start(
     code prompt (input_ids when they are audio codes, else None)."""
     check_kwargs(kwargs)
     max_new_tokens = frames_for(model, max_new_tokens, max_seconds)
-    embeds, attention_mask, config, code_prompt = prepare(
+    embeds, attention_mask, config, code_prompt, content = prepare(
         model, input_ids, attention_mask, input_values, input_values_cutoffs, max_new_tokens, kwargs
     )
     B, T, _ = embeds.shape
     engine = engine_for(model, B, T + config.max_new_tokens, compile, cuda_graph)
     engine.backbone_sampling.set(slice(None), config.backbone)
     engine.depth_sampling.set(slice(None), config.depth_decoder)
-    engine.prefill(embeds, attention_mask)
+    engine.prefill(embeds, attention_mask, content=content)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -240,6 +238,13 @@ def engine_for(
             model, batch_size, size, compile=compile, cuda_graph=graphed
         )
     return engine
+
+
+def keep_generated(engine: FrameEngine, codes: torch.Tensor) -> None:
+    """Hand each row's turn (codes (B, F, K), up to its end) to the prefix store, so that a next prompt with
+    this turn as context does not prefill it again."""
+    for row, n in enumerate(engine.rule.lengths(codes)):
+        engine.keep_generated(row, codes[row, :n])
 
 
 def finish(engine: FrameEngine) -> None:
@@ -343,6 +348,7 @@ def generate(
     logits = [] if keep_logits else None
     try:
         blocks = list(iterate_frames(engine, config.max_new_tokens, generator, sync_every, logits))
+        keep_generated(engine, torch.cat(blocks, 1))
     finally:
         finish(engine)
     rule = engine.rule
@@ -423,8 +429,10 @@ def generate_stream(
     ended = torch.zeros(B, dtype=torch.bool)
     decoder = model.codec_model.streaming_decoder(B)
     reached_eos = False
+    made = []  # every block, for the prefix store once every row has ended
     try:
         for block in iterate_frames(engine, config.max_new_tokens, generator, chunk_frames):
+            made.append(block.cpu())
             block = block.clone()
             keep = []
             ends = engine.rule.ends(block)
@@ -446,6 +454,8 @@ def generate_stream(
                 reached_eos = True
                 return
     finally:
+        if made:  # a listener that stopped early keeps what was made as context: so does the store
+            keep_generated(engine, torch.cat(made, 1))
         finish(engine)
     if not reached_eos:
         warnings.warn(

@@ -42,6 +42,7 @@ from .llama import (
 from .mimi import MimiModel
 from .mimi.derived import derived
 from .output import ModelOutput
+from .prefix_cache import content_of
 from .quant import (
     QuantConfig,
     auto_scheme,
@@ -331,6 +332,22 @@ class CsmForConditionalGeneration(nn.Module):
     @property
     def codec_dtype(self) -> torch.dtype:
         return next(self.codec_model.parameters()).dtype
+
+    def embed_prompt(self, input_ids, input_values=None, input_values_cutoffs=None, audio_codes=None):
+        """A prompt for generation: its embeds (B, T, D) and its content (B, T, 1 + K), what each position
+        holds, which keys the prefix store (csm.prefix_cache). Clips given as input_values are encoded here."""
+        if input_ids.dim() == 3:  # a prompt of codes
+            return self.backbone_model.embed_tokens(input_ids), content_of(self.config, input_ids, None)
+        if audio_codes is None and input_values is not None:
+            if input_values_cutoffs is None:
+                raise ValueError(
+                    "input_values needs input_values_cutoffs (each clip's end offset per row, -1 padded)"
+                )
+            codes, frame_mask = self.encode_audio_context(input_values, input_values_cutoffs)
+            audio_codes = [codes[frame_mask]]  # (total frames, K), in sequence order
+        embeds, _ = self.embed_inputs(input_ids, audio_codes=audio_codes)
+        frames = torch.cat(list(audio_codes)) if audio_codes else None
+        return embeds, content_of(self.config, input_ids, frames)
 
     def embed_inputs(
         self, input_ids, input_values=None, input_values_cutoffs=None, labels=None, audio_codes=None

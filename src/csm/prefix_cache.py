@@ -1,0 +1,266 @@
+"""Prefix reuse: the backbone's keys and values for a prompt's leading segments, kept so that the next prompt
+that begins the same way prefills only what is new (vLLM's automatic prefix caching, at the turn level).
+
+A prompt is a sequence of positions, each a text token or an audio frame. Its *content* says exactly what
+each position holds, (T, 1 + K) integers: the token id, then the frame's K codes (zeros for text). A
+position's keys and values depend only on the content up to it (attention is causal and a row has no
+padding), so a prefix's cache is a function of its content and nothing else.
+
+Prompts are cut into segments where a turn begins (`bos_token_id`) and before each end-of-audio token
+(`audio_eos_token_id`): a context turn is `<bos>[speaker]text<eot>` + one audio token per frame, then its
+one-position end. A turn just generated is the prompt's last segment followed by its frames, the same
+content as that turn when it comes back as context, so its cache is kept too and the next prompt does not
+read it again. (Its end-of-audio position is not: the frame that ended it may differ from the end token's
+frame in its last codebook.)
+
+Each segment is one block, keyed by a hash chained over every segment before it (and the model's weights),
+holding that segment's keys and values only: prompts that share a voice share its block. Blocks are
+evicted least recently used first; a lookup touches a prefix's blocks from its end back to its start, so
+the shared leading blocks stay longest. The store is bounded in bytes.
+
+    store = PrefixStore(max_bytes=1 << 30)
+    hit = store.lookup(content, cuts, weights)     # longest stored prefix: positions and blocks
+    ...                                          # copy hit.blocks into the row's cache, prefill the rest
+    store.insert(content, cuts, weights, read_kv, hidden_at)
+
+CSM_PREFIX_CACHE=0 turns the store off everywhere; CSM_PREFIX_CACHE_MB sets the default bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_MB = 1024  # about 16,000 positions of csm-1b in fp32, 32,000 in 16 bits
+
+
+def enabled() -> bool:
+    """Whether prompts reuse stored prefixes: not with CSM_PREFIX_CACHE=0."""
+    return os.environ.get("CSM_PREFIX_CACHE", "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def default_bytes() -> int:
+    """The store's bound: CSM_PREFIX_CACHE_MB megabytes, else DEFAULT_MB."""
+    raw = os.environ.get("CSM_PREFIX_CACHE_MB", "").strip()
+    try:
+        mb = float(raw) if raw else DEFAULT_MB
+    except ValueError:
+        raise ValueError(f"CSM_PREFIX_CACHE_MB must be a number of megabytes, got {raw!r}") from None
+    if mb < 0:
+        raise ValueError(f"CSM_PREFIX_CACHE_MB must be >= 0, got {raw!r}")
+    return int(mb * (1 << 20))
+
+
+def cuts(content: torch.Tensor, bos_id: int | None, audio_eos_id: int | None) -> list[int]:
+    """Where the segments of a prompt's content (T, 1 + K) begin: 0, each turn's first token and each
+    end-of-audio token (sorted, unique)."""
+    ids = content[:, 0]
+    marks = torch.zeros_like(ids, dtype=torch.bool)
+    for token in (bos_id, audio_eos_id):
+        if token is not None:
+            marks |= ids == token
+    return sorted({0, *marks.nonzero().flatten().tolist()})
+
+
+def content_of(config, input_ids: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+    """What each position of a prompt holds, (B, T, 1 + K) int64 on the CPU: input_ids (B, T) with the audio
+    `frames` (N, K) at its audio tokens in row-major order (as the model embeds them) and the end-of-audio
+    frame at its end-of-audio tokens; a prompt of codes (B, T, K) is its codes after an id of -1."""
+    ids = input_ids.to("cpu", torch.long)
+    K = config.num_codebooks
+    if ids.dim() == 3:
+        return torch.cat([torch.full_like(ids[..., :1], -1), ids], -1)
+    content = torch.zeros(*ids.shape, 1 + K, dtype=torch.long)
+    content[..., 0] = ids
+    if frames is not None and len(frames):
+        content[ids == config.audio_token_id, 1:] = frames.to("cpu", torch.long)
+    content[ids == config.audio_eos_token_id, 1:] = config.codebook_eos_token_id
+    return content
+
+
+@dataclass
+class Block:
+    """One segment's keys and values (L, 2, KV heads, n, D), and the backbone's state after its last position
+    (D,) when known (a block made by a prefill; a generated turn's block has none)."""
+
+    kv: torch.Tensor
+    hidden: torch.Tensor | None
+    parent: bytes | None
+
+    @property
+    def positions(self) -> int:
+        return self.kv.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + (0 if self.hidden is None else self.hidden.nbytes)
+
+
+@dataclass
+class Hit:
+    """A lookup's result: the first `positions` of the prompt are stored, as `blocks` in order; `hidden` is
+    the state after them when the whole prompt was found (None otherwise)."""
+
+    positions: int = 0
+    blocks: list[Block] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+
+
+def chain(content: torch.Tensor, starts: list[int], end: int, root: bytes) -> list[tuple[int, int, bytes]]:
+    """(start, stop, key) of each segment of content[:end], the key hashing the segment and the key before."""
+    bounds = [s for s in starts if s < end] + [end]
+    data = content[:end].to(torch.int64).contiguous().numpy().tobytes()
+    width = content.shape[1] * 8
+    out, key = [], root
+    for start, stop in zip(bounds, bounds[1:]):
+        key = hashlib.blake2b(key + data[start * width : stop * width], digest_size=16).digest()
+        out.append((start, stop, key))
+    return out
+
+
+def weights_key(model) -> bytes:
+    """What the stored caches were computed with: each weight's storage and in-place version, the dtype and
+    device (a weight replaced or changed in place gives another key; old blocks then age out)."""
+    parts = [str(model.dtype), str(model.device), str(getattr(model, "training", False))]
+    backbone = model.backbone_model
+    buffers = [b for name, b in backbone.named_buffers() if "kv_cache" not in name]  # not the caches
+    for t in [*backbone.parameters(), *buffers]:
+        version = 0 if t.is_inference() else t._version  # inference tensors keep no version
+        parts.append(f"{t.data_ptr()}:{version}")
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).digest()
+
+
+class PrefixStore:
+    """Blocks of backbone keys and values keyed by content, bounded in bytes, least recently used out first.
+    Thread-safe; its tensors live on the model's device."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.positions_saved = self.positions_prefilled = self.evictions = 0
+        self.lock = threading.Lock()
+
+    def lookup(self, content: torch.Tensor, starts: list[int], root: bytes) -> Hit:
+        """The longest stored prefix of `content` (T, 1 + K) ending where a segment ends; counts a hit (any
+        position found) or a miss."""
+        T = content.shape[0]
+        hit = Hit()
+        with self.lock:
+            found = []
+            for start, stop, key in chain(content, starts, T, root):
+                block = self.blocks.get(key)
+                if block is None or block.positions != stop - start:
+                    break
+                found.append((key, block))
+            # A prompt found whole needs the state after its last position, or its last segment runs again.
+            if found and len(found) == len(chain_bounds(starts, T)) and found[-1][1].hidden is None:
+                found.pop()
+            for key, _ in reversed(found):  # the end of the prefix is touched first: its start lives longest
+                self.blocks.move_to_end(key)
+            hit.blocks = [b for _, b in found]
+            hit.positions = sum(b.positions for b in hit.blocks)
+            if hit.positions == T:
+                hit.hidden = hit.blocks[-1].hidden
+            if hit.positions:
+                self.hits += 1
+                self.positions_saved += hit.positions
+            else:
+                self.misses += 1
+            self.positions_prefilled += T - hit.positions
+        return hit
+
+    def insert(self, content: torch.Tensor, starts: list[int], end: int, root: bytes, read_kv, hidden_at=None) -> int:
+        """Store the segments of content[:end] not held yet: `read_kv(start, stop)` gives a segment's keys and
+        values (L, 2, KV, n, D) (a copy is kept), `hidden_at(i)` the state after position i (or None).
+        Returns the bytes added."""
+        added = 0
+        parent = None
+        for start, stop, key in chain(content, starts, end, root):
+            with self.lock:
+                known = self.blocks.get(key)
+                if known is not None:
+                    if known.hidden is None and hidden_at is not None:
+                        known.hidden = _copy(hidden_at(stop - 1))
+                    parent = key
+                    continue
+            kv = read_kv(start, stop)
+            if kv.nbytes > self.max_bytes:
+                break  # nor can any later block be found without this one
+            block = Block(kv.clone(), None if hidden_at is None else _copy(hidden_at(stop - 1)), parent)
+            with self.lock:
+                self.blocks[key] = block
+                self.bytes += block.nbytes
+                added += block.nbytes
+                self._evict()
+            parent = key
+        return added
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes and self.blocks:
+            _, block = self.blocks.popitem(last=False)
+            self.bytes -= block.nbytes
+            self.evictions += 1
+
+    def clear(self) -> None:
+        with self.lock:
+            self.blocks.clear()
+            self.bytes = 0
+
+    def stats(self) -> dict:
+        """Counters for /health, the access log and metrics."""
+        with self.lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "positions_saved": self.positions_saved,
+                "positions_prefilled": self.positions_prefilled,
+                "bytes": self.bytes,
+                "max_bytes": self.max_bytes,
+                "entries": len(self.blocks),
+                "evictions": self.evictions,
+            }
+
+
+def chain_bounds(starts: list[int], end: int) -> list[int]:
+    return [s for s in starts if s < end]
+
+
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
+def store_for(model) -> PrefixStore | None:
+    """The model's store (made on first use with the default bound), or None when prefix reuse is off."""
+    if not enabled() or getattr(model, "_prefix_off", False):
+        return None
+    store = getattr(model, "_prefix_store", None)
+    if store is None:
+        max_bytes = default_bytes()
+        if max_bytes <= 0:
+            return None
+        store = PrefixStore(max_bytes)
+        model._prefix_store = store
+    return store
+
+
+def set_store_bytes(model, max_bytes: int) -> PrefixStore | None:
+    """Give the model a store of this bound (the server's --prefix-cache-mb); 0 turns reuse off for it."""
+    if max_bytes <= 0:
+        model._prefix_store = None
+        model._prefix_off = True
+        return None
+    store = getattr(model, "_prefix_store", None)
+    if store is None:
+        store = model._prefix_store = PrefixStore(max_bytes)
+    else:
+        with store.lock:
+            store.max_bytes = int(max_bytes)
+            store._evict()
+    model._prefix_off = False
+    return store
