@@ -49,7 +49,7 @@ def test_trimming_drops_the_oldest_carried_turns_and_keeps_the_fixed_ones(proces
     carried = history(6, frames=4)
     whole = plan_prompt(processor, fixed, carried, 1, "Next.", frames=1, limit=2048).length
     limit = whole - 12  # a little less than everything: some turns must go
-    prompt = plan_prompt(processor, fixed, carried, 1, "Next.", frames=10, limit=limit, policy="keep")
+    prompt = plan_prompt(processor, fixed, carried, 1, "Next.", frames=10, limit=limit, policy="keep", slide=0)
     assert prompt.context[0] is fixed[0]
     assert 0 < len(prompt.carried) < len(carried)
     assert prompt.carried == carried[-len(prompt.carried) :]  # the newest ones, in order
@@ -67,7 +67,9 @@ def test_the_bisection_drops_exactly_as_many_turns_as_dropping_one_by_one(proces
         kept = list(carried)
         while kept and plan_prompt(processor, fixed, kept, 0, "Go on.", 1, 4096).length + 5 > limit:
             kept.pop(0)
-        prompt = plan_prompt(processor, fixed, carried, 0, "Go on.", frames=5, limit=limit, policy="keep")
+        prompt = plan_prompt(
+            processor, fixed, carried, 0, "Go on.", frames=5, limit=limit, policy="keep", slide=0
+        )
         assert prompt.carried == kept
 
 
@@ -114,3 +116,37 @@ def test_turn_stays_importable_from_the_pipeline():
     from csm.pipeline import Turn as PipelineTurn
 
     assert PipelineTurn is Turn
+
+
+def test_history_leaves_in_slides_so_later_prompts_begin_with_the_same_turns(processor):
+    fixed = [turn(1, "Clip.", 2, seed=3)]
+    carried = [turn(i % 2, "Some words here " * (i % 3 + 1), i % 4 + 2, seed=i) for i in range(30)]
+    # The window a conversation outgrows: each new turn is planned after all the turns before it.
+    limit, slide = 240, 60
+    starts = []
+    for n in range(1, len(carried) + 1):
+        history = carried[:n]
+        prompt = plan_prompt(processor, fixed, history, 0, "Go on.", 5, limit, "keep", slide=slide)
+        fewest = plan_prompt(processor, fixed, history, 0, "Go on.", 5, limit, "keep", slide=0)
+        assert prompt.length + prompt.frames <= limit
+        assert len(prompt.carried) <= len(fewest.carried)  # at least the fewest turns leave
+        starts.append(n - len(prompt.carried))  # index of the first turn kept
+        # The cut sits on the grid: the first turn kept starts at a multiple of `slide` positions or later,
+        # and the turn before it started short of that multiple.
+        first = starts[-1]
+        if first:
+            whole = plan_prompt(processor, fixed, history, 0, "Go on.", 1, 4096).length
+            at = whole - plan_prompt(processor, fixed, history[first:], 0, "Go on.", 1, 4096).length
+            before = whole - plan_prompt(processor, fixed, history[first - 1 :], 0, "Go on.", 1, 4096).length
+            assert before // slide < at // slide  # a multiple of `slide` in (before, at]
+    # The first turn kept moves rarely and only forward: fewer moves than dropping the fewest turns makes.
+    fewest_starts = [
+        n - len(plan_prompt(processor, fixed, carried[:n], 0, "Go on.", 5, limit, "keep", slide=0).carried)
+        for n in range(1, len(carried) + 1)
+    ]
+    assert starts == sorted(starts) and starts[-1] > 0
+
+    def moves(xs):
+        return sum(a != b for a, b in zip(xs, xs[1:]))
+
+    assert moves(starts) < moves(fewest_starts)

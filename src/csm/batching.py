@@ -8,9 +8,13 @@ faults kept to that row.
             ...
     core.close()
 
-A job's prompt is embedded and prefilled when it is added (alone, into a free row); `step()` advances every
-live row by one frame and decodes each row's frames, `chunk_frames` at a time. A row ends at its end-of-audio
-frame, at `max_frames`, or when `remove(row)` frees it.
+A job's prompt is embedded when it is added, into a free row; its `embed()` may also return the prompt's
+content (csm.prefix_cache), and the row then takes over the longest stored prefix of its prompt and prefills
+only the rest. With `prefill_chunk`, a prompt joining rows that are generating is prefilled in slices, one
+per step, between their frames ("auto": each slice takes about one frame's time, as measured), so a long
+prompt never stalls the others' audio; alone, it is prefilled whole. `step()` advances every generating row
+by one frame and decodes each row's frames, `chunk_frames` at a time. A row ends at its end-of-audio frame,
+at `max_frames`, or when `remove(row)` frees it; a row that ends keeps its turn in the prefix store.
 
 Decoding: with `batched_decode`, every row is a stream of one shared codec decoder and the rows decode
 together, one codec call per step for all rows with the same number of frames (chunks are aligned to every
@@ -49,6 +53,7 @@ class RowJob:
     seed: int | None = None  # None: the core's shared generator draws its noise
     decode: bool = True  # False: "audio" events carry codes only (audio is None)
     prompt_len: int = 0
+    reused: int = 0  # prompt positions taken over from the prefix store instead of prefilled
     codes: list = field(default_factory=list)  # its frames (K,), filled in as they are generated
 
     @property
@@ -99,11 +104,22 @@ class BatchCore:
         cuda_graph: bool | None = None,
         batched_decode: bool = False,
         compile: bool | None = None,
+        prefill_chunk: int | str | None = None,
     ):
         """`cuda_graph`: on CUDA, replay the frame step as CUDA graphs, the live rows in the smallest bucket
         that holds them (None: csm.engine.use_cuda_graph decides, on by default). `batched_decode`: decode the
         rows together (module docstring); a codec whose convs pad by replication cannot, and decodes row by
-        row. `compile`: torch.compile the frame step (None: csm.engine.use_compile decides, off by default)."""
+        row. `compile`: torch.compile the frame step (None: csm.engine.use_compile decides, off by default).
+        `prefill_chunk`: positions of a joining prompt prefilled per step while other rows generate (an int,
+        or "auto": about one frame's time); None prefills a prompt whole when it is added."""
+        if prefill_chunk is not None and prefill_chunk != "auto" and not (
+            isinstance(prefill_chunk, int) and prefill_chunk >= 1
+        ):
+            raise ValueError(f"prefill_chunk must be an integer >= 1, 'auto' or None, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: list[int] = []  # rows whose prompt is going in, oldest first
+        self.frame_seconds: float | None = None  # measured: one step's frame, and one prefilled position
+        self.position_seconds: float | None = None
         self.model, self.max_batch_size, self.chunk_frames = model, max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         graphed = use_cuda_graph(model.device, cuda_graph)
@@ -139,12 +155,21 @@ class BatchCore:
         try:
             with torch.inference_mode():
                 embeds = job.embed()
-                self.engine.prefill(embeds, None, rows=slice(b, b + 1))
+                content = None
+                if isinstance(embeds, tuple):  # (embeds (1, T, D), content (1, T, 1 + K))
+                    embeds, content = embeds
+                left = self.engine.begin_prefill(b, embeds, None if content is None else content[0])
+                job.reused = embeds.shape[1] - left
+                if left and (self.prefill_chunk is None or not self.generating_rows()):
+                    self._prefill(b, left)  # nobody to keep waiting: all of it now
+                    left = 0
             self.engine.backbone_sampling.set(b, job.backbone)
             self.engine.depth_sampling.set(b, job.depth_decoder)
         except Exception:
             self.engine.free(b)
             raise
+        if left:
+            self.prefilling.append(b)
         generator = None
         if job.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
@@ -156,10 +181,16 @@ class BatchCore:
         self.rows[b] = _Row(job, decoder, generator)
         return b
 
+    def generating_rows(self) -> list[int]:
+        """Rows whose prompt is in: each step gives them a frame."""
+        return [b for b, r in enumerate(self.rows) if r is not None and b not in self.prefilling]
+
     def remove(self, row: int) -> None:
         """Free a row now (e.g. its client went away); no event follows for it."""
         self.engine.free(row)
         self.rows[row] = None
+        if row in self.prefilling:
+            self.prefilling.remove(row)
 
     def close(self) -> None:
         """Free every row and the engine's caches."""
@@ -169,15 +200,20 @@ class BatchCore:
     # ---- one step ----------------------------------------------------------------------------------
 
     def step(self) -> list[RowEvent]:
-        """Advance every live row by one frame; returns the rows' events (empty when nothing happened)."""
-        live = self.live_rows()
-        if not live:
-            return []
+        """Prefill the next slice of a joining prompt, then advance every generating row by one frame; returns
+        the rows' events (empty when nothing happened)."""
         events: list[RowEvent] = []
+        if self.prefilling:
+            self._prefill_slice(events)
+        live = self.generating_rows()
+        if not live:
+            return events
+        started = time.perf_counter()
         codes = self._next_frame(live, events)
         if codes is None:
             return events
-        live = self.live_rows()
+        self.frame_seconds = _mean(self.frame_seconds, time.perf_counter() - started)
+        live = self.generating_rows()
         self.batch_histogram[len(live)] += 1
         self.steps += 1
         due, ends = [], {}
@@ -196,9 +232,48 @@ class BatchCore:
         events += self._flush(due)
         for b, reason in ends.items():
             if self.rows[b] is not None:  # not ended by a failed decode
-                events.append(RowEvent(b, self.rows[b].job, "done", reason=reason))
+                job = self.rows[b].job
+                if job.codes:
+                    self.engine.keep_generated(b, torch.stack(job.codes))
+                events.append(RowEvent(b, job, "done", reason=reason))
                 self.remove(b)
         return events
+
+    # ---- prefill in slices -------------------------------------------------------------------------
+
+    def prefill_budget(self) -> int:
+        """Positions one step may prefill while rows generate: `prefill_chunk`, or with "auto" as many as
+        take about 0.8 of a frame (so a generating row waits at most about 1.8 frames between two)."""
+        if isinstance(self.prefill_chunk, int):
+            return self.prefill_chunk
+        if self.frame_seconds is None or self.position_seconds is None:
+            return 16  # until both are measured
+        return max(1, int(0.8 * self.frame_seconds / self.position_seconds))
+
+    def _prefill(self, row: int, positions: int) -> int:
+        job = self.engine.pending[row]
+        before = job.length - job.done
+        started = time.perf_counter()
+        left = self.engine.prefill_step(row, positions)
+        done = before - left
+        if done >= 4:  # a few positions measure the per-call cost more than the per-position one
+            per = (time.perf_counter() - started) / done
+            self.position_seconds = _mean(self.position_seconds, per)
+        return left
+
+    def _prefill_slice(self, events: list[RowEvent]) -> None:
+        """One step's prefill: the oldest joining prompt's next slice (all of it when nothing generates)."""
+        b = self.prefilling[0]
+        budget = self.prefill_budget() if self.generating_rows() else self.max_seq_len
+        try:
+            with torch.inference_mode():
+                left = self._prefill(b, budget)
+        except Exception as e:
+            events.append(RowEvent(b, self.rows[b].job, "error", error=e))
+            self.remove(b)
+            return
+        if not left:
+            self.prefilling.remove(b)
 
     def _chunk_due(self, row: _Row) -> bool:
         if self.decoder is not None:  # batched: every row's chunk at the same steps, so they decode together
@@ -260,9 +335,13 @@ class BatchCore:
         return bool(self.engine.rule.ends(frame))
 
     def _generators(self) -> list[torch.Generator]:
+        """Each row's noise generator; a row still prefilling draws from the shared one, so that its own
+        seeded draws start with its first frame."""
         return [
-            r.generator if r is not None and r.generator is not None else self.shared_generator
-            for r in self.rows
+            r.generator
+            if r is not None and r.generator is not None and b not in self.prefilling
+            else self.shared_generator
+            for b, r in enumerate(self.rows)
         ]
 
     def _next_frame(self, live: list[int], events: list[RowEvent]) -> torch.Tensor | None:
@@ -277,13 +356,13 @@ class BatchCore:
         for b in [b for b in live if self._fails_alone(b, state, saved)]:  # none: a passing fault, retried
             events.append(RowEvent(b, self.rows[b].job, "error", error=first))
             self.remove(b)
-        if not self.live_rows():
+        if not self.generating_rows():
             return None
         try:  # the rewound generators draw the same noise as the failed step did
             return self.engine.next_frame(self._generators()).cpu()
         except Exception as e:  # not one row's fault: every live row fails, the engine is left consistent
             self._restore(state, saved)
-            for b in self.live_rows():
+            for b in self.generating_rows():
                 events.append(RowEvent(b, self.rows[b].job, "error", error=e))
                 self.remove(b)
             return None
@@ -318,3 +397,8 @@ class BatchCore:
         finally:
             self._restore(state, saved)
         return False
+
+
+def _mean(old: float | None, new: float, weight: float = 0.2) -> float:
+    """An exponential moving average (the first value as it is)."""
+    return new if old is None else (1 - weight) * old + weight * new

@@ -18,6 +18,13 @@ How the frame budget meets the window is the caller's choice (`policy`):
 - "keep": drop history until the whole budget fits; with no history left, shrink it to the room (long text,
   dialogues and the server: a late sentence is never cut short because minutes of speech fill the window).
 - "exact": drop history until the whole budget fits, else raise (the pipeline when the user fixed the length).
+
+History leaves in large steps (`slide` positions, a quarter of the window by default): when turns must go,
+the planner drops up to the first turn that starts at least the next multiple of `slide` positions into the
+carried history. Every later prompt then begins with the same turns until the window fills again, so their
+keys and values are found in the prefix store (csm.prefix_cache) instead of the whole history being prefilled
+again after each turn; a client that resends its whole history gets the same cut each time, since the grid is
+counted from its first turn. A slide costs one prefill of the history kept (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .voice import encode_audio
 
 FramePolicy = Literal["fit", "keep", "exact"]
 POLICIES = ("fit", "keep", "exact")
+SLIDE_FRACTION = 4  # history leaves a quarter of the window at a time
 
 
 @dataclass
@@ -111,10 +119,12 @@ def plan_prompt(
     frames: int,
     limit: int,
     policy: FramePolicy = "fit",
+    slide: int | None = None,
 ) -> Prompt:
     """The prompt for `speaker` saying `text` (a list: one row each, same context) after the `fixed` turns and
-    as many of the newest `carried` turns as fit with `frames` (see the module's `policy`) in `limit`
-    positions. Raises ValueError when not even the fixed turns and the text leave room for the frames."""
+    the newest `carried` turns that fit with `frames` (see the module's `policy`) in `limit` positions, older
+    turns dropped in steps of `slide` positions (default: limit // SLIDE_FRACTION; 0: the fewest turns).
+    Raises ValueError when not even the fixed turns and the text leave room for the frames."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     texts = [text] if isinstance(text, str) else list(text)
@@ -133,6 +143,8 @@ def plan_prompt(
     def measure(drop: int) -> int:
         """Prompt positions with the `drop` oldest carried turns left out. The ids are the processor's (the
         rendered template, each audio placeholder once per frame), made without loading or copying audio."""
+        if drop in tokenized:
+            return max(len(ids) for ids in tokenized[drop])
         rendered = processor.apply_chat_template(conversations(drop), tokenize=False)
         clips = [t.audio for t in [*fixed, *carried[drop:]]]  # only their lengths are read
         tokenized[drop] = processor._tokenize(rendered, [clips] * len(texts), False)
@@ -157,6 +169,9 @@ def plan_prompt(
                     f"than the model's context of {limit}. Shorten the text or the voice clips, or lower "
                     "max_seconds."
                 )
+    slide = limit // SLIDE_FRACTION if slide is None else slide
+    if 0 < drop < len(carried) and slide > 0:
+        drop = on_grid(drop, len(carried), slide, measure)
     if drop not in tokenized:
         measure(drop)
     inputs = processor._encode(tokenized[drop], [[] for _ in texts], False, 1.0)  # padded ids and mask
@@ -169,3 +184,19 @@ def plan_prompt(
         carried=kept,
         frames=min(frames, limit - length),
     )
+
+
+def on_grid(fewest: int, turns: int, slide: int, measure) -> int:
+    """The turns to drop, at least `fewest`: up to the first turn that starts at or past the next multiple of
+    `slide` positions into the carried history (`measure(d)`: the prompt's positions with d turns dropped,
+    fewer for more dropped; the first turn's start is measure(0) - measure(d))."""
+    whole = measure(0)
+    step = -(-(whole - measure(fewest)) // slide) * slide  # the grid line at or after the fewest drop
+    lo, hi, drop = fewest, turns, turns
+    while lo <= hi:  # the first turn starting at or past that line
+        mid = (lo + hi) // 2
+        if whole - measure(mid) >= step:
+            drop, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    return drop

@@ -264,3 +264,12 @@ def set_store_bytes(model, max_bytes: int) -> PrefixStore | None:
             store._evict()
     model._prefix_off = False
     return store
+
+
+def prefix_stats(model) -> dict:
+    """The model's store counters (`PrefixStore.stats`), with `enabled`; zeros when it has none."""
+    store = store_for(model)
+    if store is None:
+        return {"enabled": False, "hits": 0, "misses": 0, "positions_saved": 0, "positions_prefilled": 0,
+                "bytes": 0, "max_bytes": 0, "entries": 0, "evictions": 0}
+    return {"enabled": True, **store.stats()}

@@ -163,7 +163,8 @@ class Synthesizer:
         ids = prompt.input_ids.to(model.device)
         codes = [c.to(model.device) for c in prompt.audio_codes] if prompt.audio_codes else None
         return RowJob(
-            embed=lambda: model.embed_inputs(ids, audio_codes=codes)[0],
+            embed=lambda: model.embed_prompt(ids, audio_codes=codes),  # with its content: a voice's
+            # clips are prefilled once per run, not once per line (csm.prefix_cache)
             max_frames=prompt.frames,
             backbone=self.config.backbone,
             depth_decoder=self.config.depth_decoder,

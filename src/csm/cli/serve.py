@@ -103,6 +103,14 @@ def add_parser(sub) -> None:
         "--no-batched-decode each request has a decoder of its own, and a seeded request's audio is bit "
         "for bit the same alone or batched",
     )
+    serve.add_argument(
+        "--prefix-cache-mb",
+        type=megabytes,
+        default=None,
+        help="megabytes of keys and values kept for prompts' leading turns (voices, conversation history), "
+        "so a request that begins as an earlier one did prefills only what is new; 0 turns it off "
+        "(default: $CSM_PREFIX_CACHE_MB or 1024)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
 

@@ -71,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
         "max_voices",
         "stall_timeout",
         "batched_decode",
+        "prefix_cache_mb",
     ):
         value = getattr(args, name, None)
         if value is not None:

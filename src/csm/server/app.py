@@ -26,6 +26,7 @@ from .docs import add_docs
 from .errors import PARSE_FAILED, parse_failure_message, validation_message
 from .limits import BodyLimit
 from .routes import dialogue, speech, status, voices
+from ..prefix_cache import set_store_bytes
 from .scheduler import Scheduler
 from .schemas import errors
 from .service import VOICE_NAME, Service, frames_for_text  # noqa: F401 (kept importable from here)
@@ -64,6 +65,8 @@ class ServerSettings:
     voice_cache: int = 8  # saved voices kept in memory (the last used); others are read from disk when used
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
+    prefix_cache_mb: float | None = None  # the prefix store's bound (csm.prefix_cache); None: its default
+    prefill_chunk: int | str | None = "auto"  # a joining prompt's positions per step (csm.batching)
 
 
 def error_response(
@@ -165,8 +168,10 @@ class RequestContext:
             for cleanup in state["cleanup"]:
                 cleanup()
             client = scope.get("client") or ("-", 0)
+            speech = state.get("speech")  # prompt positions found in the prefix store / all of them
+            prefix = f" prefix={speech.reused}/{speech.prompt_len}" if speech is not None else ""
             access.info(
-                '"%s %s" %d%s %.3fs client=%s:%s rid=%s',
+                '"%s %s" %d%s %.3fs client=%s:%s rid=%s%s',
                 scope["method"],
                 scope["path"],
                 status,
@@ -175,12 +180,15 @@ class RequestContext:
                 client[0],
                 client[1],
                 rid,
+                prefix,
             )
 
 
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app around a loaded model and processor; the scheduler runs while the app runs."""
     settings = settings or ServerSettings()
+    if settings.prefix_cache_mb is not None:
+        set_store_bytes(model, int(settings.prefix_cache_mb * (1 << 20)))
     scheduler = Scheduler(
         model,
         settings.max_batch_size,
@@ -188,6 +196,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         settings.max_queue,
         settings.chunk_frames,
         batched_decode=settings.batched_decode,
+        prefill_chunk=settings.prefill_chunk,
     )
 
     @asynccontextmanager

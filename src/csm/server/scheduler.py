@@ -1,7 +1,8 @@
 """The server's scheduler: one thread owns the model and a `BatchCore` and serves many requests at once.
 
-Between frames the thread admits waiting requests into free rows (each prefilled alone), then one
-`BatchCore.step()` advances every live row and its events go back to each request's asyncio queue. A row leaves
+Between frames the thread admits waiting requests into free rows, then one `BatchCore.step()` prefills a slice
+of a joining prompt (about a frame's time, so running streams never stall; a stored prefix is not read again:
+csm.prefix_cache) and advances every generating row; its events go back to each request's asyncio queue. A row leaves
 as soon as its audio ends, it reaches its frame budget, its client goes away, or it fails (alone: see
 `csm.batching`). The thread survives any exception; should it die anyway, `alive` is False and new jobs are
 refused at once.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ..batching import BatchCore, RowJob
 from ..generate import GenerationConfig
+from ..prefix_cache import prefix_stats
 
 log = logging.getLogger("csm.server")
 
@@ -75,8 +77,9 @@ class Scheduler:
         max_queue: int = 64,
         chunk_frames: int = 4,
         batched_decode: bool = True,
+        prefill_chunk: int | str | None = "auto",
     ):
-        self.model, self.batched_decode = model, batched_decode
+        self.model, self.batched_decode, self.prefill_chunk = model, batched_decode, prefill_chunk
         self.max_batch_size, self.chunk_frames = max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         self.waiting: queue.Queue[SpeechJob] = queue.Queue(maxsize=max_queue)
@@ -102,6 +105,7 @@ class Scheduler:
                 self.max_seq_len,
                 self.chunk_frames,
                 batched_decode=self.batched_decode,
+                prefill_chunk=self.prefill_chunk,
             )
             config = GenerationConfig.from_model(self.model)
             self.core.engine.capture_graphs(config.backbone, config.depth_decoder)  # CUDA graphs only
@@ -148,6 +152,8 @@ class Scheduler:
             "completed": self.completed,
             "failed": self.failed,
             "cancelled": self.cancelled,
+            "prefilling": len(core.prefilling) if core is not None else 0,
+            "prefix_cache": prefix_stats(self.model),
         }
 
     # ---- the loop ----------------------------------------------------------------------------------

@@ -218,6 +218,20 @@ class VoiceCreated(BaseModel):
     seconds: float
 
 
+class PrefixCacheStats(BaseModel):
+    """The prefix store (csm.prefix_cache): what prompts found stored, and what it holds."""
+
+    enabled: bool
+    hits: int
+    misses: int
+    positions_saved: int
+    positions_prefilled: int
+    bytes: int
+    max_bytes: int
+    entries: int
+    evictions: int
+
+
 class SchedulerStats(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -233,6 +247,8 @@ class SchedulerStats(BaseModel):
     completed: int
     failed: int
     cancelled: int
+    prefilling: int = 0  # rows whose prompt is going in, a slice per step
+    prefix_cache: PrefixCacheStats | None = None
 
 
 class Health(BaseModel):

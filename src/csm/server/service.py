@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 from fastapi import Depends, Request
 
 from ..audio import SAMPLING_RATE
@@ -118,14 +119,18 @@ class Service:
         except ValueError:  # the planner names Python knobs; the 400 names the request field at fault
             raise context_overflow(self.processor, plan, spoken, text, self.scheduler.max_seq_len) from None
 
-        def embed():  # on the scheduler's thread: clips are encoded there, once per request (voices: once)
+        # Clips are encoded here, on the request's worker thread, once per request (voices: once), so that a
+        # joining request's encoding never holds up the scheduler's frames.
+        with torch.inference_mode():
             for voice, turns in plan.voices:
                 if turns and turns[0].codes is None:
                     for t, codes in zip(turns, voice.codes(model), strict=True):
                         t.codes = codes
             encode_turns(model, prompt.context)
+
+        def embed():  # on the scheduler's thread; with its content, so stored prefixes are not read again
             codes = [c.to(model.device) for c in prompt.audio_codes or []]
-            return model.embed_inputs(prompt.input_ids.to(model.device), audio_codes=codes or None)[0]
+            return model.embed_prompt(prompt.input_ids.to(model.device), audio_codes=codes or None)
 
         return SpeechJob(
             embed=embed,
@@ -149,6 +154,7 @@ class Service:
             settings.max_buffered_chunks,
         )
         request.state.cleanup.append(speech.cancel)
+        request.state.speech = speech  # the access log reads its prompt positions and those reused
         await speech.start()
         return speech
 

@@ -146,6 +146,7 @@ class SpeechStream:
         self.plan, self.job_for, self.scheduler, self.max_frames = plan, job_for, scheduler, max_frames
         self.request_id, self.max_buffered = request_id, max_buffered
         self.prompt_len = self.frames = 0  # usage, over every chunk
+        self.reused = 0  # prompt positions found in the prefix store, over every chunk
         self.first: tuple[SpeechJob, Any] | None = None
         self.job: SpeechJob | None = None
         self.entries: list[dict] = []  # manifest entries of the turns spoken so far
@@ -228,6 +229,7 @@ class SpeechStream:
                         self.samples += len(out)
                         yield out
                 self.prompt_len, self.frames = self.prompt_len + job.prompt_len, self.frames + job.frames
+                self.reused += job.reused
                 frames += job.frames
                 if job.codes:
                     audio, chunk_codes = np.concatenate(chunk_parts), torch.stack(job.codes)
