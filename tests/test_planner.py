@@ -49,7 +49,9 @@ def test_trimming_drops_the_oldest_carried_turns_and_keeps_the_fixed_ones(proces
     carried = history(6, frames=4)
     whole = plan_prompt(processor, fixed, carried, 1, "Next.", frames=1, limit=2048).length
     limit = whole - 12  # a little less than everything: some turns must go
-    prompt = plan_prompt(processor, fixed, carried, 1, "Next.", frames=10, limit=limit, policy="keep", slide=0)
+    prompt = plan_prompt(
+        processor, fixed, carried, 1, "Next.", frames=10, limit=limit, policy="keep", slide=0
+    )
     assert prompt.context[0] is fixed[0]
     assert 0 < len(prompt.carried) < len(carried)
     assert prompt.carried == carried[-len(prompt.carried) :]  # the newest ones, in order

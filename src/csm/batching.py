@@ -112,8 +112,10 @@ class BatchCore:
         row. `compile`: torch.compile the frame step (None: csm.engine.use_compile decides, off by default).
         `prefill_chunk`: positions of a joining prompt prefilled per step while other rows generate (an int,
         or "auto": about one frame's time); None prefills a prompt whole when it is added."""
-        if prefill_chunk is not None and prefill_chunk != "auto" and not (
-            isinstance(prefill_chunk, int) and prefill_chunk >= 1
+        if (
+            prefill_chunk is not None
+            and prefill_chunk != "auto"
+            and not (isinstance(prefill_chunk, int) and prefill_chunk >= 1)
         ):
             raise ValueError(f"prefill_chunk must be an integer >= 1, 'auto' or None, got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk

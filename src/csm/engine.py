@@ -303,7 +303,9 @@ class FrameEngine:
         self.finished[row] = False
         store = prefix_cache.store_for(self.model) if job.content is not None else None
         if store is not None:
-            store.insert(job.content, job.starts, T, job.root, lambda a, b: self.read_kv(row, a, b), job.hidden_at.get)
+            store.insert(
+                job.content, job.starts, T, job.root, lambda a, b: self.read_kv(row, a, b), job.hidden_at.get
+            )
             job.embeds, job.hidden_at = None, {}
             self.prompts[row] = job
 

@@ -175,7 +175,9 @@ class PrefixStore:
             self.positions_prefilled += T - hit.positions
         return hit
 
-    def insert(self, content: torch.Tensor, starts: list[int], end: int, root: bytes, read_kv, hidden_at=None) -> int:
+    def insert(
+        self, content: torch.Tensor, starts: list[int], end: int, root: bytes, read_kv, hidden_at=None
+    ) -> int:
         """Store the segments of content[:end] not held yet: `read_kv(start, stop)` gives a segment's keys and
         values (L, 2, KV, n, D) (a copy is kept), `hidden_at(i)` the state after position i (or None).
         Returns the bytes added."""
@@ -270,6 +272,15 @@ def prefix_stats(model) -> dict:
     """The model's store counters (`PrefixStore.stats`), with `enabled`; zeros when it has none."""
     store = store_for(model)
     if store is None:
-        return {"enabled": False, "hits": 0, "misses": 0, "positions_saved": 0, "positions_prefilled": 0,
-                "bytes": 0, "max_bytes": 0, "entries": 0, "evictions": 0}
+        return {
+            "enabled": False,
+            "hits": 0,
+            "misses": 0,
+            "positions_saved": 0,
+            "positions_prefilled": 0,
+            "bytes": 0,
+            "max_bytes": 0,
+            "entries": 0,
+            "evictions": 0,
+        }
     return {"enabled": True, **store.stats()}

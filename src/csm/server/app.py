@@ -22,11 +22,11 @@ from starlette.formparsers import MultiPartException
 
 from ..audio import MAX_CLIP_SECONDS
 from ..chunking import MAX_CHUNK_CHARS
+from ..prefix_cache import set_store_bytes
 from .docs import add_docs
 from .errors import PARSE_FAILED, parse_failure_message, validation_message
 from .limits import BodyLimit
 from .routes import dialogue, speech, status, voices
-from ..prefix_cache import set_store_bytes
 from .scheduler import Scheduler
 from .schemas import errors
 from .service import VOICE_NAME, Service, frames_for_text  # noqa: F401 (kept importable from here)
