@@ -33,6 +33,7 @@ Per-row random generators are rewound before that retry, so a seeded row's audio
 from __future__ import annotations
 
 import collections
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -120,8 +121,10 @@ class BatchCore:
             raise ValueError(f"prefill_chunk must be an integer >= 1, 'auto' or None, got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk
         self.prefilling: list[int] = []  # rows whose prompt is going in, oldest first
-        self.frame_seconds: float | None = None  # measured: one step's frame, and one prefilled position
-        self.position_seconds: float | None = None
+        # Measured: the last few steps' frame times and slices' times per position (medians: robust to a
+        # step the OS delayed).
+        self.frame_times: collections.deque[float] = collections.deque(maxlen=9)
+        self.position_times: collections.deque[float] = collections.deque(maxlen=9)
         self.model, self.max_batch_size, self.chunk_frames = model, max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         graphed = use_cuda_graph(model.device, cuda_graph)
@@ -214,7 +217,7 @@ class BatchCore:
         codes = self._next_frame(live, events)
         if codes is None:
             return events
-        self.frame_seconds = _mean(self.frame_seconds, time.perf_counter() - started)
+        self.frame_times.append(time.perf_counter() - started)
         live = self.generating_rows()
         self.batch_histogram[len(live)] += 1
         self.steps += 1
@@ -248,9 +251,10 @@ class BatchCore:
         take about 0.8 of a frame (so a generating row waits at most about 1.8 frames between two)."""
         if isinstance(self.prefill_chunk, int):
             return self.prefill_chunk
-        if self.frame_seconds is None or self.position_seconds is None:
+        if not self.frame_times or not self.position_times:
             return 16  # until both are measured
-        return max(1, int(0.8 * self.frame_seconds / self.position_seconds))
+        frame, position = statistics.median(self.frame_times), statistics.median(self.position_times)
+        return max(1, int(0.8 * frame / position))
 
     def _prefill(self, row: int, positions: int) -> int:
         job = self.engine.pending[row]
@@ -259,8 +263,7 @@ class BatchCore:
         left = self.engine.prefill_step(row, positions)
         done = before - left
         if done >= 4:  # a few positions measure the per-call cost more than the per-position one
-            per = (time.perf_counter() - started) / done
-            self.position_seconds = _mean(self.position_seconds, per)
+            self.position_times.append((time.perf_counter() - started) / done)
         return left
 
     def _prefill_slice(self, events: list[RowEvent]) -> None:
@@ -399,8 +402,3 @@ class BatchCore:
         finally:
             self._restore(state, saved)
         return False
-
-
-def _mean(old: float | None, new: float, weight: float = 0.2) -> float:
-    """An exponential moving average (the first value as it is)."""
-    return new if old is None else (1 - weight) * old + weight * new
