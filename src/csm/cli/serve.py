@@ -32,6 +32,7 @@ count = _number(int, 0, False, "a whole number")
 seconds = _number(float, 0, True, "a number of seconds")
 grace = _number(float, 0, False, "a number of seconds")
 megabytes = _number(float, 0, True, "a number of megabytes")
+megabytes_or_off = _number(float, 0, False, "a number of megabytes (0: off)")
 
 
 def port(text: str) -> int:
@@ -105,7 +106,7 @@ def add_parser(sub) -> None:
     )
     serve.add_argument(
         "--prefix-cache-mb",
-        type=megabytes,
+        type=megabytes_or_off,
         default=None,
         help="megabytes of keys and values kept for prompts' leading turns (voices, conversation history), "
         "so a request that begins as an earlier one did prefills only what is new; 0 turns it off "
