@@ -391,3 +391,32 @@ def test_a_client_that_resends_its_history_gets_the_same_audio_and_reuses_it(che
             assert not cache["enabled"] and cache["hits"] == 0
     assert all(len(a) > 0 for a in audio[None])
     assert audio[None] == audio[0]
+
+
+def test_batched_requests_sound_the_same_with_and_without_the_store(checkpoint, tmp_path):
+    """Concurrent requests share a context: rows join while others generate (slices) and take stored turns;
+    each row decodes alone (--no-batched-decode), so its audio depends on nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    history = [{"speaker": i % 2, "text": f"Turn {i}.", "audio": wav_b64(0.3, 50 + i)} for i in range(3)]
+    bodies = [
+        {
+            "model": "csm",
+            "input": f"Reply number {n}.",
+            "seed": 10 + n,
+            "response_format": "pcm",
+            "context": history[: 1 + n % 3],
+        }
+        for n in range(6)
+    ]
+    audio = {}
+    for mb in (None, 0):
+        with serve(checkpoint, tmp_path, max_frames=8, prefix_cache_mb=mb, batched_decode=False) as client:
+            with ThreadPoolExecutor(6) as pool:
+                audio[mb] = list(pool.map(lambda b: client.post("/v1/audio/speech", json=b).content, bodies))
+            stats = client.get("/health").json()["scheduler"]
+        assert stats["completed"] == 6 and stats["max_active_rows"] >= 2  # they were batched
+        if mb is None:
+            assert stats["prefix_cache"]["hits"] >= 3
+    assert all(len(a) > 0 for a in audio[None])
+    assert audio[None] == audio[0]
