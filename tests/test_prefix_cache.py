@@ -99,7 +99,7 @@ def kv_of(content: torch.Tensor):
 
 
 def test_the_longest_stored_prefix_is_found_segment_by_segment():
-    store = PrefixStore(1 << 20)
+    store = PrefixStore(1 << 20, page_positions=2)  # segments span pages, the last one partly filled
     a = fake_content([[1, 2], [3, 4, 5], [6]])
     starts = cuts(a, 7, None)
     assert starts == [0, 3, 7]
@@ -108,7 +108,10 @@ def test_the_longest_stored_prefix_is_found_segment_by_segment():
     b = fake_content([[1, 2], [3, 4, 5], [9, 9]])
     hit = store.lookup(b, cuts(b, 7, None), b"w")
     assert hit.positions == 7 and hit.hidden is None
-    assert torch.cat([blk.kv for blk in hit.blocks], 3)[0, 0, 0, :, 0].tolist() == list(range(7))
+    assert torch.cat([store.kv(blk) for blk in hit.blocks], 3)[0, 0, 0, :, 0].tolist() == list(range(7))
+    assert torch.cat([kv for blk in hit.blocks for kv, _ in store.pieces(blk)], 3)[0, 0, 0, :, 1].tolist() == [
+        7, 1, 2, 7, 3, 4, 5
+    ]
     # A changed first turn: nothing matches, though later segments are equal (keys chain).
     c = fake_content([[1, 3], [3, 4, 5], [6]])
     assert store.lookup(c, cuts(c, 7, None), b"w").positions == 0
@@ -130,14 +133,15 @@ def test_a_prompt_found_whole_without_its_last_state_prefills_its_last_segment()
 
 
 def test_the_store_never_holds_more_than_its_bound_and_keeps_what_is_used():
-    one = kv_of(fake_content([[1]]))(0, 2).nbytes  # a block of two positions
-    store = PrefixStore(10 * one)
+    page = kv_of(fake_content([[1, 2, 3]]))(0, 4).nbytes  # a page of four positions
+    store = PrefixStore(10 * page, page_positions=4)
     voice = [5, 5, 5]
     for i in range(200):
         content = fake_content([voice, [100 + i]])
         store.lookup(content, cuts(content, 7, None), b"w")
         store.insert(content, cuts(content, 7, None), len(content), b"w", kv_of(content))
         assert store.bytes <= store.max_bytes
+        assert store.pool.allocated * store.pool.page_bytes <= store.max_bytes  # the memory it holds, too
     assert store.stats()["evictions"] > 0
     # The voice every prompt begins with was used last by each lookup's end: it is still there.
     content = fake_content([voice, [999]])

@@ -246,12 +246,11 @@ class FrameEngine:
             hit = store.lookup(job.content, job.starts, job.root)
             at = 0
             for block in hit.blocks:
-                n = block.positions
-                for layer, cache in zip(range(self.n_backbone), self.caches):
-                    kv = block.kv[layer].to(cache.k_cache.device)
-                    cache.k_cache[row, :, at : at + n] = kv[0]
-                    cache.v_cache[row, :, at : at + n] = kv[1]
-                at += n
+                for kv, n in store.pieces(block):  # (L, 2, KV, n, D) a page at a time
+                    for layer, cache in zip(range(self.n_backbone), self.caches):
+                        cache.k_cache[row, :, at : at + n] = kv[layer, 0]
+                        cache.v_cache[row, :, at : at + n] = kv[layer, 1]
+                    at += n
             job.done, job.last = hit.positions, hit.hidden
         self.valid[row].zero_()
         self.valid[row, : job.done] = True
@@ -310,13 +309,14 @@ class FrameEngine:
             self.prompts[row] = job
 
     def read_kv(self, row: int, start: int, stop: int) -> torch.Tensor:
-        """A row's backbone keys and values at slots [start, stop): (L, 2, KV heads, n, D)."""
-        return torch.stack(
-            [
-                torch.stack([c.k_cache[row, :, start:stop], c.v_cache[row, :, start:stop]])
-                for c in self.caches[: self.n_backbone]
-            ]
-        )
+        """A copy of a row's backbone keys and values at slots [start, stop): (L, 2, KV heads, n, D), one
+        allocation (a store of many blocks should not be fragmented by temporaries)."""
+        first = self.caches[0].k_cache
+        out = first.new_empty(self.n_backbone, 2, first.shape[1], stop - start, first.shape[3])
+        for layer, c in enumerate(self.caches[: self.n_backbone]):
+            out[layer, 0].copy_(c.k_cache[row, :, start:stop])
+            out[layer, 1].copy_(c.v_cache[row, :, start:stop])
+        return out
 
     @torch.inference_mode()
     def keep_generated(self, row: int, frames: torch.Tensor) -> None:

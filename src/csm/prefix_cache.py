@@ -85,20 +85,70 @@ def content_of(config, input_ids: torch.Tensor, frames: torch.Tensor | None) -> 
 
 @dataclass
 class Block:
-    """One segment's keys and values (L, 2, KV heads, n, D), and the backbone's state after its last position
-    (D,) when known (a block made by a prefill; a generated turn's block has none)."""
+    """One segment's keys and values, in pages of the store's pool, and the backbone's state after its last
+    position (D,) when known (a block made by a prefill; a generated turn's block has none)."""
 
-    kv: torch.Tensor
+    pages: list[int]
+    positions: int
     hidden: torch.Tensor | None
     parent: bytes | None
 
-    @property
-    def positions(self) -> int:
-        return self.kv.shape[3]
+
+class Pages:
+    """Keys and values in fixed-size pages (L, 2, KV heads, P positions, D), allocated in slabs as needed up to
+    `max_pages` and reused through a free list: a store that evicts and refills never fragments memory."""
+
+    SLAB_BYTES = 64 << 20
+
+    def __init__(self, max_pages: int, like: torch.Tensor, positions: int):
+        L, two, KV, _, D = like.shape
+        self.shape = (L, two, KV, positions, D)
+        self.dtype, self.device, self.P = like.dtype, like.device, positions
+        self.page_bytes = L * two * KV * positions * D * like.element_size()
+        self.max_pages = max_pages
+        self.per_slab = max(1, min(max_pages, self.SLAB_BYTES // self.page_bytes))
+        self.slabs: list[torch.Tensor] = []
+        self.free: list[int] = []
+
+    def fits(self, kv: torch.Tensor) -> bool:
+        return kv.dtype == self.dtype and kv.device == self.device and kv.shape[:3] + kv.shape[4:] == (
+            self.shape[:3] + self.shape[4:]
+        )
 
     @property
-    def nbytes(self) -> int:
-        return self.kv.nbytes + (0 if self.hidden is None else self.hidden.nbytes)
+    def allocated(self) -> int:
+        return len(self.slabs) * self.per_slab
+
+    def available(self) -> int:
+        return len(self.free) + max(0, self.max_pages - self.allocated)
+
+    def take(self, n: int) -> list[int]:
+        """n free pages (the caller made sure there are: `available()`)."""
+        while len(self.free) < n:
+            count = min(self.per_slab, self.max_pages - self.allocated)
+            first = self.allocated
+            self.slabs.append(torch.empty((self.per_slab, *self.shape), dtype=self.dtype, device=self.device))
+            self.free.extend(range(first + count - 1, first - 1, -1))
+        return [self.free.pop() for _ in range(n)]
+
+    def give(self, pages: list[int]) -> None:
+        self.free.extend(pages)
+
+    def page(self, index: int) -> torch.Tensor:
+        return self.slabs[index // self.per_slab][index % self.per_slab]
+
+    def write(self, pages: list[int], kv: torch.Tensor) -> None:
+        for i, index in enumerate(pages):
+            part = kv[:, :, :, i * self.P : (i + 1) * self.P]
+            self.page(index)[:, :, :, : part.shape[3]].copy_(part)
+
+    def pieces(self, block: Block):
+        """(page (L, 2, KV, n, D), n) of a block's positions in order."""
+        left = block.positions
+        for index in block.pages:
+            n = min(self.P, left)
+            yield self.page(index)[:, :, :, :n], n
+            left -= n
 
 
 @dataclass
@@ -135,14 +185,18 @@ def weights_key(model) -> bytes:
     return hashlib.blake2b("|".join(parts).encode(), digest_size=16).digest()
 
 
-class PrefixStore:
-    """Blocks of backbone keys and values keyed by content, bounded in bytes, least recently used out first.
-    Thread-safe; its tensors live on the model's device."""
+PAGE_POSITIONS = 16
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
+
+class PrefixStore:
+    """Blocks of backbone keys and values keyed by content, bounded in bytes (pages and states together), least
+    recently used out first. Thread-safe; its tensors live on the model's device."""
+
+    def __init__(self, max_bytes: int, page_positions: int = PAGE_POSITIONS):
+        self.max_bytes, self.page_positions = int(max_bytes), page_positions
         self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()
-        self.bytes = 0
+        self.pool: Pages | None = None  # made at the first block, when the caches' shape is known
+        self.bytes = 0  # pages in use and states held
         self.hits = self.misses = self.positions_saved = self.positions_prefilled = self.evictions = 0
         self.lock = threading.Lock()
 
@@ -178,8 +232,8 @@ class PrefixStore:
     def insert(
         self, content: torch.Tensor, starts: list[int], end: int, root: bytes, read_kv, hidden_at=None
     ) -> int:
-        """Store the segments of content[:end] not held yet: `read_kv(start, stop)` gives a segment's keys and
-        values (L, 2, KV, n, D) (a copy is kept), `hidden_at(i)` the state after position i (or None).
+        """Store the segments of content[:end] not held yet: `read_kv(start, stop)` gives a copy of a segment's
+        keys and values (L, 2, KV, n, D), which is kept, `hidden_at(i)` the state after position i (or None).
         Returns the bytes added."""
         added = 0
         parent = None
@@ -187,32 +241,65 @@ class PrefixStore:
             with self.lock:
                 known = self.blocks.get(key)
                 if known is not None:
-                    if known.hidden is None and hidden_at is not None:
-                        known.hidden = _copy(hidden_at(stop - 1))
+                    state = None if known.hidden is not None or hidden_at is None else hidden_at(stop - 1)
+                    if state is not None and self.bytes + state.nbytes <= self.max_bytes:
+                        known.hidden = _copy(state)
+                        self.bytes += state.nbytes
                     parent = key
                     continue
-            kv = read_kv(start, stop)
-            if kv.nbytes > self.max_bytes:
-                break  # nor can any later block be found without this one
-            block = Block(kv.clone(), None if hidden_at is None else _copy(hidden_at(stop - 1)), parent)
+            kv = read_kv(start, stop)  # (L, 2, KV, n, D), a temporary: it goes into pages
+            hidden = None if hidden_at is None else _copy(hidden_at(stop - 1))
             with self.lock:
-                self.blocks[key] = block
-                self.bytes += block.nbytes
-                added += block.nbytes
-                self._evict()
+                if self.pool is None or not self.pool.fits(kv):
+                    self._clear()
+                    page = kv.shape[0] * kv.shape[1] * kv.shape[2] * self.page_positions * kv.shape[4]
+                    self.pool = Pages(self.max_bytes // (page * kv.element_size()), kv, self.page_positions)
+                pool = self.pool
+                need = -(-(stop - start) // pool.P)
+                size = need * pool.page_bytes + (0 if hidden is None else hidden.nbytes)
+                if size > self.max_bytes:
+                    break  # nor can any later block be found without this one
+                while self.blocks and (pool.available() < need or self.bytes + size > self.max_bytes):
+                    self._evict_one()
+                pages = pool.take(need)
+                pool.write(pages, kv)
+                self.blocks[key] = Block(pages, stop - start, hidden, parent)
+                self.bytes += size
+                added += size
             parent = key
         return added
 
-    def _evict(self) -> None:
-        while self.bytes > self.max_bytes and self.blocks:
-            _, block = self.blocks.popitem(last=False)
-            self.bytes -= block.nbytes
-            self.evictions += 1
+    def kv(self, block: Block) -> torch.Tensor:
+        """A block's keys and values as one tensor (L, 2, KV, n, D) (a copy)."""
+        return torch.cat([page for page, _ in self.pool.pieces(block)], 3)
+
+    def pieces(self, block: Block):
+        """(keys and values (L, 2, KV, n, D), n) of a block, page by page, in order (views of the pool)."""
+        return self.pool.pieces(block)
+
+    def _nbytes(self, block: Block) -> int:
+        return len(block.pages) * self.pool.page_bytes + (0 if block.hidden is None else block.hidden.nbytes)
+
+    def _evict_one(self) -> None:
+        _, block = self.blocks.popitem(last=False)
+        self.bytes -= self._nbytes(block)
+        self.pool.give(block.pages)
+        self.evictions += 1
+
+    def resize(self, max_bytes: int) -> None:
+        """A new bound; what was stored is dropped (the pool is sized by the bound)."""
+        with self.lock:
+            self._clear()
+            self.max_bytes = int(max_bytes)
+
+    def _clear(self) -> None:
+        self.blocks.clear()
+        self.pool = None
+        self.bytes = 0
 
     def clear(self) -> None:
         with self.lock:
-            self.blocks.clear()
-            self.bytes = 0
+            self._clear()
 
     def stats(self) -> dict:
         """Counters for /health, the access log and metrics."""
@@ -261,9 +348,7 @@ def set_store_bytes(model, max_bytes: int) -> PrefixStore | None:
     if store is None:
         store = model._prefix_store = PrefixStore(max_bytes)
     else:
-        with store.lock:
-            store.max_bytes = int(max_bytes)
-            store._evict()
+        store.resize(max_bytes)
     model._prefix_off = False
     return store
 
