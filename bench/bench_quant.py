@@ -425,7 +425,7 @@ def kernel_table(args) -> None:
             cells = []
 
             def cell(product, x, items, nbytes, cells=cells):
-                ms = cycle(product, x, items)
+                ms = cycle(product, x, items, cpu=torch.get_num_threads() == 1)  # one thread: its CPU time
                 cells.append(f"{ms:.3f} / {nbytes / ms / 1e6:.1f}")
 
             packed = [PackedWeight(w, [w]).tensors[0] for w in weights]
@@ -471,11 +471,16 @@ VARIANT_SHAPES = [(8192, 2048), (2048, 8192), (6144, 2048), (8192, 1024), (1024,
 def variant_table(args) -> None:
     """Median ms (GB/s of weights read) of one (batch x K) by (K x N) product per shape, weight format and
     variant of csm's kernels this CPU runs, weights cycled through 256 MB; rounds rotate the variants' order
-    and the medians are over rounds; the last column is AVX2's time over the best variant's (same round)."""
+    and the medians are over rounds; the last column is AVX2's time over the best variant's (same round).
+    With one thread (OMP_NUM_THREADS=1) the times are the thread's CPU time, which others' load on a shared
+    machine does not inflate as it does wall time (memory contention aside)."""
     from csm import cpu_kernels
 
     names = cpu_kernels.runnable_variants()[::-1]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, variants {', '.join(names)}")
+    clock = "CPU time of the one thread" if torch.get_num_threads() == 1 else "wall time"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads ({clock}), variants {', '.join(names)}"
+    )
     print("cells: median ms / GB/s of weights read, over rounds; last: avx2 ms / best ms per round (median)")
     formats = ["bf16 (fp32 x)", "bf16 (bf16 x)", "fp16", "int8", "int4 g32"]
     print("| N x K | batch | format | " + " | ".join(names) + " | avx2 / best |")
@@ -491,7 +496,7 @@ def variant_table(args) -> None:
                 for turn in range(args.rounds):
                     for v in names[turn % len(names) :] + names[: turn % len(names)]:
                         with cpu_kernels.using(v):
-                            per[v].append(cycle(product, xin, items))
+                            per[v].append(cycle(product, xin, items, cpu=torch.get_num_threads() == 1))
                 best = [min(per[v][t] for v in names) for t in range(args.rounds)]
                 ratio = statistics.median(a / m for a, m in zip(per[names[0]], best))
                 cells = [
@@ -535,16 +540,18 @@ def linear_of(w: torch.Tensor) -> torch.nn.Linear:
     return layer
 
 
-def cycle(product, x, items) -> str:
-    """Median ms of `product(x, item)` over the items in turn (each 8 times)."""
+def cycle(product, x, items, cpu: bool = False) -> str:
+    """Median ms of `product(x, item)` over the items in turn (each 8 times); `cpu`: the calling thread's
+    CPU time instead of wall time (one thread only)."""
     turn = iter(range(1 << 30))
     times = []
+    clock = time.thread_time if cpu else time.perf_counter
     with torch.inference_mode():
         for _ in range(8 * len(items)):
             item = items[next(turn) % len(items)]
-            t = time.perf_counter()
+            t = clock()
             product(x, item)
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     return 1000 * statistics.median(times)
 
 

@@ -248,11 +248,10 @@ def _locked_build(name: str, folder: Path, wait: float):
             # a killed build, and torch's builder would wait on it for ever.
             (folder / "lock").unlink(missing_ok=True)
             log.warning(
-                "csm: building csm's CPU kernels (%s), once for this compiler and torch: about %d s on %d cores, "
-                "in %s",
+                "csm: building csm's CPU kernels (%s), once for this compiler and torch: about %d s (one file), "
+                "in %s; `csm build-kernels` does this ahead of time",
                 name,
                 BUILD_SECONDS,
-                os.cpu_count() or 1,
                 folder,
             )
             began = time.monotonic()
