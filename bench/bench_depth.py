@@ -5,7 +5,8 @@ head selection, sampling, Python), to see what fusing the per-pass work could sa
     flock /tmp/csm-bench.lock python bench/bench_depth.py --scheme int8 --frames 6
 
 Random weights (csm's own model, no checkpoint), fp32 model with `--scheme` (int8, int4, bf16) weights,
-csm's kernels forced on (CSM_CPU_KERNELS=1: AMX CPUs too). Each csm kernel call and each depth-decoder pass
+csm's kernels forced on (CSM_CPU_KERNELS=1: AMX CPUs too). With OMP_NUM_THREADS=1 every time is the thread's
+CPU time (robust to others' load on a shared machine; the frame then runs on one core). Each csm kernel call and each depth-decoder pass
 is timed with perf_counter around it; "other" is the rest. Also prints the depth decoder's bytes per pass
 against the CPU's caches (lscpu), and the GB/s its kernels reach against the backbone's: a decoder served
 from cache would stream faster than one read from memory.
@@ -62,15 +63,17 @@ def main() -> None:
         f"variant {cpu_kernels.variant()}, kernels {cpu_kernels.available()}, {torch.get_num_threads()} threads"
     )
 
+    # one thread: its CPU time, which others' load on a shared machine does not inflate (wall time otherwise)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     state = {"where": "other"}
     spent = collections.Counter()
     calls = collections.Counter()
     real_linear = cpu_kernels.linear
 
     def timed_linear(*a, **k):
-        t = time.perf_counter()
+        t = clock()
         y = real_linear(*a, **k)
-        spent[state["where"] + " kernels"] += time.perf_counter() - t
+        spent[state["where"] + " kernels"] += clock() - t
         calls[state["where"] + " kernels"] += 1
         return y
 
@@ -83,11 +86,11 @@ def main() -> None:
     def wrap(run, where):
         def timed(*a, **k):
             saved, state["where"] = state["where"], where
-            t = time.perf_counter()
+            t = clock()
             try:
                 return run(*a, **k)
             finally:
-                spent[where + " pass"] += time.perf_counter() - t
+                spent[where + " pass"] += clock() - t
                 calls[where + " pass"] += 1
                 state["where"] = saved
 
@@ -113,9 +116,9 @@ def main() -> None:
         for n in (args.frames, 1):
             spent.clear()
             calls.clear()
-            t = time.perf_counter()
+            t = clock()
             run(n)
-            parts[n] = (time.perf_counter() - t, dict(spent), dict(calls))
+            parts[n] = (clock() - t, dict(spent), dict(calls))
         f = args.frames - 1
         walls.append(1000 * (parts[args.frames][0] - parts[1][0]) / f)
         for key in parts[args.frames][1]:
