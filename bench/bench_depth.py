@@ -131,16 +131,19 @@ def main() -> None:
         print(f"  {k}: {med[k]:.1f} ms/frame, {per_calls.get(k, 0):.0f} calls/frame")
     depth_other = med.get("depth pass", 0) - med.get("depth kernels", 0)
     bb_other = med.get("backbone pass", 0) - med.get("backbone kernels", 0)
-    outside = wall - med.get("depth pass", 0) - med.get("backbone pass", 0)
+    outside = wall - med.get("depth pass", 0) - med.get("backbone pass", 0) - med.get("other kernels", 0)
     passes = per_calls.get("depth pass", 31) or 31
     print(
         f"depth decoder: {med.get('depth pass', 0):.1f} ms in {passes:.0f} passes, of which kernels "
         f"{med.get('depth kernels', 0):.1f}, other {depth_other:.1f} ({1000 * depth_other / passes:.0f} us a pass)"
     )
     print(
-        f"backbone: other than kernels {bb_other:.1f} ms; outside both (heads' sampling, embeddings, "
-        f"codes, Python) {outside:.1f} ms = {1000 * outside / 32:.0f} us per codebook"
+        f"backbone: other than kernels {bb_other:.1f} ms; outside both: the heads' and projector's kernels "
+        f"{med.get('other kernels', 0):.1f} ms, the rest (sampling, embeddings, codes, Python) {outside:.1f} ms "
+        f"= {1000 * outside / 32:.0f} us per codebook"
     )
+    rest = depth_other + bb_other + outside
+    print(f"not csm's kernels: {rest:.1f} ms of {wall:.1f} ({100 * rest / wall:.0f}%)")
     heads = model.depth_decoder.codebooks_head
     per_pass = size(dd.layers) + size(dd.inputs_embeds_projector) + size(heads) // (config.num_codebooks - 1)
     bb = size(backbone.layers) + size(model.lm_head)
