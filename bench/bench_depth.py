@@ -42,6 +42,13 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a tiny config: checks the script, measures nothing")
+    ap.add_argument(
+        "--heads-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: ms/frame with the heads quantized against fp32 heads, alternating, this many rounds",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.tiny:
@@ -58,6 +65,8 @@ def main() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    if args.heads_ab:
+        return heads_ab(model, config, args)
     model.quantize(args.scheme)
     print(
         f"variant {cpu_kernels.variant()}, kernels {cpu_kernels.available()}, {torch.get_num_threads()} threads"
@@ -164,6 +173,52 @@ def main() -> None:
             if "cache" in line.lower()
         )
     )
+
+
+def heads_ab(model, config, args) -> None:
+    """The same model's frames with `lm_head` and the codebook heads quantized and with them in fp32, swapped
+    in place and alternated (the rest quantized either way)."""
+    from csm.quant import HEADS, QuantConfig, choose_modules, make_heads, make_linear, quantize_modules
+
+    quant = QuantConfig(args.scheme)
+    quant.modules = [m for m in choose_modules(model, quant) if m not in HEADS]
+    quantize_modules(model, quant)
+    float_heads = (model.lm_head, model.depth_decoder.codebooks_head)
+    q_heads = (make_linear(model.lm_head, quant), make_heads(model.depth_decoder.codebooks_head, quant))
+    ids = torch.randint(4, config.text_vocab_size, (1, 32))
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+    def frame_ms():
+        def run(n):
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids, max_new_tokens=n, do_sample=False, depth_decoder_do_sample=False
+                )
+
+        run(2)
+        t = clock()
+        run(args.frames)
+        long = clock() - t
+        t = clock()
+        run(1)
+        return 1000 * (long - (clock() - t)) / (args.frames - 1)
+
+    import warnings
+
+    warnings.simplefilter("ignore")
+    ratios = []
+    for turn in range(args.heads_ab):
+        times = {}
+        for name in ("quantized", "fp32") if turn % 2 == 0 else ("fp32", "quantized"):
+            model.lm_head, model.depth_decoder.codebooks_head = (
+                q_heads if name == "quantized" else float_heads
+            )
+            times[name] = frame_ms()
+        ratios.append(times["fp32"] / times["quantized"])
+        print(
+            f"round {turn + 1}: heads quantized {times['quantized']:.1f} ms/frame, fp32 heads {times['fp32']:.1f}"
+        )
+    print(f"fp32 heads / quantized heads, median of {len(ratios)} rounds: {statistics.median(ratios):.3f}x")
 
 
 if __name__ == "__main__":
