@@ -42,7 +42,9 @@ from csm.quant import QuantConfig, make_linear  # noqa: E402
 VARIANTS = ["bf16", "fp32", "int8", "int4", "int8-fp32", "int4-fp32", "bf16w-fp32", "fp16w-fp32", "reference"]
 # "bf16w-fp32": quantize="bf16" (16-bit weights under an fp32 model). A variant ending in ":torch" runs with
 # CSM_CPU_KERNELS=0 (PyTorch's kernels, what csm ran before csm/cpu_kernels.py), ":ours" with =1 (csm's
-# kernels also where they are not the default, as on AVX-512 CPUs).
+# kernels also where they are not the default, as on AMX CPUs), ":avx2", ":avx512", ":avx512bf16" with =1 and
+# CSM_CPU_KERNELS_ISA naming that variant of csm's kernels (AVX2 code on an AVX-512 CPU, for comparisons).
+ISAS = ("avx2", "avx512", "avx512bf16")
 CODES = 2048  # ids the codec decodes: what greedy picks among
 
 
@@ -95,8 +97,8 @@ def weight_bytes_per_frame(model) -> int:
 
     backbone = size(model.backbone_model.layers) + size(model.lm_head)
     dd = model.depth_decoder.model
-    head = model.depth_decoder.codebooks_head.weight
-    per_codebook = size(dd.layers) + size(dd.inputs_embeds_projector) + head[0].numel() * head.element_size()
+    head = size(model.depth_decoder.codebooks_head) // (model.config.num_codebooks - 1)  # one per pass
+    per_codebook = size(dd.layers) + size(dd.inputs_embeds_projector) + head
     return backbone + (model.config.num_codebooks - 1) * per_codebook
 
 
@@ -241,8 +243,11 @@ def run_child(args, variant: str, folder: str, tmp: str) -> dict | None:
            "--prefill", str(args.prefill), "--accuracy-frames", str(args.accuracy_frames),
            "--batch", *map(str, args.batch)] + ([] if args.accuracy else ["--no-accuracy"])  # fmt: skip
     load = os.getloadavg()[0]
-    kernels = {":torch": "0", ":ours": "1"}.get(variant[variant.find(":") :] if ":" in variant else "")
+    suffix = variant[variant.find(":") + 1 :] if ":" in variant else ""
+    kernels = {"torch": "0", "ours": "1", **dict.fromkeys(ISAS, "1")}.get(suffix)
     env = dict(os.environ, **({"CSM_CPU_KERNELS": kernels} if kernels else {}))
+    if suffix in ISAS:
+        env["CSM_CPU_KERNELS_ISA"] = suffix
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         print(f"{variant} failed:\n{out.stderr[-3000:]}", flush=True)
@@ -331,7 +336,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=VARIANTS,
-        choices=VARIANTS + [v + s for v in VARIANTS[:-1] for s in (":torch", ":ours")],
+        choices=VARIANTS + [v + ":" + s for v in VARIANTS[:-1] for s in ("torch", "ours", *ISAS)],
     )
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--frames", type=int, default=5)
@@ -346,12 +351,19 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None, help="write every figure here")
     ap.add_argument("--kernels", action="store_true", help="time one product per shape and kernel instead")
+    ap.add_argument(
+        "--kernel-variants",
+        action="store_true",
+        help="time one product per shape, format and variant of csm's kernels (AVX2, AVX-512), rotated rounds",
+    )
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.kernels:
         return kernel_table(args)
+    if args.kernel_variants:
+        return variant_table(args)
     if args.variant:  # a child process
         print(json.dumps(run_variant(args)))
         return
@@ -413,7 +425,7 @@ def kernel_table(args) -> None:
             cells = []
 
             def cell(product, x, items, nbytes, cells=cells):
-                ms = cycle(product, x, items)
+                ms = cycle(product, x, items, cpu=torch.get_num_threads() == 1)  # one thread: its CPU time
                 cells.append(f"{ms:.3f} / {nbytes / ms / 1e6:.1f}")
 
             packed = [PackedWeight(w, [w]).tensors[0] for w in weights]
@@ -452,6 +464,72 @@ def kernel_table(args) -> None:
             print(f"| {n} x {k} | {b} | " + " | ".join(cells) + " |", flush=True)
 
 
+VARIANT_SHAPES = [(8192, 2048), (2048, 8192), (6144, 2048), (8192, 1024), (1024, 8192), (2051, 1024),
+                  (1024, 1024)]  # fmt: skip
+
+
+def variant_table(args) -> None:
+    """Median ms (GB/s of weights read) of one (batch x K) by (K x N) product per shape, weight format and
+    variant of csm's kernels this CPU runs, weights cycled through 256 MB; rounds rotate the variants' order
+    and the medians are over rounds; the last column is AVX2's time over the best variant's (same round).
+    With one thread (OMP_NUM_THREADS=1) the times are the thread's CPU time, which others' load on a shared
+    machine does not inflate as it does wall time (memory contention aside)."""
+    from csm import cpu_kernels
+
+    names = cpu_kernels.runnable_variants()[::-1]
+    clock = "CPU time of the one thread" if torch.get_num_threads() == 1 else "wall time"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads ({clock}), variants {', '.join(names)}"
+    )
+    print("cells: median ms / GB/s of weights read, over rounds; last: avx2 ms / best ms per round (median)")
+    formats = ["bf16 (fp32 x)", "bf16 (bf16 x)", "fp16", "int8", "int4 g32"]
+    print("| N x K | batch | format | " + " | ".join(names) + " | avx2 / best |")
+    print("|---|---|---|" + "---|" * (len(names) + 1))
+    for n, k in VARIANT_SHAPES:
+        copies = max(2, (256 << 20) // (n * k * 2))
+        weights = [torch.randn(n, k) * 0.02 for _ in range(copies)]
+        for b in args.batch:
+            x = torch.randn(b, k)
+            for fmt in formats:
+                items, xin, nbytes = weights_in(fmt, weights, x)
+                per = {v: [] for v in names}
+                for turn in range(args.rounds):
+                    for v in names[turn % len(names) :] + names[: turn % len(names)]:
+                        with cpu_kernels.using(v):
+                            per[v].append(cycle(product, xin, items, cpu=torch.get_num_threads() == 1))
+                best = [min(per[v][t] for v in names) for t in range(args.rounds)]
+                ratio = statistics.median(a / m for a, m in zip(per[names[0]], best))
+                cells = [
+                    f"{statistics.median(per[v]):.3f} / {nbytes / statistics.median(per[v]) / 1e6:.1f}"
+                    for v in names
+                ]
+                print(f"| {n} x {k} | {b} | {fmt} | " + " | ".join(cells) + f" | {ratio:.2f}x |", flush=True)
+                del items
+
+
+def weights_in(fmt: str, weights: list, x: torch.Tensor) -> tuple[list, torch.Tensor, int]:
+    """(each weight as `fmt` stores it, x as the product takes it, the bytes one product reads)."""
+    from csm.quant import quantize_int4, quantize_int8
+
+    n, k = weights[0].shape
+    if fmt == "int8":
+        return [quantize_int8(w) for w in weights], x, n * k + 2 * n
+    if fmt == "int4 g32":
+        return [quantize_int4(w, 32) for w in weights], x, n * k // 2 + 4 * n * k // 32
+    dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
+    return [w.to(dtype) for w in weights], x.bfloat16() if "bf16 x" in fmt else x, 2 * n * k
+
+
+def product(x: torch.Tensor, item) -> torch.Tensor:
+    from csm import cpu_kernels
+
+    if isinstance(item, torch.Tensor):
+        return cpu_kernels.linear(x, item, item.dtype)
+    if "zeros" in item:
+        return cpu_kernels.linear(x, item["qweight"], "int4", item["scales"], item["zeros"], 32)
+    return cpu_kernels.linear(x, item["qweight"], "int8", item["scales"])
+
+
 def _nbytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in module.buffers())
 
@@ -462,16 +540,18 @@ def linear_of(w: torch.Tensor) -> torch.nn.Linear:
     return layer
 
 
-def cycle(product, x, items) -> str:
-    """Median ms of `product(x, item)` over the items in turn (each 8 times)."""
+def cycle(product, x, items, cpu: bool = False) -> str:
+    """Median ms of `product(x, item)` over the items in turn (each 8 times); `cpu`: the calling thread's
+    CPU time instead of wall time (one thread only)."""
     turn = iter(range(1 << 30))
     times = []
+    clock = time.thread_time if cpu else time.perf_counter
     with torch.inference_mode():
         for _ in range(8 * len(items)):
             item = items[next(turn) % len(items)]
-            t = time.perf_counter()
+            t = clock()
             product(x, item)
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     return 1000 * statistics.median(times)
 
 

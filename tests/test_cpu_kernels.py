@@ -22,11 +22,21 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+VARIANTS = cpu_kernels.runnable_variants()  # each variant this CPU can run is tested against the same math
+
+
 @pytest.fixture(autouse=True)
 def kernels_on():
     """The kernels wherever they can run, also where csm would not use them by default (AMX)."""
     with cpu_kernels.forced(True):
         yield
+
+
+@pytest.fixture(params=VARIANTS or ["avx2"])
+def variant(request):
+    """Each variant the CPU can run (AVX2 code on an AVX-512 CPU too)."""
+    with cpu_kernels.using(request.param):
+        yield request.param
 
 
 FORMATS = ["fp16", "bf16", "int8", "int4-g32", "int4-g128"]
@@ -77,7 +87,7 @@ def takes_integer_path(fmt: str, k: int) -> bool:
 @pytest.mark.parametrize(
     "n,k", [(256, 512), (37, 384), (19, 400), (37, 4096)]
 )  # 37, 19: no multiple of a block; 4096: fp32 x past L1
-def test_kernel_equals_the_product_with_the_dequantized_weight(fmt, rows, dtype, n, k):
+def test_kernel_equals_the_product_with_the_dequantized_weight(fmt, rows, dtype, n, k, variant):
     if fmt.startswith("int4") and k % int(fmt.rsplit("g", 1)[1]):
         pytest.skip("the groups do not divide k")
     g = torch.Generator().manual_seed(rows * 1000 + n)
@@ -100,7 +110,7 @@ def test_kernel_equals_the_product_with_the_dequantized_weight(fmt, rows, dtype,
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g64", "int4-g256"])
-def test_integer_products_stay_within_a_percent_of_the_weight_only_product(fmt):
+def test_integer_products_stay_within_a_percent_of_the_weight_only_product(fmt, variant):
     """Quantizing x costs ~0.5% of the product (llama.cpp's q8_0 activations); an outlier costs its own
     block's precision, all-zero blocks give zeros."""
     g = torch.Generator().manual_seed(7)
@@ -124,7 +134,7 @@ def test_integer_products_stay_within_a_percent_of_the_weight_only_product(fmt):
 
 
 @needs_kernels
-def test_kernel_reads_strided_activations_and_refuses_bad_shapes():
+def test_kernel_reads_strided_activations_and_refuses_bad_shapes(variant):
     w = torch.randn(64, 128).bfloat16()
     x = torch.randn(128, 5).t()  # (5, 128), not contiguous
     torch.testing.assert_close(
@@ -149,7 +159,7 @@ CONFIGS = [("int8", None), ("int4", 32), ("int4", 64), ("bf16", None), ("fp16", 
 @needs_kernels
 @pytest.mark.parametrize("scheme,group_size", CONFIGS)
 @pytest.mark.parametrize("rows", [1, 8, 300])
-def test_layers_with_the_kernels_give_pytorchs_product(scheme, group_size, rows):
+def test_layers_with_the_kernels_give_pytorchs_product(scheme, group_size, rows, variant):
     config = QuantConfig(scheme, group_size)
     source = layer(bias=True)
     fast = make_linear(source, config)
@@ -184,19 +194,30 @@ def test_int4_state_dict_is_the_portable_layout_with_or_without_the_kernels(grou
     assert set(fast.state_dict()) == {"qweight", "scales", "zeros"}
 
 
-def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(monkeypatch, caplog):
+@needs_kernels
+def test_each_variant_is_the_code_it_names(variant):
+    assert cpu_kernels.kernels().variant == variant
+    folder = cpu_kernels.build_dir(variant)
+    assert (folder / "built").exists() and cpu_kernels.build_key(variant) in folder.name
+
+
+def test_a_failed_build_falls_back_to_pytorchs_kernels_with_one_warning(monkeypatch, caplog, tmp_path):
     from torch.utils import cpp_extension
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension 'csm_cpu_kernels_v1': c++: not found\nmore lines")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_kernels, "runnable", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "runnable_variants", lambda: ["avx2"])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
     cpu_kernels.kernels.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="csm.cpu_kernels"):
             assert not cpu_kernels.available() and not cpu_kernels.available()
-        assert len(caplog.records) == 1
+        assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+            "csm: building csm's CPU kernels",  # said before the build, which then fails once
+            "csm: CPU kernels unavailable, using PyTorch's",
+        ]
         assert "CPU kernels unavailable, using PyTorch's" in caplog.text and "c++: not found" in caplog.text
         assert "more lines" not in caplog.text
         for scheme, group_size in CONFIGS:
@@ -290,18 +311,127 @@ def test_sixteen_bit_models_run_their_linear_layers_on_the_kernels(dtype, monkey
     assert calls[2:] == [dtype] * 4
 
 
-def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, caplog):
-    """torch's builder would wait for ever on a lock file a killed first build left behind."""
-    import os
-    import time
+def test_the_variant_is_the_most_capable_the_cpu_runs_unless_the_environment_names_one(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    avx2 = {"avx2", "fma", "f16c"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
 
-    lock = tmp_path / "lock"
-    lock.touch()
-    cpu_kernels.clear_stale_lock(tmp_path)  # a build under way: its lock stays
-    assert lock.exists()
-    old = time.time() - cpu_kernels.STALE_LOCK_SECONDS - 60
-    os.utime(lock, (old, old))
+    def variant_with(flags, isa=None):
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(flags))
+        if isa is None:
+            monkeypatch.delenv("CSM_CPU_KERNELS_ISA", raising=False)
+        else:
+            monkeypatch.setenv("CSM_CPU_KERNELS_ISA", isa)
+        cpu_kernels._default_variant.cache_clear()
+        return cpu_kernels.variant()
+
+    try:
+        assert variant_with(avx2) == "avx2"
+        assert variant_with(avx2 | {"avx512f", "avx512bw", "avx512vl"}) == "avx2"  # no VNNI: Skylake-X
+        assert variant_with(avx512) == "avx512"  # Ice Lake, Cascade Lake
+        assert variant_with(avx512 | {"avx512_bf16"}) == "avx512bf16"  # Zen 4, Sapphire Rapids
+        assert variant_with({"avx", "fma"}) is None
+        assert variant_with(avx512 | {"avx512_bf16"}, "avx2") == "avx2"  # held to AVX2 for comparisons
+        assert variant_with(avx512 | {"avx512_bf16"}, "auto") == "avx512bf16"
+        with caplog.at_level(logging.WARNING, logger="csm.cpu_kernels"):
+            assert variant_with(avx2, "avx512bf16") == "avx2"
+            assert variant_with(avx2, "sse9") == "avx2"
+        assert "cannot run on this CPU" in caplog.text and "is not a variant" in caplog.text
+        with cpu_kernels.using("avx512"):
+            assert cpu_kernels.variant() == "avx512"
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._default_variant.cache_clear()
+
+
+def test_the_build_folder_is_keyed_by_what_changes_the_binary(monkeypatch):
+    """One build per source, flags, torch and compiler: not per virtual environment (include paths)."""
+    key = cpu_kernels.build_key("avx2")
+    assert key != cpu_kernels.build_key("avx512") and cpu_kernels.module_name("avx2").endswith(key)
+    cpu_kernels.build_key.cache_clear()
+    try:
+        monkeypatch.setattr(cpu_kernels.sys, "prefix", "/somewhere/else/.venv")  # another venv
+        monkeypatch.setenv("VIRTUAL_ENV", "/somewhere/else/.venv")
+        assert cpu_kernels.build_key("avx2") == key
+        cpu_kernels.build_key.cache_clear()
+        monkeypatch.setattr(cpu_kernels.torch, "__version__", "0.0.1")
+        assert cpu_kernels.build_key("avx2") != key
+        cpu_kernels.build_key.cache_clear()
+        monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "c++: clang 99")
+        assert cpu_kernels.build_key("avx2") != key
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.build_key.cache_clear()
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write("pid %d since now\\n" % __import__("os").getpid()); f.flush()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def lock_holder(lock):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_build_killed_with_sigkill_blocks_no_one(tmp_path, monkeypatch, caplog):
+    """The lock is the kernel's (flock): it goes with its holder, and torch's own lock file, left behind by
+    the killed build, is removed before the next build (torch's builder would wait on it for ever)."""
+    import signal
+
+    from torch.utils import cpp_extension
+
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *a, **k: built.append(name) or "module")
+    holder = lock_holder(tmp_path / "csm.lock")
+    (tmp_path / "lock").touch()  # torch's FileBaton, as a killed build leaves it
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
     with caplog.at_level(logging.WARNING, logger="csm.cpu_kernels"):
-        cpu_kernels.clear_stale_lock(tmp_path)
-    assert not lock.exists() and "did not finish" in caplog.text
-    cpu_kernels.clear_stale_lock(tmp_path)  # no lock: nothing to do
+        assert cpu_kernels._locked_build("avx2", tmp_path, wait=30) == "module"
+    assert built == [cpu_kernels.module_name("avx2")] and not (tmp_path / "lock").exists()
+    assert "building csm's CPU kernels (avx2)" in caplog.text and "built in" in caplog.text
+    assert (tmp_path / "built").exists()
+
+
+def test_a_live_build_is_waited_for_then_pytorchs_kernels_are_used(tmp_path, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(
+        cpp_extension, "load", lambda *a, **k: pytest.fail("built while another process held the lock")
+    )
+    holder = lock_holder(tmp_path / "csm.lock")
+    try:
+        with caplog.at_level(logging.WARNING, logger="csm.cpu_kernels"):
+            assert cpu_kernels._locked_build("avx2", tmp_path, wait=0.5) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"waiting for pid {holder.pid}" in caplog.text and "gave up waiting" in caplog.text
+    assert "using PyTorch's (slower) kernels" in caplog.text
+
+
+@needs_kernels
+def test_csm_build_kernels_builds_ahead_of_first_use_and_says_where(capsys):
+    from csm.cli.main import main
+
+    assert main(["build-kernels", "--isa", "avx2"]) == 0
+    err = capsys.readouterr().err
+    assert f"CPU kernels (avx2) ready in {cpu_kernels.build_dir('avx2')}" in err
+    assert (cpu_kernels.build_dir("avx2") / "built").exists()
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal, with the choices
+        main(["build-kernels", "--isa", "sse9"])
+    assert refused.value.code == 2 and "choose from" in capsys.readouterr().err
+    unknown = next((v for v in ("avx512bf16", "avx512") if v not in cpu_kernels.runnable_variants()), None)
+    if unknown:
+        assert main(["build-kernels", "--isa", unknown]) == 2
+        assert "this CPU runs only" in capsys.readouterr().err

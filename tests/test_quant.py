@@ -24,6 +24,7 @@ from csm.quant import (
     Int8Linear,
     Linear16,
     QuantConfig,
+    QuantizedHeads,
     check_supported,
     dequantize,
     make_linear,
@@ -129,17 +130,23 @@ def test_quantized_layers_refuse_training():
 
 
 @pytest.mark.parametrize("scheme", [*SCHEMES, "bf16"])
-def test_quantize_replaces_the_transformer_linears_and_keeps_embeddings_heads_and_codec(checkpoint, scheme):
+def test_quantize_replaces_the_transformer_linears_and_heads_and_keeps_embeddings_and_codec(
+    checkpoint, scheme
+):
     model = CsmForConditionalGeneration.from_pretrained(checkpoint).quantize(scheme)
     kinds = {name: type(m) for name, m in model.named_modules()}
     q = {"int8": Int8Linear, "int4": Int4Linear, "bf16": Linear16}[scheme]
     assert kinds["backbone_model.layers.0.mlp.down_proj"] is q
     assert kinds["depth_decoder.model.layers.1.self_attn.k_proj"] is q
     assert kinds["depth_decoder.model.inputs_embeds_projector"] is q
-    assert len(model.quantization.modules) == 2 * 7 + 2 * 7 + 1
-    assert not isinstance(model.lm_head, q) and model.lm_head.weight.dtype == torch.float32
+    heads = scheme in ("int8", "int4")  # the heads too, as llama.cpp's q8_0/q4_0 (16-bit: as they are)
+    assert len(model.quantization.modules) == 2 * 7 + 2 * 7 + 1 + 2 * heads
+    assert isinstance(model.lm_head, q) == heads
+    assert isinstance(model.depth_decoder.codebooks_head, QuantizedHeads) == heads
     assert not any(isinstance(m, q) for m in model.codec_model.modules())
-    assert model.depth_decoder.codebooks_head.weight.dtype == torch.float32
+    if not heads:
+        assert model.lm_head.weight.dtype == model.depth_decoder.codebooks_head.weight.dtype == torch.float32
+    assert model.embed_text_tokens.weight.dtype == torch.float32 and model.dtype == torch.float32
 
 
 @pytest.fixture(scope="module")
@@ -387,3 +394,38 @@ def test_a_quantizing_load_reads_each_tensor_into_memory_of_its_own_and_refuses_
     (tmp_path / "model.safetensors").write_bytes(data[:-8])
     with pytest.raises(CheckpointError, match=r"model.safetensors is truncated: [abc] is cut short"):
         load_safetensors(tmp_path, transform=lambda name, t: {name: t})
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32), ("int4", 64)])
+def test_quantized_heads_give_the_product_with_their_dequantized_weights_and_stay_close_to_the_float_heads(
+    scheme, group_size
+):
+    """The codebook heads (K-1, D, V) as one quantized layer per codebook: each codebook's logits are the
+    product with that head's dequantized weight (to the kernels' int8 rounding of h), the batched forward
+    (teacher forcing, evaluation) agrees with them, and the logits stay close to the float heads'."""
+    from csm.model import CsmCodebooksHead
+
+    torch.manual_seed(0)
+    head = CsmCodebooksHead(256, 5, 2051).eval()  # a vocabulary that is no multiple of 16, as csm-1b's
+    torch.nn.init.normal_(head.weight, std=0.02)
+    config = QuantConfig(scheme, group_size)
+    from csm.quant import make_heads
+
+    q = make_heads(head, config)
+    assert len(q.heads) == 4 and all(
+        isinstance(h, Int8Linear if scheme == "int8" else Int4Linear) for h in q.heads
+    )
+    deq = q.dequantized()  # (K-1, D, V)
+    assert deq.shape == head.weight.shape
+    h = torch.randn(3, 256)
+    for codebook in (1, 4):
+        got = q.logits(h, codebook)
+        exact = h @ deq[codebook - 1]
+        torch.testing.assert_close(got, exact, rtol=0, atol=1e-2 * exact.abs().max().item())
+        full = h @ head.weight[codebook - 1].detach()
+        err = ((got - full).norm() / full.norm()).item()
+        assert err < (0.01 if scheme == "int8" else 0.1), err  # the heads' accuracy, as the layers'
+        assert (got.argmax(-1) == full.argmax(-1)).float().mean() >= 2 / 3
+    batched = q(h[:, None].expand(3, 2, 256), torch.tensor([2, 3]))
+    torch.testing.assert_close(batched[:, 0], q.logits(h, 2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched[:, 1], q.logits(h, 3), rtol=0, atol=1e-5)

@@ -1,5 +1,11 @@
 // Weight-streaming linear layers for x86 CPUs with AVX2, FMA and F16C (built by csm/cpu_kernels.py).
 //
+// One source, one build per variant (cpu_kernels.py VARIANTS): the compiler's target macros choose the code.
+// - avx2: 256-bit vectors, `maddubs` integer pairs, bf16 widened by shifts.
+// - avx512 (AVX-512 F/BW/VL/DQ + VNNI): 16-bit and fp32-converted weights widened 16 to a 512-bit vector;
+//   int8 weights meet int8 x in `vpdpbusd` (64 products per instruction), int4 nibbles in 256-bit `vpdpbusd`.
+// - avx512bf16 (+ AVX512_BF16): bf16 weights times bf16 x in `vdpbf16ps` (bf16 pairs into fp32 sums).
+//
 // y (M, N) = x (M, K) @ w (N, K)^T for few rows M, with w held as fp16, bf16, int8 (one scale per output
 // channel) or int4 (a scale and zero per group of input channels, the portable layout of csm/quant.py).
 // Each weight is read once for every row of x (up to 4 rows a pass), so decoding is bound by memory:
@@ -19,6 +25,17 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define CSM_AVX512 1
+#else
+#define CSM_AVX512 0
+#endif
+#if CSM_AVX512 && defined(__AVX512BF16__)
+#define CSM_BF16DP 1
+#else
+#define CSM_BF16DP 0
+#endif
 
 namespace {
 
@@ -157,9 +174,11 @@ struct QuantizedX {
   std::vector<float> d;   // (M, K/QB) block scales
   std::vector<float> c;   // (M, K/QB) 8 * d * sum(q): the int4 weights' offset of 8, folded out (int4 only)
   std::vector<float> s;   // (M, K/QB) sum of x over the block, for the int4 zeros (int4 only)
+  std::vector<float> dd;  // (M, K/64, 16) each pair of blocks' scales, 8 lanes each (int8 on AVX-512 only)
+  std::vector<float> corr;  // (M,) 128 * sum over blocks of d * sum(q): the +128 of w's unsigned bytes
 };
 
-QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool for_int4) {
+QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool for_int4, bool for_vnni8 = false) {
   QuantizedX out;
   int64_t blocks = M * K / QB;
   out.q.resize(M * K);
@@ -168,6 +187,7 @@ QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool for_int4) {
     out.c.resize(blocks);
     out.s.resize(blocks);
   }
+  if (for_vnni8) out.corr.assign(M, 0.0f);
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -192,6 +212,13 @@ QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool for_int4) {
     packed = _mm256_permutevar8x32_epi32(packed, order);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + b * QB), packed);
     out.d[b] = d;
+    if (for_vnni8) {
+      __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      out.corr[b / (K / QB)] += 128.0f * d * static_cast<float>(_mm_cvtsi128_si32(s4));
+    }
     if (for_int4) {  // the sums int4's offset and zeros need (int8 uses neither)
       __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
       __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
@@ -200,6 +227,13 @@ QuantizedX quantize_rows(const float* x, int64_t M, int64_t K, bool for_int4) {
       out.c[b] = 8.0f * d * static_cast<float>(_mm_cvtsi128_si32(s4));
       out.s[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
     }
+  }
+  if (for_vnni8) {  // each pair of blocks' scales as one 16-lane vector (lanes 0-7: the first block)
+    const int64_t nb = K / QB, pairs = nb / 2;
+    out.dd.resize(M * pairs * 16);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int i = 0; i < 16; ++i) out.dd[(m * pairs + p) * 16 + i] = out.d[m * nb + 2 * p + i / 8];
   }
   if (for_int4) {  // per 64 k: the even k of blocks A and B (32 bytes), then their odd k, as int4 unpacks
     int8_t tmp[64];
@@ -288,7 +322,8 @@ struct Int4Dot {
   inline void block(int64_t n0, int64_t m) const {
     const int64_t nb = K / QB, groups = K >> group_shift;
     const int8_t* xq = x->q.data() + m * K;
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // hadd's block order -> k order
     __m256 acc[NB][R];
     for (int j = 0; j < NB; ++j)
@@ -315,8 +350,12 @@ struct Int4Dot {
           for (int i = 0; i < 4; ++i) {
             __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64 * i));
             __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 64 * i + 32));
+#if CSM_AVX512  // the same sums, 4 products a lane in one instruction
+            part[i] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[i], xe), hi[i], xo);
+#else
             __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xe), _mm256_maddubs_epi16(hi[i], xo));
             part[i] = _mm256_madd_epi16(pairs, ones);  // lanes 0-3: block 2i, 4-7: block 2i+1
+#endif
           }
           __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(part[0], part[1]), _mm256_hadd_epi32(part[2], part[3]));
           sums = _mm256_permutevar8x32_epi32(sums, order);  // the 8 blocks' sum(q qx), in k order
@@ -332,6 +371,195 @@ struct Int4Dot {
       for (int r = 0; r < R; ++r) y[(m + r) * N + n0 + j] = hsum(acc[j][r]);
   }
 };
+
+#if CSM_AVX512
+// ---- AVX-512: 16 weights a vector ------------------------------------------------------------------
+
+// Each loader turns weights k..k+15 of one output channel into one fp32 vector, in k order.
+struct F16Rows512 {
+  const uint16_t* w;
+  int64_t K;
+  inline __m512 load(int64_t n, int64_t k) const {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + k)));
+  }
+  inline float factor(int64_t) const { return 1.0f; }
+};
+
+struct BF16Rows512 {
+  const uint16_t* w;
+  int64_t K;
+  inline __m512 load(int64_t n, int64_t k) const {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + k)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
+  inline float factor(int64_t) const { return 1.0f; }
+};
+
+struct I8Rows512 {
+  const int8_t* w;
+  const uint16_t* scales;
+  int64_t K;
+  inline __m512 load(int64_t n, int64_t k) const {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * K + k))));
+  }
+  inline float factor(int64_t n) const { return bf16_to_float(scales[n]); }
+};
+
+// As FloatDot, 16 k a step; one row keeps two accumulators (even and odd steps).
+template <class W>
+struct FloatDot512 {
+  static constexpr int x_bytes = 4;
+  W w;
+  const float* x;  // (M, K), k order
+  float* y;
+  int64_t K, N;
+
+  template <int NB, int R>
+  inline void block(int64_t n0, int64_t m) const {
+    constexpr int S = R == 1 ? 2 : 1;
+    const float* xm = x + m * K;
+    __m512 acc[NB][R][S];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < S; ++h) acc[j][r][h] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m512 xa[R], xb[R];
+      for (int r = 0; r < R; ++r) {
+        xa[r] = _mm512_loadu_ps(xm + r * K + k);
+        xb[r] = _mm512_loadu_ps(xm + r * K + k + 16);
+      }
+      for (int j = 0; j < NB; ++j) {
+        __m512 a = w.load(n0 + j, k), b = w.load(n0 + j, k + 16);
+        for (int r = 0; r < R; ++r) {
+          acc[j][r][0] = _mm512_fmadd_ps(a, xa[r], acc[j][r][0]);
+          acc[j][r][S - 1] = _mm512_fmadd_ps(b, xb[r], acc[j][r][S - 1]);
+        }
+      }
+    }
+    if (k < K) {  // K is a multiple of 16
+      for (int j = 0; j < NB; ++j) {
+        __m512 a = w.load(n0 + j, k);
+        for (int r = 0; r < R; ++r) acc[j][r][0] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xm + r * K + k), acc[j][r][0]);
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      float f = w.factor(n0 + j);
+      for (int r = 0; r < R; ++r) {
+        __m512 sum = acc[j][r][0];
+        if (S == 2) sum = _mm512_add_ps(sum, acc[j][r][S - 1]);
+        y[(m + r) * N + n0 + j] = _mm512_reduce_add_ps(sum) * f;
+      }
+    }
+  }
+};
+
+// int8 weights by int8 blocks of x in vpdpbusd, two blocks (64 bytes) a step. vpdpbusd takes an unsigned
+// and a signed operand: w + 128 as unsigned bytes (one xor, shared by all rows) and x; the + 128 adds
+// 128 * sum(q) * d per block to a row's sum whatever the channel, taken off once at the end (corr).
+struct Int8Dot512 {
+  static constexpr int x_bytes = 1;
+  const int8_t* w;
+  const uint16_t* scales;  // bf16 (N,)
+  const QuantizedX* x;
+  float* y;
+  int64_t K, N;
+
+  template <int NB, int R>
+  inline void block(int64_t n0, int64_t m) const {
+    const int64_t nb = K / QB, pairs = nb / 2;
+    const int8_t* xq = x->q.data() + m * K;
+    const float* dd = x->dd.data() + m * pairs * 16;
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512 acc[NB][R];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      __m512i xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_si512(xq + r * K + 64 * p);
+      for (int j = 0; j < NB; ++j) {
+        __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + (n0 + j) * K + 64 * p), flip);
+        for (int r = 0; r < R; ++r) {
+          __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv[r]);
+          acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(dd + r * pairs * 16 + 16 * p), acc[j][r]);
+        }
+      }
+    }
+    float tail[NB][R] = {};
+    if (nb % 2) {  // the last block alone, in 256 bits
+      const int64_t b = nb - 1;
+      const __m256i flip8 = _mm256_set1_epi8(static_cast<char>(0x80));
+      for (int j = 0; j < NB; ++j) {
+        __m256i wu = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + j) * K + QB * b)), flip8);
+        for (int r = 0; r < R; ++r) {
+          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + QB * b));
+          __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, xv);
+          tail[j][r] = hsum(_mm256_cvtepi32_ps(s)) * x->d[(m + r) * nb + b];
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      float f = bf16_to_float(scales[n0 + j]);
+      for (int r = 0; r < R; ++r)
+        y[(m + r) * N + n0 + j] = (_mm512_reduce_add_ps(acc[j][r]) + tail[j][r] - x->corr[m + r]) * f;
+    }
+  }
+};
+#endif
+
+#if CSM_BF16DP
+// bf16 weights by bf16 x in vdpbf16ps: 32 k (a pair of bf16 a lane) per instruction into fp32 sums. Each
+// product of two bf16 values is exact in fp32; x is used as given (no rounding: only for bf16 x).
+struct Bf16Dot512 {
+  static constexpr int x_bytes = 2;
+  const uint16_t* w;
+  const uint16_t* x;  // (M, K) bf16
+  float* y;
+  int64_t K, N;
+
+  template <int NB, int R>
+  inline void block(int64_t n0, int64_t m) const {
+    constexpr int S = R == 1 ? 2 : 1;
+    const uint16_t* xm = x + m * K;
+    __m512 acc[NB][R][S];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < S; ++h) acc[j][r][h] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      __m512bh xa[R], xb[R];
+      for (int r = 0; r < R; ++r) {
+        xa[r] = (__m512bh)_mm512_loadu_si512(xm + r * K + k);
+        xb[r] = (__m512bh)_mm512_loadu_si512(xm + r * K + k + 32);
+      }
+      for (int j = 0; j < NB; ++j) {
+        const uint16_t* p = w + (n0 + j) * K + k;
+        __m512bh a = (__m512bh)_mm512_loadu_si512(p), b = (__m512bh)_mm512_loadu_si512(p + 32);
+        for (int r = 0; r < R; ++r) {
+          acc[j][r][0] = _mm512_dpbf16_ps(acc[j][r][0], a, xa[r]);
+          acc[j][r][S - 1] = _mm512_dpbf16_ps(acc[j][r][S - 1], b, xb[r]);
+        }
+      }
+    }
+    for (; k < K; k += 32) {  // 16 or 32 k left: masked loads (zeros beyond K)
+      const __mmask32 mask = K - k >= 32 ? 0xFFFFFFFFu : 0xFFFFu;
+      for (int j = 0; j < NB; ++j) {
+        __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (n0 + j) * K + k);
+        for (int r = 0; r < R; ++r)
+          acc[j][r][0] =
+              _mm512_dpbf16_ps(acc[j][r][0], a, (__m512bh)_mm512_maskz_loadu_epi16(mask, xm + r * K + k));
+      }
+    }
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) {
+        __m512 sum = acc[j][r][0];
+        if (S == 2) sum = _mm512_add_ps(sum, acc[j][r][S - 1]);
+        y[(m + r) * N + n0 + j] = _mm512_reduce_add_ps(sum);
+      }
+  }
+};
+#endif
 
 // ---- scheduling: output channels split among threads, rows of x in passes of up to 4 -------------------
 
@@ -411,6 +639,15 @@ void float_product(const W& w, const torch::Tensor& x, torch::Tensor& y, int64_t
   run(d, x.size(0), bytes_per_channel, y.size(1));
 }
 
+#if CSM_AVX512
+template <class W>
+void float_product512(const W& w, const torch::Tensor& x, torch::Tensor& y, int64_t bytes_per_channel) {
+  torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  FloatDot512<W> d{w, xf.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1)};
+  run(d, x.size(0), bytes_per_channel, y.size(1));
+}
+#endif
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scales,
                      const c10::optional<torch::Tensor>& zeros, int64_t format, int64_t group_size,
                      bool integer) {
@@ -426,19 +663,45 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   };
   if (format == F16) {
     TORCH_CHECK(w.scalar_type() == torch::kFloat16 && w.size(1) == K, "w must be fp16 (N, K)");
+#if CSM_AVX512
+    float_product512(F16Rows512{reinterpret_cast<const uint16_t*>(w.data_ptr()), K}, x, y, 2 * K);
+#else
     float_product(F16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), K}, x, y, 2 * K);
+#endif
   } else if (format == BF16) {
     TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.size(1) == K, "w must be bf16 (N, K)");
-    float_product(BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), K}, x, y, 2 * K);
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+#if CSM_BF16DP
+    if (x.scalar_type() == torch::kBFloat16) {  // bf16 x: bf16 pairs straight into fp32 sums
+      torch::Tensor xb = x.contiguous();
+      Bf16Dot512 d{wp, reinterpret_cast<const uint16_t*>(xb.data_ptr()), y.data_ptr<float>(), K, N};
+      run(d, M, 2 * K, N);
+      return y.to(x.scalar_type());
+    }
+#endif
+#if CSM_AVX512
+    float_product512(BF16Rows512{wp, K}, x, y, 2 * K);
+#else
+    float_product(BF16Rows{wp, K}, x, y, 2 * K);
+#endif
   } else if (format == I8) {
     TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.size(1) == K, "w must be int8 (N, K)");
     if (integer && K % QB == 0) {
       torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+#if CSM_AVX512
+      QuantizedX qx = quantize_rows(xf.data_ptr<float>(), M, K, false, true);
+      Int8Dot512 d{w.data_ptr<int8_t>(), bf16_ptr(scales), &qx, y.data_ptr<float>(), K, N};
+#else
       QuantizedX qx = quantize_rows(xf.data_ptr<float>(), M, K, false);
       Int8Dot d{w.data_ptr<int8_t>(), bf16_ptr(scales), &qx, y.data_ptr<float>(), K, N};
+#endif
       run(d, M, K, N);
     } else {
+#if CSM_AVX512
+      float_product512(I8Rows512{w.data_ptr<int8_t>(), bf16_ptr(scales), K}, x, y, K);
+#else
       float_product(I8Rows{w.data_ptr<int8_t>(), bf16_ptr(scales), K}, x, y, K);
+#endif
     }
   } else if (format == I4) {
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.size(1) * 2 == K, "w must be uint8 (N, K/2)");
@@ -463,6 +726,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("variant") = CSM_BF16DP ? "avx512bf16" : CSM_AVX512 ? "avx512" : "avx2";
   m.def("linear", &linear,
         "y = x @ dequantized(w)^T for 16-bit, int8 or int4 weights (AVX2, FMA, F16C); integer: int8 and int4 "
         "weights meet x quantized to int8 in blocks of 32");

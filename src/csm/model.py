@@ -292,11 +292,11 @@ class CsmForConditionalGeneration(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.embed_text_tokens.weight.device  # never quantized (lm_head is under int8 and int4)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.embed_text_tokens.weight.dtype
 
     # ---- inputs -------------------------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ integer multiply-adds, ~0.5% of each product's size in error; elsewhere, and whe
 only, so activations enter them in bf16).
 
 What is quantized (every scheme): the linear layers of the backbone's and the depth decoder's transformer blocks and the
-depth decoder's input projector (BENCHMARKS.md, "Quantized weights"). Embeddings (gathered, not streamed),
-the codebook-0 head, the codebook heads and the codec stay as they are.
+depth decoder's input projector (BENCHMARKS.md, "Quantized weights"); under int8 and int4 also the
+codebook-0 head (`lm_head`) and the depth decoder's codebook heads (one layer `heads.{i}` per codebook, read
+once per depth pass: 8x fewer bytes than fp32 under int4), as llama.cpp's q8_0/q4_0 do. Embeddings
+(gathered, not streamed) and the codec stay as they are; 16-bit schemes keep the heads in the model's dtype.
 
 Serialized layout (safetensors, next to `config.json`'s `quantization` entry), for a linear `name` with a
 weight (N, K):
@@ -309,7 +311,9 @@ class Int4Linear(nn.Module):
 
     def set_portable(self, t: dict[str, torch.Tensor]) -> None:
         """Adopt portable tensors (see `quantize_int4`), in the layout of the kernel this machine runs."""
-        self.portable_layout = cpu_kernels.available()
+        # PyTorch's int4 packing takes N a multiple of 16 only (a 2051-row head is not): others keep the
+        # portable layout and, without csm's kernels, the product with the dequantized weight
+        self.portable_layout = cpu_kernels.available() or self.out_features % 16 != 0
         if self.portable_layout:
             self.packed = t["qweight"].contiguous()
             self.scales_and_zeros = torch.stack([t["scales"], t["zeros"]]).to(torch.bfloat16)
@@ -425,6 +429,48 @@ class Linear16(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}"
 
 
+class QuantizedHeads(nn.Module):
+    """The depth decoder's codebook heads (CsmCodebooksHead, a (K-1, D, V) weight) quantized: one int8 or
+    int4 linear layer (V, D) per codebook, `heads.{i}`, each read through csm's kernels in a frame's pass
+    (inference only). Its state dict holds each head's quantized tensors (module docstring)."""
+
+    def __init__(
+        self, hidden_size: int, num_codebooks: int, vocab_size: int, config: QuantConfig, device=None
+    ):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            make_linear(nn.Linear(hidden_size, vocab_size, bias=False, device="meta"), config)
+            for _ in range(num_codebooks - 1)
+        )
+        if device is not None and torch.device(device).type != "meta":
+            self.heads.to_empty(device=device)
+
+    def logits(self, h: torch.Tensor, codebook: int) -> torch.Tensor:
+        """Logits (N, V) of one codebook (1..K-1) from h (N, D)."""
+        return self.heads[codebook - 1](h)
+
+    def forward(self, h: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+        """h (N, T, D), codebooks (T,) in 1..K-1 -> logits (N, T, V)."""
+        return torch.stack([self.heads[int(c) - 1](h[:, t]) for t, c in enumerate(codebooks.tolist())], 1)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight (K-1, D, V) these heads stand for, in CsmCodebooksHead's layout."""
+        return torch.stack([head.dequantized().t() for head in self.heads])
+
+
+def make_heads(module: nn.Module, config: QuantConfig) -> QuantizedHeads:
+    """Quantized heads standing in for a CsmCodebooksHead: empty on the meta device, else from its weight."""
+    w = module.weight  # (K-1, D, V)
+    q = QuantizedHeads(w.shape[1], w.shape[0] + 1, w.shape[2], config)
+    q.train(module.training)
+    if not w.is_meta:
+        q.heads.to_empty(device=w.device)
+        with torch.no_grad():
+            for head, weight in zip(q.heads, w):
+                head.set_weight(weight.t().contiguous())
+    return q
+
+
 def make_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     """A quantized module standing in for `linear`: empty on the meta device, else from its weight."""
     w = linear.weight
@@ -455,23 +501,35 @@ def fits_kernel(out_features: int, in_features: int, config: QuantConfig) -> boo
     return out_features % 16 == 0 and in_features % config.group_size == 0
 
 
+HEADS = ("lm_head", "depth_decoder.codebooks_head")  # quantized under int8 and int4 (read every frame)
+
+
 def choose_modules(model: nn.Module, config: QuantConfig) -> list[str]:
     """The linear layers `config.scheme` quantizes in a CsmForConditionalGeneration (module docstring)."""
     scopes = ("backbone_model.layers.", "depth_decoder.model.")
-    return [
+    chosen = [
         name
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and name.startswith(scopes)
         and fits_kernel(m.out_features, m.in_features, config)
     ]
+    if config.scheme in ("int8", "int4"):  # the heads too: their rows need not be a multiple of 16
+        for name in HEADS:
+            m = model.get_submodule(name) if hasattr(model, name.split(".")[0]) else None
+            w = getattr(m, "weight", None)  # lm_head (V, D), the codebook heads (K-1, D, V)
+            k = None if w is None else w.shape[1]
+            if k is not None and k % 16 == 0 and (config.scheme == "int8" or k % config.group_size == 0):
+                chosen.append(name)
+    return chosen
 
 
 def quantize_modules(model: nn.Module, config: QuantConfig) -> None:
     """Replace each module named in `config.modules` by its quantized form, one at a time (so only one
     full-precision matrix is ever copied), dropping its full-precision weight and any prepacked copy."""
     for name in config.modules:
-        model.set_submodule(name, make_linear(model.get_submodule(name), config))
+        m = model.get_submodule(name)
+        model.set_submodule(name, make_heads(m, config) if m.weight.dim() == 3 else make_linear(m, config))
 
 
 # ---- loading --------------------------------------------------------------------------------------------
@@ -529,7 +587,16 @@ def quantizing_transform(quant: QuantConfig, dtype: torch.dtype | None = None):
             return {name: tensor.clone()}
         if quant.scheme in SIXTEEN_BIT:
             return {name: tensor.to(SIXTEEN_BIT[quant.scheme], copy=True)}
-        parts = quantize_int8(tensor) if quant.scheme == "int8" else quantize_int4(tensor, quant.group_size)
-        return {f"{module}.{k}": v for k, v in parts.items()}
+
+        def quantized(w):
+            return quantize_int8(w) if quant.scheme == "int8" else quantize_int4(w, quant.group_size)
+
+        if tensor.dim() == 3:  # codebook heads (K-1, D, V): one (V, D) layer each
+            return {
+                f"{module}.heads.{i}.{k}": v
+                for i, head in enumerate(tensor)
+                for k, v in quantized(head.t().contiguous()).items()
+            }
+        return {f"{module}.{k}": v for k, v in quantized(tensor).items()}
 
     return transform

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from . import batch, convert, demo, dialogue, finetune, say, serve, voice
+from . import batch, build_kernels, convert, demo, dialogue, finetune, say, serve, voice
 from .common import EXIT_ERROR, CliError
 
 COMMANDS = (
@@ -18,6 +18,7 @@ COMMANDS = (
     serve,
     dialogue,
     finetune,
+    build_kernels,
 )  # in the order `csm --help` lists them
 
 
