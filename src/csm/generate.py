@@ -51,12 +51,14 @@ class GenerationSettings(dict):
 
 @dataclass
 class CsmGenerateOutput(ModelOutput):
-    """generate(..., return_dict_in_generate=True): the reference's CsmGenerateOutput, less the caches,
-    attentions and hidden states it does not keep."""
+    """generate(..., return_dict_in_generate=True): the reference's CsmGenerateOutput, less the caches it
+    does not keep."""
 
     sequences: torch.Tensor | None = None  # (B, frames, K); a code prompt's frames come first
     scores: tuple[torch.Tensor, ...] | None = None  # per frame, codebook 0's processed scores (B, V)
     logits: tuple[torch.Tensor, ...] | None = None  # per frame, codebook 0's raw logits (B, V)
+    attentions: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per frame, per layer (model.generate)
+    hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per frame, per layer (model.generate)
     audio: list[torch.Tensor] | None = None  # with output_audio=True
 
 
