@@ -124,7 +124,10 @@ def test_missing_model_is_one_line_error_in_a_subprocess(tmp_path):
     ("args", "match"),
     [
         (["say", "Hi.", "-o", "x.wav", "--device", "tpu9"], "unknown device"),
-        (["say", "Hi.", "-o", "x.wav", "--context", "missing.wav", "words"], "cannot read clip"),
+        (
+            ["say", "Hi.", "-o", "x.wav", "--context", "missing.wav", "words"],
+            "--context missing.wav: no such",
+        ),
         (["say", "Hi.", "-o", "x.wav", "--max-seconds", "5000"], "more than the model's context"),
         (["say", "   ", "-o", "x.wav"], "empty"),
         (["say", "Hi."], "-o out.wav"),
@@ -399,3 +402,83 @@ def test_ctrl_c_writes_the_finished_sentences_as_a_valid_file_and_exits_130(ckpt
     audio = read(tmp_path / "long.wav")  # a valid file, not a torn one
     assert int(match[1]) >= 3 and len(audio) / 24000 == pytest.approx(float(match[2]), abs=0.05)
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+# ---- every input checked before the model loads -----------------------------------------------------
+
+
+def blocking_checkpoint(ckpt, folder):
+    """The demo checkpoint with its weights behind a named pipe: a command that reaches the model load
+    blocks there (and the test times out), so an error back in time proves the check came first."""
+    folder.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    os.mkfifo(folder / "model.safetensors")
+    return folder
+
+
+BAD_INPUTS = [
+    (["say", "Hi.", "--voice", "nobody"], "--voice nobody: no voice named 'nobody'"),
+    (["say", "Hi.", "--context", "missing.wav", "Words."], "--context missing.wav: no such file"),
+    (["say", "Hi.", "--context", "ref.wav", "  "], "the transcript is empty"),
+    (["say", "Hi.", "--context", "bad.wav", "Words."], "bad.wav"),
+    (["say", "Hi.", "--speaker", "-1"], "--speaker must be"),
+    (["say", "-f", "big.txt"], "more than the 100,000 csm say takes at once"),
+    (["say", "-f", "latin1.txt"], "latin1.txt is not UTF-8 text (byte 0xe9"),
+    (["serve", "--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+]
+
+
+def bad_input_files(folder):
+    sf.write(folder / "ref.wav", np.zeros(9600, np.float32) + 0.01, 24000)
+    (folder / "bad.wav").write_bytes(b"not audio")
+    (folder / "big.txt").write_text("Word. " * 20_000)
+    (folder / "latin1.txt").write_bytes("Café au lait.".encode("latin-1"))
+
+
+@pytest.mark.parametrize(("args", "match"), BAD_INPUTS)
+def test_say_and_serve_check_every_input_before_the_model(tmp_path, monkeypatch, capsys, args, match):
+    """The model named does not exist: an error about it would mean the input was checked too late."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CSM_VOICES_DIR", str(tmp_path / "voices"))
+    bad_input_files(tmp_path)
+    out = ["-o", "x.wav"] if args[0] == "say" else []
+    code = main([*args, *out, "--model", str(tmp_path / "no-such-model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and match in err[-1] and "no-such-model" not in err[-1], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "match"), BAD_INPUTS)
+def test_say_and_serve_refuse_bad_input_before_the_model_loads(ckpt, tmp_path, args, match):
+    import time
+
+    blocked = blocking_checkpoint(ckpt, tmp_path / "blocked")
+    bad_input_files(tmp_path)
+    out = ["-o", "x.wav"] if args[0] == "say" else []
+    started = time.perf_counter()
+    result = run([*args, *out, "--model", str(blocked)], tmp_path)  # a load would block past the timeout
+    took = time.perf_counter() - started
+    err = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2, err
+    assert match in err[-1] and "Traceback" not in result.stderr.decode(), err
+    assert not any("loading" in line for line in err), err
+    print(f"refused in {took:.1f} s (interpreter start included)")
+
+
+def test_serve_on_a_busy_port_is_refused_before_the_model_loads(ckpt, tmp_path):
+    import socket
+
+    blocked = blocking_checkpoint(ckpt, tmp_path / "blocked")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(["serve", "--model", str(blocked), "--port", str(port)], tmp_path)
+    err = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2, err
+    assert err[-1] == (
+        f"csm: error: port {port} on 127.0.0.1 is in use (another csm serve?): stop that server, or pick "
+        "another with --port (--port 0: any free port)"
+    )

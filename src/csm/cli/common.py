@@ -118,6 +118,45 @@ def context(args):
     return Voice.from_files("context", args.speaker or 0, [(Path(c), t) for c, t in args.context])
 
 
+def check_voice_and_context(args):
+    """--speaker, --voice and --context, checked and read before the model loads: returns (the Voice or
+    None, the context Voice or None). A missing voice, an unreadable clip or an empty transcript is one
+    line naming the flag."""
+    if args.speaker is not None and args.speaker < 0:
+        raise CliError(f"--speaker must be a speaker id >= 0, got {args.speaker}")
+    from ..voice import Voice
+
+    voice = None
+    if args.voice is not None:
+        try:
+            voice = Voice.named(args.voice)
+        except (OSError, ValueError) as e:
+            raise CliError(f"--voice {args.voice}: {e}") from None
+    for clip, transcript in args.context:
+        if not Path(clip).expanduser().is_file():
+            raise CliError(f"--context {clip}: no such file (give an audio clip, then its transcript)")
+        if not transcript.strip():
+            raise CliError(f"--context {clip}: the transcript is empty; give the words spoken in the clip")
+    try:
+        return voice, context(args)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--context: {e}") from None
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file's content; an unreadable file or another encoding is one line naming the file,
+    the place of the first bad byte and how to convert it."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(
+            f"{flag} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it "
+            f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8.txt"
+        ) from None
+    except OSError as e:
+        raise CliError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+
+
 def seed(args) -> int:
     """--seed, or a new one, printed so that the run can be made again."""
     if args.seed is not None:

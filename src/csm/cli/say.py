@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from ..chunking import CROSSFADE_MS, MAX_CHUNK_CHARS, split_sentences
+from ..chunking import CROSSFADE_MS, MAX_CHUNK_CHARS, MAX_TEXT_CHARS, split_sentences
 from . import common
 from .common import CliError
 
@@ -50,11 +49,14 @@ def read_text(args) -> str:
         raise CliError("give the text as an argument or with --text-file, not both")
     if args.text_file is not None:
         if args.text_file == "-":
-            return sys.stdin.read()
-        try:
-            return Path(args.text_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise CliError(f"cannot read {args.text_file}: {e.strerror}") from None
+            try:
+                return sys.stdin.read()
+            except UnicodeDecodeError as e:
+                raise CliError(
+                    f"the text on stdin is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                    "convert it first, e.g. ... | iconv -f latin1 -t utf-8 | csm say -f - ..."
+                ) from None
+        return common.read_text_file(args.text_file, "--text-file")
     if args.text is None:
         raise CliError("nothing to say: pass the text, or --text-file FILE (- for stdin)")
     return args.text
@@ -64,12 +66,23 @@ CHUNK_FRAMES = 4  # frames between progress updates (and Ctrl-C points)
 SPEECH_CHARS_PER_SECOND = 15  # what text takes to say, about: for the estimates
 
 
-def cmd_say(args) -> int:
-    text = read_text(args)
+def check_text(text: str) -> None:
+    """Something to say, within csm say's limit (the server's and the pipeline's too)."""
     if not text.strip():
         raise CliError("the text is empty: there is nothing to say")
+    if len(text) > MAX_TEXT_CHARS:
+        raise CliError(
+            f"the text has {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} csm say takes at once: "
+            "split it into several files, or put one paragraph per line and use `csm batch`"
+        )
+
+
+def cmd_say(args) -> int:
+    text = read_text(args)
+    check_text(text)
     common.check_output(args, "the audio", "out.wav")
     common.check_sampling(args)
+    voice, context = common.check_voice_and_context(args)  # clips read now, not after the model load
     sentences = split_sentences(text, MAX_CHUNK_CHARS)
     if not args.quiet and len(sentences) > 1:
         speech = len(text) / SPEECH_CHARS_PER_SECOND
@@ -82,8 +95,8 @@ def cmd_say(args) -> int:
     pipe = common.load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
     options = dict(
         speaker=args.speaker,
-        voice=args.voice,
-        context=common.context(args),
+        voice=voice,
+        context=context,
         seed=seed,
         **common.sampling_options(args),
     )
