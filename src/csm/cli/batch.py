@@ -243,6 +243,18 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
                 synth = Synthesizer(load_pipeline(**loader, quiet=quiet), settings, args.batch_size)
                 progress()
                 synth.run(todo, out, on_row)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        ok = len(out.done() & {r.id for r in todo})  # from the manifest: a row is there once its file is
+        print(
+            f"csm batch: interrupted: {ok} of {len(todo)} line(s) made in this run, {len(good) - len(todo)} "
+            f"before; {len(todo) - ok} left. "
+            f"Their files and {out.path / MANIFEST} are kept: rerun the same command to make the rest",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if bar is not None:
             bar.close()
