@@ -354,6 +354,9 @@ def test_long_text_says_its_size_up_front_and_shows_frames_within_a_sentence(ckp
     assert err.index("12 sentences") < err.index("loading")
     assert "frame 4/4" in err  # progress within a sentence: frames made / its budget
     assert "to go" in err  # a time estimate once frames were measured
+    # stderr is a pipe here, as in a log: whole lines, no carriage-return redraws, none broken by another
+    assert "\r" not in err and all(line.startswith("csm") for line in err.splitlines()), err
+    assert len(err.splitlines()) < 40, err
     read(tmp_path / "long.wav")
 
 
@@ -380,7 +383,7 @@ def test_ctrl_c_writes_the_finished_sentences_as_a_valid_file_and_exits_130(ckpt
     def read_stderr():
         for chunk in iter(lambda: proc.stderr.read1(4096), b""):
             err.append(chunk.decode(errors="replace"))
-            done = re.findall(r"\| *(\d+)/400 ", "".join(err))
+            done = re.findall(r"csm say: (\d+)/400 sentences", "".join(err))
             if done and int(done[-1]) >= 3:
                 started.set()
 
@@ -482,3 +485,78 @@ def test_serve_on_a_busy_port_is_refused_before_the_model_loads(ckpt, tmp_path):
         f"csm: error: port {port} on 127.0.0.1 is in use (another csm serve?): stop that server, or pick "
         "another with --port (--port 0: any free port)"
     )
+
+
+def test_messages_speak_in_flags_and_dtype_takes_short_names(ckpt, tmp_path, monkeypatch, capsys):
+    from csm.cli.common import cli_words
+
+    assert cli_words(
+        "quantized weights on CPU need a float32 or bfloat16 model; pass dtype=torch.bfloat16"
+    ) == ("quantized weights on CPU need a float32 or bfloat16 model; --dtype bfloat16")
+    assert cli_words(
+        "generation reached max_new_tokens=125 frames without end-of-audio in some rows; their audio may be "
+        "cut short (raise max_new_tokens or max_seconds)"
+    ).endswith(
+        "reached its frame budget (125 frames) without end-of-audio in some rows; their audio may be cut short (raise --max-seconds)"
+    )
+    monkeypatch.chdir(tmp_path)
+    for short in ("bf16", "fp32", "FP16", "half"):
+        assert main(["say", "Hi.", "-o", "x.wav", "--model", "no-such-model", "--dtype", short]) == 2
+        assert "no checkpoint folder" in capsys.readouterr().err  # the flag was taken: the model is next
+    with pytest.raises(SystemExit):
+        main(["say", "Hi.", "-o", "x.wav", "--dtype", "bf17"])
+    assert "use bfloat16 (bf16), float16 (fp16), float32 (fp32) or auto" in capsys.readouterr().err
+    assert main(["say", "Hi.", "-o", "a.flac", "--format", "pcm", "--model", "no-such-model"]) == 2
+    assert (
+        "--format pcm is for stdout (--stream or -o -); a file's format is its extension: -o a.flac is FLAC"
+        in (capsys.readouterr().err)
+    )
+    # A quantized-model advice from the loader reaches the CLI user in flags.
+    code = main(["say", "Hi.", "-o", "x.wav", "--model", str(ckpt), "--quantize", "int8", "--dtype", "fp16",
+                 "--device", "cpu", "--seed", "0"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "dtype=torch" not in err[-1] and "--dtype bfloat16" in err[-1], err
+
+
+def test_a_failed_write_keeps_the_audio_and_says_where(ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import csm.audio
+
+    save = csm.audio.save_audio
+
+    def disk_full_in_out(audio, path, **kwargs):
+        if "out" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(audio, path, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(csm.audio, "save_audio", disk_full_in_out)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "out").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    code = main(["say", "Hello there.", "-o", "out/x.wav", "--model", str(ckpt), "--seed", "1", "--max-seconds",
+                 "0.3", "--device", "cpu", "-q"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("csm: error: cannot write out/x.wav: No space left on device"), (
+        err
+    )
+    kept = list((tmp_path / "tmp").glob("csm-unsaved-*.wav"))
+    assert len(kept) == 1 and f"the audio is kept in {kept[0]}" in err[-1], err
+    assert len(read(kept[0])) == 4 * 1920
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_no_room_for_the_audio_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100_000, 100_000))
+    monkeypatch.chdir(tmp_path)
+    code = main(["say", "Hello there, " * 500, "-o", "x.wav", "--model", "no-such-model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "0.1 MB free in" in err[-1] and "write elsewhere" in err[-1], err

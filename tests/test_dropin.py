@@ -343,3 +343,15 @@ def test_generate_returns_the_references_attentions_and_hidden_states_per_frame(
     torch.testing.assert_close(plain, a.sequences, rtol=0, atol=0)
     with pytest.raises(ValueError, match="beam search"):
         ours.generate(input_ids=ids, max_new_tokens=2, num_beams=4)
+
+
+def test_generate_warnings_point_at_the_callers_line_not_torchs(gen_pair):
+    import warnings
+
+    ours, _, _ = gen_pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours.generate(input_ids=torch.tensor([[BOS, 5, 6]]), max_new_tokens=1, **GREEDY)
+        for _ in ours.generate_stream(input_ids=torch.tensor([[BOS, 5, 6]]), max_new_tokens=1, **GREEDY):
+            pass
+    assert [w.filename for w in caught] == [__file__, __file__], [(w.filename, w.lineno) for w in caught]

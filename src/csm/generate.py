@@ -6,12 +6,12 @@ The engine (csm.engine) runs the frames; end-of-audio is checked on the host onl
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from ._warnings import warn_at_caller
 from .engine import FrameEngine, Sampling, use_compile, use_cuda_graph
 from .frames import FrameRule
 from .output import ModelOutput
@@ -350,10 +350,9 @@ def generate(
     rule = engine.rule
     codes = trim_to_reference(torch.cat(blocks, 1), rule)
     if not bool(rule.is_end_of_audio(codes).any(-1).all()):
-        warnings.warn(
+        warn_at_caller(
             f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows; "
-            "their audio may be cut short (raise max_new_tokens or max_seconds)",
-            stacklevel=2,
+            "their audio may be cut short (raise max_new_tokens or max_seconds)"
         )
     if logits is not None:
         logits = tuple(logits[: codes.shape[1]])  # one per frame kept
@@ -450,7 +449,6 @@ def generate_stream(
     finally:
         finish(engine)
     if not reached_eos:
-        warnings.warn(
-            f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows",
-            stacklevel=2,
+        warn_at_caller(
+            f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows"
         )

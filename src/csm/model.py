@@ -700,12 +700,14 @@ def converting_transform(dtype: torch.dtype | None):
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """Accept torch dtypes, their names ("bfloat16", "float16", "float32") and "auto"/None (keep stored)."""
+    """Accept torch dtypes, their names ("bfloat16", "float16", "float32", or "bf16", "fp16", "fp32") and
+    "auto"/None (keep stored)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return None
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    name = str(dtype).removeprefix("torch.")
+    value = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16, float32 or auto")
     return value

@@ -217,9 +217,7 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
         nonlocal bar, start
         start = time.perf_counter()  # the rates count generation, not loading the model
         if not quiet:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), unit="line", desc="csm batch", file=sys.stderr)
+            bar = common.progress_bar(len(todo), "csm batch", "line")
 
     try:
         if todo:

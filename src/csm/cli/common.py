@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -21,6 +22,62 @@ class CliError(Exception):
     """An error reported as one line, without a traceback."""
 
 
+# The library speaks in Python arguments; the CLI's messages speak in flags.
+_CLI_WORDS = [
+    (re.compile(r"(?:pass |with )?dtype=torch\.(\w+)"), r"--dtype \1"),
+    (re.compile(r"\bwithout quantize\b"), "without --quantize"),
+    (re.compile(r"\bquantize=(\w+)"), r"--quantize \1"),
+    (re.compile(r"max_new_tokens=(\d+) frames"), r"its frame budget (\1 frames)"),
+    (re.compile(r"\(raise max_new_tokens or max_seconds\)"), "(raise --max-seconds)"),
+    (re.compile(r"\bmax_seconds\b"), "--max-seconds"),
+    (re.compile(r"\bdevice_map\b"), "--device"),
+]
+
+
+def cli_words(message: str) -> str:
+    """A library message in the CLI's words: `--dtype bfloat16` where Python says `dtype=torch.bfloat16`."""
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
+def say_line(line: str) -> None:
+    """Print one line to stderr above any progress bar (tqdm's bars redraw below it), never through one."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        tqdm.tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+
+
+def one_line_warning(message, category=None, filename=None, lineno=None, file=None, line=None) -> None:
+    """warnings.showwarning for the CLI: `csm: warning: ...`, one line, in flags, above the bar."""
+    say_line(f"csm: warning: {cli_words(str(message)).splitlines()[0]}")
+
+
+DTYPE_NAMES = {
+    "auto": "auto",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+
+def dtype_name(text: str) -> str:
+    """An argparse type: a dtype by its name or its short name (bf16, fp16, fp32, as --quantize says them)."""
+    name = DTYPE_NAMES.get(text.lower().removeprefix("torch."))
+    if name is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}: use bfloat16 (bf16), float16 (fp16), float32 (fp32) or auto"
+        )
+    return name
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -31,7 +88,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        help="bfloat16, float16, float32 or auto (default: auto: on a GPU bf16 or fp16; on a CPU float32, with "
+        type=dtype_name,
+        help="bfloat16 (bf16), float16 (fp16), float32 (fp32) or auto (default: auto: on a GPU bf16 or fp16; on a CPU float32, with "
         "a bf16 checkpoint's weights kept in bf16 where csm's CPU kernels run)",
     )
     p.add_argument(
@@ -174,6 +232,11 @@ def check_output(args, what: str, example: str) -> None:
         raise CliError(f"say where to write {what}: -o {example} (or --stream, or -o - for stdout)")
     if args.stream and args.output not in (None, "-"):
         raise CliError("--stream writes to stdout; drop -o or use -o -")
+    if getattr(args, "format", None) is not None and not (args.stream or args.output == "-"):
+        raise CliError(
+            f"--format {args.format} is for stdout (--stream or -o -); a file's format is its extension: "
+            f"-o {args.output} is {Path(args.output).suffix.lstrip('.').upper() or 'a file without one'}"
+        )
     if args.stream or args.output == "-":
         if sys.stdout.isatty():
             raise CliError(
@@ -245,13 +308,47 @@ def write_audio(path: str | os.PathLike, audio, rate: int) -> None:
     try:
         save_audio(audio, tmp, sampling_rate=rate)
         os.replace(tmp, path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: libsndfile's ("System error.")
         reason = (e.strerror if isinstance(e, OSError) else str(e)) or type(e).__name__
-        raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}") from None
+        tmp.unlink(missing_ok=True)  # before keeping the audio elsewhere: it may free the space needed
+        kept = keep_unsaved(audio, rate)
+        raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}{kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def keep_unsaved(audio, rate: int) -> str:
+    """The audio a failed write would lose, in a WAV file of the system's temporary folder (often another
+    disk): a clause for the error message saying where, or that it could not be kept."""
+    from ..audio import save_audio
+
+    fd, name = tempfile.mkstemp(prefix="csm-unsaved-", suffix=".wav")
+    os.close(fd)
+    try:
+        save_audio(audio, name, sampling_rate=rate)
+    except (OSError, ValueError, RuntimeError):
+        os.unlink(name)
+        return "; the audio could not be kept elsewhere either"
+    return f"; the audio is kept in {name}: move it where you want it once there is room"
+
+
+def check_free_space(path: str | os.PathLike, seconds: float, flag: str = "-o") -> None:
+    """Refuse, before the model loads, an output whose folder has no room for `seconds` of 16-bit audio."""
+    import shutil
+
+    folder = Path(path).expanduser().resolve().parent
+    need = int(seconds * 24000 * 2) + (1 << 20)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # nothing cheap to say; the write will tell
+    if free < need:
+        raise CliError(
+            f"{flag} {path}: {free / 1e6:.1f} MB free in {folder}, about {need / 1e6:.1f} MB needed for "
+            f"{seconds:.0f} s of audio; free some space or write elsewhere"
+        )
 
 
 def _main_thread() -> bool:
@@ -271,14 +368,13 @@ class FrameCaps:
     def show(self, message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message)
         if "without end-of-audio" not in text:
-            print(f"csm: warning: {text.splitlines()[0]}", file=sys.stderr)
+            one_line_warning(text)
             return
         self.count += 1
         if self.max_seconds is None and self.count == 1:
-            print(
+            say_line(
                 "csm: warning: a sentence reached its frame budget without ending (the model ran on, or it "
-                "was cut short); --max-seconds S sets the most seconds per sentence",
-                file=sys.stderr,
+                "was cut short); --max-seconds S sets the most seconds per sentence"
             )
 
     def note(self) -> str:
@@ -322,3 +418,72 @@ def print_summary(where: str, samples: int, rate: int, took: float, note: str = 
     print(
         f"csm: wrote {where}: {seconds:.1f} s of audio in {took:.1f} s (RTF {rtf:.2f}){note}", file=sys.stderr
     )
+
+
+class PlainBar:
+    """A progress bar for a log: when stderr is not a terminal, whole lines (`csm say: 3/40 sentences,
+    frame 5/25 ...`) when an item finishes, at most one a second, and every 30 s while one runs, instead of
+    hundreds of carriage-return redraws. Takes the calls the commands make on tqdm."""
+
+    EVERY, QUIET_FOR = 1.0, 30.0
+
+    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", **_):
+        import time
+
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.postfix, self._clock = "", time.monotonic
+        self._printed = self._clock() - self.EVERY
+        self._shown: tuple | None = None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._maybe(self.EVERY)
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = text
+        self._maybe(self.QUIET_FOR)
+
+    def _maybe(self, after: float) -> None:
+        if self._clock() - self._printed >= after:
+            self._line()
+
+    def _line(self) -> None:
+        if self._shown == (self.n, self.postfix):
+            return
+        total = f"/{self.total}" if self.total is not None else ""
+        print(f"{self.desc}: {self.n}{total} {self.unit}s{', ' + self.postfix if self.postfix else ''}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        self._printed, self._shown = self._clock(), (self.n, self.postfix)
+
+    def write(self, line: str, file=None) -> None:
+        print(line, file=file or sys.stderr)
+
+    def close(self) -> None:
+        if self.total is None or self.n < self.total or self._shown != (self.n, self.postfix):
+            self._line()
+
+    def __iter__(self):
+        raise TypeError("iterate over items(...)")
+
+
+def progress_bar(total: int | None, desc: str, unit: str, **kwargs):
+    """tqdm on a terminal; plain lines in a log (PlainBar) when stderr is not one."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, **kwargs)
+    return PlainBar(total=total, desc=desc, unit=unit)
+
+
+def items_with_bar(items: list, desc: str, unit: str, show: bool):
+    """Iterate over `items` with a progress bar over them (see progress_bar), when `show`."""
+    if not show:
+        yield from items
+        return
+    bar = progress_bar(len(items), desc, unit, leave=False)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

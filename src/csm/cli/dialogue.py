@@ -34,7 +34,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--turns-dir", default=None, help="also write one audio file per spoken turn here")
     p.add_argument("--stream", action="store_true", help="write audio to stdout as each turn is generated")
-    p.add_argument("--format", choices=["pcm", "wav"], default="pcm", help="stdout format: raw s16le or WAV")
+    p.add_argument(
+        "--format",
+        choices=["pcm", "wav"],
+        default=None,
+        help="stdout format (--stream, -o -): raw s16le (default) or WAV; a file's format is its extension",
+    )
     p.add_argument(
         "--voice",
         action="append",
@@ -153,7 +158,7 @@ def _speak(args, tts, turns, voices, seed, options, name, out, manifest_path) ->
                 for turn in bar:
                     conversation.add(turn.speaker, turn.text, turn.audio)
         except KeyboardInterrupt:
-            getattr(bar, "close", lambda: None)()
+            bar.close()
             _interrupted(args, conversation, turns, name, out, manifest_path)
             return None
         result = conversation.result(args.pause)
@@ -193,9 +198,7 @@ def _interrupted(args, conversation, turns, name: str, out: Path | None, manifes
 
 
 def _bar(turns: list[ScriptTurn], show: bool):
-    from ..chunking import progress_bar
-
-    return progress_bar(turns, show, unit="turn")
+    return common.items_with_bar(turns, "csm dialogue", "turn", show and len(turns) > 1)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from . import batch, convert, demo, dialogue, finetune, say, serve, voice
-from .common import EXIT_ERROR, CliError
+from .common import EXIT_ERROR, CliError, cli_words, one_line_warning
 
 COMMANDS = (
     say,
@@ -42,14 +42,10 @@ def command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentPa
         parser = subs[0].choices[name]
 
 
-def one_line_warnings(message, category, filename, lineno, file=None, line=None):
-    print(f"csm: warning: {str(message).splitlines()[0]}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the `csm` command; returns the exit code (errors print one line, never a traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    warnings.showwarning = one_line_warnings
+    warnings.showwarning = one_line_warning
     try:
         if argv[:1] == ["finetune"]:
             return finetune.cmd_finetune(argv[1:])
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (CliError, ValueError, FileNotFoundError, RuntimeError, OSError, TypeError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"csm: error: {message}", file=sys.stderr)
+        print(f"csm: error: {cli_words(message)}", file=sys.stderr)
         return EXIT_ERROR
 
 

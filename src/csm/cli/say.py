@@ -31,7 +31,10 @@ def add_parser(sub) -> None:
         "--stream", action="store_true", help="write audio to stdout as it is generated, for a player"
     )
     say.add_argument(
-        "--format", choices=["pcm", "wav"], default="pcm", help="stdout format: raw s16le 24 kHz PCM or WAV"
+        "--format",
+        choices=["pcm", "wav"],
+        default=None,
+        help="stdout format (--stream, -o -): raw s16le 24 kHz PCM (default) or WAV; a file's format is its extension",
     )
     common.add_model_args(say)
     common.add_generation_args(say)
@@ -84,6 +87,11 @@ def cmd_say(args) -> int:
     common.check_sampling(args)
     voice, context = common.check_voice_and_context(args)  # clips read now, not after the model load
     sentences = split_sentences(text, MAX_CHUNK_CHARS)
+    if not (args.stream or args.output == "-"):  # room for the speech, at most --max-seconds per sentence
+        speech = len(text) / SPEECH_CHARS_PER_SECOND
+        if args.max_seconds is not None:
+            speech = min(speech, args.max_seconds * len(sentences))
+        common.check_free_space(args.output, speech)
     if not args.quiet and len(sentences) > 1:
         speech = len(text) / SPEECH_CHARS_PER_SECOND
         print(
@@ -195,13 +203,10 @@ class Progress:
         self.rate: float | None = None  # frames per second, measured
         self.bar = None
         if not quiet:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=len(chunks),
-                unit="sentence",
-                desc="csm say",
-                file=sys.stderr,
+            self.bar = common.progress_bar(
+                len(chunks),
+                "csm say",
+                "sentence",
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
 
