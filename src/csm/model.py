@@ -511,8 +511,8 @@ class CsmForConditionalGeneration(nn.Module):
         """
         if num_beams is not None and num_beams != 1:
             raise ValueError(
-                f"num_beams={num_beams}: beam search is not supported (nor by the reference's CSM); CSM "
-                "decodes one frame at a time: use num_beams=1, or num_return_sequences with sampling"
+                f"num_beams={num_beams}: beam search is not supported: CSM "
+                "draws one frame at a time: use num_beams=1, or num_return_sequences with sampling"
             )
         if use_cache is not None and not isinstance(use_cache, bool):
             raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
