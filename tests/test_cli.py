@@ -560,3 +560,56 @@ def test_no_room_for_the_audio_is_refused_before_the_model_loads(tmp_path, monke
     code = main(["say", "Hello there, " * 500, "-o", "x.wav", "--model", "no-such-model"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "0.1 MB free in" in err[-1] and "write elsewhere" in err[-1], err
+
+
+def test_voice_rename_and_delete(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CSM_VOICES_DIR", str(tmp_path / "voices"))
+    sf.write(tmp_path / "ref.wav", np.zeros(9600, np.float32) + 0.01, 24000)
+    for name in ("alice", "bob"):
+        assert main(["voice", "create", name, "ref.wav", "Words."]) == 0
+    assert main(["voice", "rename", "alice", "carol"]) == 0
+    capsys.readouterr()
+    assert main(["voice", "list"]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["bob", "carol"]
+    from csm.voice import Voice
+
+    assert Voice.named("carol").name == "carol"
+    assert main(["voice", "rename", "bob", "carol"]) == 2
+    assert "a voice named 'carol' already exists" in capsys.readouterr().err
+    assert main(["voice", "delete", "carol", "nobody"]) == 2  # every name checked before any is deleted
+    assert (
+        "no voice named 'nobody' in" in capsys.readouterr().err and (tmp_path / "voices" / "carol").is_dir()
+    )
+    assert main(["voice", "delete", "carol", "bob"]) == 0
+    assert not list((tmp_path / "voices").iterdir())
+    assert main(["voice", "delete", "../x"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["sya", "Hi."], "did you mean say?"),
+        (["say", "Hi.", "-o", "x.wav", "--temp", "0.5"], "did you mean --temperature?"),
+        (["say", "Hi.", "-o", "x.wav", "--seeed", "1"], "did you mean --seed?"),
+        (["voice", "lst"], "did you mean list?"),
+        (["say", "Hi.", "-o", "x.wav", "--quantize", "in8"], "did you mean int8?"),
+    ],
+)
+def test_abbreviated_or_misspelled_commands_and_flags_are_refused_with_the_nearest(args, hint, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and err[-1].endswith(f"({hint})"), err
+
+
+def test_saved_weights_have_their_siblings_permissions(tmp_path):
+    import stat
+
+    from reference_models import tiny_csm_config
+
+    from csm import CsmConfig, CsmForConditionalGeneration
+
+    CsmForConditionalGeneration(CsmConfig.from_dict(tiny_csm_config())).save_pretrained(tmp_path)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes

@@ -487,3 +487,35 @@ def items_with_bar(items: list, desc: str, unit: str, show: bool):
             bar.update(1)
     finally:
         bar.close()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, as the csm command wants it: no abbreviated flags (`--temp` is not `--temperature`), and a
+    misspelled command, choice or flag answered with the nearest real one ("did you mean --seed?")."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}{self.suggestion(message)}\n")
+
+    def suggestion(self, message: str) -> str:
+        import difflib
+
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = [c.strip().strip("'") for c in choice[2].split(",")]
+            wrong = [choice[1]]
+        else:
+            unknown = re.search(r"unrecognized arguments: (.*)", message)
+            if not unknown:
+                return ""
+            wrong = [w.split("=")[0] for w in unknown[1].split() if w.startswith("-")]
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for word in wrong:
+            prefixed = [o for o in options if o.startswith(word) and word.startswith("--")]
+            best = prefixed or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+            if best:
+                return f" (did you mean {' or '.join(best[:3])}?)"
+        return ""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from . import common
 from .common import CliError
 
@@ -19,7 +17,7 @@ def cmd_finetune(argv: list[str]) -> int:
         from ..train import add_finetune_arguments, run_finetune
     except ImportError as e:
         raise CliError(f"`csm finetune` is not available in this install ({e})") from None
-    parser = argparse.ArgumentParser(prog="csm finetune", description="Fine-tune CSM on your recordings.")
+    parser = common.Parser(prog="csm finetune", description="Fine-tune CSM on your recordings.")
     add_finetune_arguments(parser)
     args = parser.parse_args(argv)
     if not args.prepare_only:

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from . import batch, convert, demo, dialogue, finetune, say, serve, voice
-from .common import EXIT_ERROR, CliError, cli_words, one_line_warning
+from .common import EXIT_ERROR, CliError, Parser, cli_words, one_line_warning
 
 COMMANDS = (
     say,
@@ -24,7 +24,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="csm", description="Sesame CSM text-to-speech in pure PyTorch.")
+    parser = Parser(prog="csm", description="Sesame CSM text-to-speech in pure PyTorch.")
     parser.add_argument("--version", action="version", version=f"csm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
