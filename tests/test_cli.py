@@ -613,3 +613,21 @@ def test_saved_weights_have_their_siblings_permissions(tmp_path):
     CsmForConditionalGeneration(CsmConfig.from_dict(tiny_csm_config())).save_pretrained(tmp_path)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes
+
+
+def test_speed_and_aac_as_the_server_has_them(ckpt, tmp_path, monkeypatch, capsys):
+    av = pytest.importorskip("av")
+    monkeypatch.chdir(tmp_path)
+    base = ["--model", str(ckpt), "--seed", "2", "--max-seconds", "0.5", "--device", "cpu", "-q"]
+    assert main(["say", "Hello there.", "-o", "normal.wav", *base]) == 0
+    assert main(["say", "Hello there.", "-o", "fast.wav", "--speed", "2", *base]) == 0
+    normal, fast = read(tmp_path / "normal.wav"), read(tmp_path / "fast.wav")
+    assert len(fast) == pytest.approx(len(normal) / 2, abs=2)
+    assert main(["say", "Hello there.", "-o", "x.aac", *base]) == 0
+    with av.open(str(tmp_path / "x.aac")) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name == "aac" and stream.rate == 24000
+        decoded = sum(frame.samples for frame in container.decode(stream))
+    assert decoded >= len(normal)
+    assert main(["say", "Hi.", "-o", "x.wav", "--speed", "5", "--model", "no-such-model"]) == 2
+    assert "--speed must be between 0.25 and 4.0" in capsys.readouterr().err

@@ -256,10 +256,13 @@ def check_audio_file(path: str | os.PathLike, flag: str = "-o") -> None:
     file = Path(path).expanduser()
     if file.is_dir():
         raise CliError(f"{flag} {path} is a folder: give a file name, e.g. {flag} {file / 'out.wav'}")
-    try:
-        audio_format(file)
-    except ValueError as e:
-        raise CliError(f"{e} (the extension decides the format)") from None
+    if file.suffix.lower() == ".aac":
+        aac_encoder()  # PyAV is there (checked now, not after the model load)
+    else:
+        try:
+            audio_format(file)
+        except ValueError as e:
+            raise CliError(f"{e}, or .aac (the extension decides the format)") from None
     if not file.parent.is_dir():
         raise CliError(
             f"cannot write {path}: folder {file.parent} does not exist; create it (mkdir -p {file.parent}) "
@@ -306,7 +309,11 @@ def write_audio(path: str | os.PathLike, audio, rate: int) -> None:
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
     try:
-        save_audio(audio, tmp, sampling_rate=rate)
+        if path.suffix.lower() == ".aac":
+            encoder = aac_encoder()(rate)
+            tmp.write_bytes(encoder.push(audio) + encoder.finish())
+        else:
+            save_audio(audio, tmp, sampling_rate=rate)
         os.replace(tmp, path)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: libsndfile's ("System error.")
         reason = (e.strerror if isinstance(e, OSError) else str(e)) or type(e).__name__
@@ -317,6 +324,43 @@ def write_audio(path: str | os.PathLike, audio, rate: int) -> None:
         tmp.unlink(missing_ok=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def aac_encoder():
+    """AAC (ADTS) as the server writes it: a callable rate -> encoder with push/finish; needs PyAV."""
+    try:
+        import av  # noqa: F401
+
+        from ..server.encode import AudioEncoder
+    except ImportError as e:
+        raise CliError(
+            f".aac needs PyAV ({e.name or e}), which comes with the server extra: pip install 'csm-speech[server]'"
+        ) from None
+    return lambda rate: AudioEncoder("aac", rate)
+
+
+def check_speed(args) -> None:
+    if getattr(args, "speed", None) is not None and not 0.25 <= args.speed <= 4.0:
+        raise CliError(f"--speed must be between 0.25 and 4.0 (as the server's speed), got {args.speed:g}")
+
+
+class SpeedChange:
+    """--speed: audio played faster or slower by resampling (the pitch follows), as the server's `speed`;
+    chunk by chunk for a stream, the same samples as all at once."""
+
+    def __init__(self, speed: float | None, rate: int):
+        import soxr
+
+        self.stream = None
+        if speed not in (None, 1.0):
+            self.stream = soxr.ResampleStream(rate * speed, rate, 1, dtype="float32")
+
+    def __call__(self, audio, last: bool = False):
+        if self.stream is None:
+            return audio
+        import numpy as np
+
+        return self.stream.resample_chunk(np.ascontiguousarray(audio, dtype=np.float32), last=last)
 
 
 def keep_unsaved(audio, rate: int) -> str:

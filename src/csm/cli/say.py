@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
         help="read the text from a file; - for stdin",
     )
     say.add_argument(
-        "-o", "--output", default=None, help="output audio file (.wav, .flac, .ogg, .mp3); - for stdout"
+        "-o", "--output", default=None, help="output audio file (.wav, .flac, .ogg, .mp3, .aac); - for stdout"
     )
     say.add_argument(
         "--stream", action="store_true", help="write audio to stdout as it is generated, for a player"
@@ -35,6 +35,13 @@ def add_parser(sub) -> None:
         choices=["pcm", "wav"],
         default=None,
         help="stdout format (--stream, -o -): raw s16le 24 kHz PCM (default) or WAV; a file's format is its extension",
+    )
+    say.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        help="play the audio faster or slower, 0.25-4.0, by resampling (the pitch follows), as the server's "
+        "speed (default: 1)",
     )
     common.add_model_args(say)
     common.add_generation_args(say)
@@ -85,6 +92,7 @@ def cmd_say(args) -> int:
     check_text(text)
     common.check_output(args, "the audio", "out.wav")
     common.check_sampling(args)
+    common.check_speed(args)
     voice, context = common.check_voice_and_context(args)  # clips read now, not after the model load
     sentences = split_sentences(text, MAX_CHUNK_CHARS)
     if not (args.stream or args.output == "-"):  # room for the speech, at most --max-seconds per sentence
@@ -110,6 +118,7 @@ def cmd_say(args) -> int:
     )
     start = time.perf_counter()
     rate = pipe.sampling_rate
+    speed = common.SpeedChange(args.speed, rate)
     with common.frame_caps(args) as caps:
         if args.stream:
             out = sys.stdout.buffer
@@ -117,9 +126,13 @@ def cmd_say(args) -> int:
                 out.write(common.wav_header_unknown_length(rate))
             samples = 0
             for chunk in pipe.stream(text, progress=not args.quiet, **options):
+                chunk = speed(chunk)
                 out.write(common.pcm16(chunk))
                 out.flush()
                 samples += len(chunk)
+            tail = speed(np.zeros(0, np.float32), last=True)
+            out.write(common.pcm16(tail))
+            samples += len(tail)
             where = "stdout"
         else:
             progress = Progress(pipe, sentences, options, args.quiet)
@@ -136,6 +149,7 @@ def cmd_say(args) -> int:
                 raise CliError(
                     "the model ended the audio at once: nothing was generated (try another --seed)"
                 )
+            audio = speed(audio, last=True)
             where = _write(args, audio, rate)
             samples = len(audio)
     if not args.quiet:
@@ -162,6 +176,7 @@ def _interrupted(args, progress, rate: int) -> int:
     if not len(audio):
         print("csm: interrupted before a sentence was finished: nothing was written", file=sys.stderr)
         return 130
+    audio = common.SpeedChange(args.speed, rate)(audio, last=True)
     where = _write(args, audio, rate)
     print(
         f"csm: interrupted: wrote the {done} finished sentence(s) ({len(audio) / rate:.2f} s of audio) to "
