@@ -631,3 +631,23 @@ def test_speed_and_aac_as_the_server_has_them(ckpt, tmp_path, monkeypatch, capsy
     assert decoded >= len(normal)
     assert main(["say", "Hi.", "-o", "x.wav", "--speed", "5", "--model", "no-such-model"]) == 2
     assert "--speed must be between 0.25 and 4.0" in capsys.readouterr().err
+
+
+def test_light_commands_do_not_load_torch(tmp_path):
+    """`csm voice list`, `--help` and a refused flag answer without importing torch (seconds at every start)."""
+    sf.write(tmp_path / "ref.wav", np.zeros(9600, np.float32) + 0.01, 24000)
+    assert run(["voice", "create", "alice", "ref.wav", "Words."], tmp_path).returncode == 0
+    script = (
+        "import sys\nfrom csm.cli import main\n"
+        "for argv in (['voice', 'list'], ['--help'], ['say', '--temp', '1'], ['voice', 'delete', 'nobody']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    env = {**os.environ, "CSM_VOICES_DIR": str(tmp_path / "voices")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    out = result.stdout.decode()
+    assert out.strip().splitlines()[-1] == "no torch", (out, result.stderr.decode())
+    assert "alice\tspeaker 0\t1 clip(s), 0.4 s" in out
+    import csm
+
+    assert callable(csm.pipeline) and csm.CsmForConditionalGeneration.can_generate()

@@ -55,8 +55,7 @@ def cmd_voice(args) -> int:
                 file=sys.stderr,
             )
         for name in names:
-            v = Voice.load(root / name)
-            print(f"{name}\tspeaker {v.speaker}\t{len(v.clips)} clip(s), {v.seconds:.1f} s")
+            print(_describe(root / name))
         return 0
     if args.voice_command == "rename":
         return _rename(root, args.name, args.new_name)
@@ -82,6 +81,23 @@ def cmd_voice(args) -> int:
         "say what to do: `csm voice create NAME CLIP TRANSCRIPT`, `csm voice list`, `csm voice rename OLD NEW` "
         "or `csm voice delete NAME`"
     )
+
+
+def _describe(folder: Path) -> str:
+    """`name  speaker 0  2 clip(s), 7.5 s` from voice.json and the clips' headers: nothing decoded, no torch."""
+    import json
+
+    import soundfile as sf
+
+    from ..voice import VOICE_FILE
+
+    try:
+        meta = json.loads((folder / VOICE_FILE).read_text())
+        clips = [folder / c["audio"] for c in meta["clips"]]
+        seconds = sum(sf.info(str(c)).duration for c in clips)
+        return f"{folder.name}\tspeaker {int(meta.get('speaker', 0))}\t{len(clips)} clip(s), {seconds:.1f} s"
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        return f"{folder.name}\tunreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
 
 
 def check_name(name: str) -> None:
