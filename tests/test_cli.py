@@ -651,3 +651,13 @@ def test_light_commands_do_not_load_torch(tmp_path):
     import csm
 
     assert callable(csm.pipeline) and csm.CsmForConditionalGeneration.can_generate()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_finetune_on_an_absent_gpu_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["finetune", "--model", "m", "--data", "d.jsonl", "--out", "run", "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["csm: error: --device cuda: device 'cuda' asked for, but this machine has no "
+                                 "CUDA GPU usable by torch"], err  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -20,6 +20,13 @@ def cmd_finetune(argv: list[str]) -> int:
     parser = common.Parser(prog="csm finetune", description="Fine-tune CSM on your recordings.")
     add_finetune_arguments(parser)
     args = parser.parse_args(argv)
+    if args.device is not None:  # an absent GPU is one line now, not torch's pin_memory warning later
+        from ..pipeline import pick_device
+
+        try:
+            pick_device(args.device)
+        except ValueError as e:
+            raise CliError(f"--device {args.device}: {e}") from None
     if not args.prepare_only:
         common.check_folder(args.out, "--out")
     return int(run_finetune(args) or 0)
