@@ -438,6 +438,8 @@ def bad_input_files(folder):
     (folder / "bad.wav").write_bytes(b"not audio")
     (folder / "big.txt").write_text("Word. " * 20_000)
     (folder / "latin1.txt").write_bytes("Café au lait.".encode("latin-1"))
+    (folder / "lines.jsonl").write_text('{"id": "a", "text": "Hello."}\n')
+    (folder / "talk.txt").write_text("[0] Hello.\n")
 
 
 @pytest.mark.parametrize(("args", "match"), BAD_INPUTS)

@@ -26,6 +26,19 @@ def add_parser(sub) -> None:
 
 
 def cmd_batch(args) -> int:
+    if args.speaker is not None and args.speaker < 0:
+        raise CliError(f"--speaker must be a speaker id >= 0, got {args.speaker}")
+    for clip, transcript in args.context:  # read now: a bad clip is one line before the model loads
+        if Path(clip).expanduser().is_file():
+            if not transcript.strip():
+                raise CliError(
+                    f"--context {clip}: the transcript is empty; give the words spoken in the clip"
+                )
+            try:
+                common.context(args)
+            except (OSError, ValueError) as e:
+                raise CliError(f"--context: {e}") from None
+            break
     return run(args, common.load_pipeline, CliError)
 
 
