@@ -430,6 +430,9 @@ BAD_INPUTS = [
     (["say", "-f", "big.txt"], "more than the 100,000 csm say takes at once"),
     (["say", "-f", "latin1.txt"], "latin1.txt is not UTF-8 text (byte 0xe9"),
     (["serve", "--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+    (["batch", "lines.jsonl", "--out", "o", "--speaker", "-1"], "--speaker must be"),
+    (["batch", "lines.jsonl", "--out", "o", "--context", "bad.wav", "Words."], "cannot read clip bad.wav"),
+    (["dialogue", "talk.txt", "-o", "t.wav", "--voice", "0=nobody"], "no voice named 'nobody'"),
 ]
 
 
