@@ -312,3 +312,16 @@ def test_manifest_flag_is_checked_before_the_model_loads(tmp_path, monkeypatch, 
         )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and match in err[-1], err
+
+
+def test_no_room_for_the_mix_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100_000, 100_000))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "talk.txt").write_text("[0] Hello there, how are you doing today?\n[1] Fine.\n")
+    code = main(["dialogue", "talk.txt", "-o", "talk.wav", "--model", "no-such-model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "-o talk.wav: 0.1 MB free in" in err[-1], err

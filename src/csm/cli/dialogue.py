@@ -111,6 +111,11 @@ def cmd_dialogue(args) -> int:
     out = manifest_path = None
     if not (args.stream or args.output == "-"):
         out, manifest_path = _outputs(args, args.script)
+        spoken = [t for t in turns if t.audio is None]
+        speech = sum(len(t.text) for t in spoken) / 15 + args.pause * len(spoken)  # ~15 characters a second
+        if args.max_seconds is not None:
+            speech = min(speech, (args.max_seconds + args.pause) * len(spoken))
+        common.check_free_space(out, speech * (2 if args.turns_dir else 1))  # the mix, and each turn's file
         if args.turns_dir:
             common.check_folder(args.turns_dir, "--turns-dir")
             Path(args.turns_dir).mkdir(parents=True, exist_ok=True)
