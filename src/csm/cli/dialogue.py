@@ -86,7 +86,7 @@ def _replace(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, ValueError) as e:  # named by the file asked for, never the temporary one
+    except (OSError, ValueError, RuntimeError) as e:  # named by the file asked for, never the temporary one
         reason = (e.strerror if isinstance(e, OSError) else str(e)) or type(e).__name__
         raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}") from None
     finally:
@@ -226,7 +226,10 @@ def _write_dialogue(result, turns: list[ScriptTurn], args, out: Path, manifest_p
     if not len(result.audio):
         raise ScriptError("the model ended every turn at once: nothing was generated (try another --seed)")
     rate = result.sampling_rate
-    _replace(out, lambda tmp: save_audio(result.audio, tmp, sampling_rate=rate))
+    try:
+        _replace(out, lambda tmp: save_audio(result.audio, tmp, sampling_rate=rate))
+    except CliError as e:  # a full disk: the mix is kept elsewhere, not lost
+        raise CliError(f"{e}{common.keep_unsaved(result.audio, rate)}") from None
     entries = {e["index"]: e for e in result.manifest["turns"]}
     for turn in result.turns:
         if turn.index not in entries:
