@@ -572,3 +572,26 @@ def test_temperature_zero_is_greedy_for_text_and_dialogue_lines(ckpt, tmp_path):
     assert batch(ckpt, requests, tmp_path / "out", "--temperature", "0") == 0
     assert json.loads((tmp_path / "out" / "job.json").read_text())["temperature"] == 0
     assert all(r["status"] == "ok" for r in OutputDir(tmp_path / "out").state().values())
+
+
+def test_ctrl_c_says_how_many_lines_are_done_and_a_rerun_makes_the_rest(ckpt, tmp_path, monkeypatch, capsys):
+    requests = write(tmp_path / "req.jsonl", lines(6))
+    append, count = OutputDir.append, [0]
+
+    def append_then_ctrl_c(self, rows):
+        append(self, rows)
+        count[0] += len(rows)
+        if count[0] >= 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputDir, "append", append_then_ctrl_c)
+    assert batch(ckpt, requests, tmp_path / "out", "--batch-size", "1") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("csm batch: interrupted: 2 of 6 line(s) made in this run, 0 before; 4 left"), (
+        err
+    )
+    assert "4 left" in err[-1] and "rerun the same command" in err[-1], err
+    assert len(OutputDir(tmp_path / "out").done()) == 2
+    monkeypatch.setattr(OutputDir, "append", append)
+    assert batch(ckpt, requests, tmp_path / "out", "--batch-size", "1") == 0
+    assert len(OutputDir(tmp_path / "out").done()) == 6

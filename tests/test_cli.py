@@ -124,7 +124,10 @@ def test_missing_model_is_one_line_error_in_a_subprocess(tmp_path):
     ("args", "match"),
     [
         (["say", "Hi.", "-o", "x.wav", "--device", "tpu9"], "unknown device"),
-        (["say", "Hi.", "-o", "x.wav", "--context", "missing.wav", "words"], "cannot read clip"),
+        (
+            ["say", "Hi.", "-o", "x.wav", "--context", "missing.wav", "words"],
+            "--context missing.wav: no such",
+        ),
         (["say", "Hi.", "-o", "x.wav", "--max-seconds", "5000"], "more than the model's context"),
         (["say", "   ", "-o", "x.wav"], "empty"),
         (["say", "Hi."], "-o out.wav"),
@@ -351,6 +354,9 @@ def test_long_text_says_its_size_up_front_and_shows_frames_within_a_sentence(ckp
     assert err.index("12 sentences") < err.index("loading")
     assert "frame 4/4" in err  # progress within a sentence: frames made / its budget
     assert "to go" in err  # a time estimate once frames were measured
+    # stderr is a pipe here, as in a log: whole lines, no carriage-return redraws, none broken by another
+    assert "\r" not in err and all(line.startswith("csm") for line in err.splitlines()), err
+    assert len(err.splitlines()) < 40, err
     read(tmp_path / "long.wav")
 
 
@@ -377,7 +383,7 @@ def test_ctrl_c_writes_the_finished_sentences_as_a_valid_file_and_exits_130(ckpt
     def read_stderr():
         for chunk in iter(lambda: proc.stderr.read1(4096), b""):
             err.append(chunk.decode(errors="replace"))
-            done = re.findall(r"\| *(\d+)/400 ", "".join(err))
+            done = re.findall(r"csm say: (\d+)/400 sentences", "".join(err))
             if done and int(done[-1]) >= 3:
                 started.set()
 
@@ -399,3 +405,264 @@ def test_ctrl_c_writes_the_finished_sentences_as_a_valid_file_and_exits_130(ckpt
     audio = read(tmp_path / "long.wav")  # a valid file, not a torn one
     assert int(match[1]) >= 3 and len(audio) / 24000 == pytest.approx(float(match[2]), abs=0.05)
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+# ---- every input checked before the model loads -----------------------------------------------------
+
+
+def blocking_checkpoint(ckpt, folder):
+    """The demo checkpoint with its weights behind a named pipe: a command that reaches the model load
+    blocks there (and the test times out), so an error back in time proves the check came first."""
+    folder.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    os.mkfifo(folder / "model.safetensors")
+    return folder
+
+
+BAD_INPUTS = [
+    (["say", "Hi.", "--voice", "nobody"], "--voice nobody: no voice named 'nobody'"),
+    (["say", "Hi.", "--context", "missing.wav", "Words."], "--context missing.wav: no such file"),
+    (["say", "Hi.", "--context", "ref.wav", "  "], "the transcript is empty"),
+    (["say", "Hi.", "--context", "bad.wav", "Words."], "bad.wav"),
+    (["say", "Hi.", "--speaker", "-1"], "--speaker must be"),
+    (["say", "-f", "big.txt"], "more than the 100,000 csm say takes at once"),
+    (["say", "-f", "latin1.txt"], "latin1.txt is not UTF-8 text (byte 0xe9"),
+    (["serve", "--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
+    (["batch", "lines.jsonl", "--out", "o", "--speaker", "-1"], "--speaker must be"),
+    (["batch", "lines.jsonl", "--out", "o", "--context", "bad.wav", "Words."], "cannot read clip bad.wav"),
+    (["dialogue", "talk.txt", "-o", "t.wav", "--voice", "0=nobody"], "no voice named 'nobody'"),
+]
+
+
+def bad_input_files(folder):
+    sf.write(folder / "ref.wav", np.zeros(9600, np.float32) + 0.01, 24000)
+    (folder / "bad.wav").write_bytes(b"not audio")
+    (folder / "big.txt").write_text("Word. " * 20_000)
+    (folder / "latin1.txt").write_bytes("Café au lait.".encode("latin-1"))
+    (folder / "lines.jsonl").write_text('{"id": "a", "text": "Hello."}\n')
+    (folder / "talk.txt").write_text("[0] Hello.\n")
+
+
+@pytest.mark.parametrize(("args", "match"), BAD_INPUTS)
+def test_say_and_serve_check_every_input_before_the_model(tmp_path, monkeypatch, capsys, args, match):
+    """The model named does not exist: an error about it would mean the input was checked too late."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CSM_VOICES_DIR", str(tmp_path / "voices"))
+    bad_input_files(tmp_path)
+    out = ["-o", "x.wav"] if args[0] == "say" else []
+    code = main([*args, *out, "--model", str(tmp_path / "no-such-model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and match in err[-1] and "no-such-model" not in err[-1], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "match"), BAD_INPUTS)
+def test_say_and_serve_refuse_bad_input_before_the_model_loads(ckpt, tmp_path, args, match):
+    import time
+
+    blocked = blocking_checkpoint(ckpt, tmp_path / "blocked")
+    bad_input_files(tmp_path)
+    out = ["-o", "x.wav"] if args[0] == "say" else []
+    started = time.perf_counter()
+    result = run([*args, *out, "--model", str(blocked)], tmp_path)  # a load would block past the timeout
+    took = time.perf_counter() - started
+    err = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2, err
+    assert match in err[-1] and "Traceback" not in result.stderr.decode(), err
+    assert not any("loading" in line for line in err), err
+    print(f"refused in {took:.1f} s (interpreter start included)")
+
+
+def test_serve_on_a_busy_port_is_refused_before_the_model_loads(ckpt, tmp_path):
+    import socket
+
+    blocked = blocking_checkpoint(ckpt, tmp_path / "blocked")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(["serve", "--model", str(blocked), "--port", str(port)], tmp_path)
+    err = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2, err
+    assert err[-1] == (
+        f"csm: error: port {port} on 127.0.0.1 is in use (another csm serve?): stop that server, or pick "
+        "another with --port (--port 0: any free port)"
+    )
+
+
+def test_messages_speak_in_flags_and_dtype_takes_short_names(ckpt, tmp_path, monkeypatch, capsys):
+    from csm.cli.common import cli_words
+
+    assert cli_words(
+        "quantized weights on CPU need a float32 or bfloat16 model; pass dtype=torch.bfloat16"
+    ) == ("quantized weights on CPU need a float32 or bfloat16 model; --dtype bfloat16")
+    assert cli_words(
+        "generation reached max_new_tokens=125 frames without end-of-audio in some rows; their audio may be "
+        "cut short (raise max_new_tokens or max_seconds)"
+    ).endswith(
+        "reached its frame budget (125 frames) without end-of-audio in some rows; their audio may be cut short (raise --max-seconds)"
+    )
+    monkeypatch.chdir(tmp_path)
+    for short in ("bf16", "fp32", "FP16", "half"):
+        assert main(["say", "Hi.", "-o", "x.wav", "--model", "no-such-model", "--dtype", short]) == 2
+        assert "no checkpoint folder" in capsys.readouterr().err  # the flag was taken: the model is next
+    with pytest.raises(SystemExit):
+        main(["say", "Hi.", "-o", "x.wav", "--dtype", "bf17"])
+    assert "use bfloat16 (bf16), float16 (fp16), float32 (fp32) or auto" in capsys.readouterr().err
+    assert main(["say", "Hi.", "-o", "a.flac", "--format", "pcm", "--model", "no-such-model"]) == 2
+    assert (
+        "--format pcm is for stdout (--stream or -o -); a file's format is its extension: -o a.flac is FLAC"
+        in (capsys.readouterr().err)
+    )
+    # A quantized-model advice from the loader reaches the CLI user in flags.
+    code = main(["say", "Hi.", "-o", "x.wav", "--model", str(ckpt), "--quantize", "int8", "--dtype", "fp16",
+                 "--device", "cpu", "--seed", "0"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "dtype=torch" not in err[-1] and "--dtype bfloat16" in err[-1], err
+
+
+def test_a_failed_write_keeps_the_audio_and_says_where(ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import csm.audio
+
+    save = csm.audio.save_audio
+
+    def disk_full_in_out(audio, path, **kwargs):
+        if "out" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(audio, path, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(csm.audio, "save_audio", disk_full_in_out)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "out").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    code = main(["say", "Hello there.", "-o", "out/x.wav", "--model", str(ckpt), "--seed", "1", "--max-seconds",
+                 "0.3", "--device", "cpu", "-q"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("csm: error: cannot write out/x.wav: No space left on device"), (
+        err
+    )
+    kept = list((tmp_path / "tmp").glob("csm-unsaved-*.wav"))
+    assert len(kept) == 1 and f"the audio is kept in {kept[0]}" in err[-1], err
+    assert len(read(kept[0])) == 4 * 1920
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_no_room_for_the_audio_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100_000, 100_000))
+    monkeypatch.chdir(tmp_path)
+    code = main(["say", "Hello there, " * 500, "-o", "x.wav", "--model", "no-such-model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "0.1 MB free in" in err[-1] and "write elsewhere" in err[-1], err
+
+
+def test_voice_rename_and_delete(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CSM_VOICES_DIR", str(tmp_path / "voices"))
+    sf.write(tmp_path / "ref.wav", np.zeros(9600, np.float32) + 0.01, 24000)
+    for name in ("alice", "bob"):
+        assert main(["voice", "create", name, "ref.wav", "Words."]) == 0
+    assert main(["voice", "rename", "alice", "carol"]) == 0
+    capsys.readouterr()
+    assert main(["voice", "list"]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["bob", "carol"]
+    from csm.voice import Voice
+
+    assert Voice.named("carol").name == "carol"
+    assert main(["voice", "rename", "bob", "carol"]) == 2
+    assert "a voice named 'carol' already exists" in capsys.readouterr().err
+    assert main(["voice", "delete", "carol", "nobody"]) == 2  # every name checked before any is deleted
+    assert (
+        "no voice named 'nobody' in" in capsys.readouterr().err and (tmp_path / "voices" / "carol").is_dir()
+    )
+    assert main(["voice", "delete", "carol", "bob"]) == 0
+    assert not list((tmp_path / "voices").iterdir())
+    assert main(["voice", "delete", "../x"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["sya", "Hi."], "did you mean say?"),
+        (["say", "Hi.", "-o", "x.wav", "--temp", "0.5"], "did you mean --temperature?"),
+        (["say", "Hi.", "-o", "x.wav", "--seeed", "1"], "did you mean --seed?"),
+        (["voice", "lst"], "did you mean list?"),
+        (["say", "Hi.", "-o", "x.wav", "--quantize", "in8"], "did you mean int8?"),
+    ],
+)
+def test_abbreviated_or_misspelled_commands_and_flags_are_refused_with_the_nearest(args, hint, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and err[-1].endswith(f"({hint})"), err
+
+
+def test_saved_weights_have_their_siblings_permissions(tmp_path):
+    import stat
+
+    from reference_models import tiny_csm_config
+
+    from csm import CsmConfig, CsmForConditionalGeneration
+
+    CsmForConditionalGeneration(CsmConfig.from_dict(tiny_csm_config())).save_pretrained(tmp_path)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes
+
+
+def test_speed_and_aac_as_the_server_has_them(ckpt, tmp_path, monkeypatch, capsys):
+    av = pytest.importorskip("av")
+    monkeypatch.chdir(tmp_path)
+    base = ["--model", str(ckpt), "--seed", "2", "--max-seconds", "0.5", "--device", "cpu", "-q"]
+    assert main(["say", "Hello there.", "-o", "normal.wav", *base]) == 0
+    assert main(["say", "Hello there.", "-o", "fast.wav", "--speed", "2", *base]) == 0
+    normal, fast = read(tmp_path / "normal.wav"), read(tmp_path / "fast.wav")
+    assert len(fast) == pytest.approx(len(normal) / 2, abs=2)
+    assert main(["say", "Hello there.", "-o", "x.aac", *base]) == 0
+    with av.open(str(tmp_path / "x.aac")) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name == "aac" and stream.rate == 24000
+        decoded = sum(frame.samples for frame in container.decode(stream))
+    assert decoded >= len(normal)
+    assert main(["say", "Hi.", "-o", "x.wav", "--speed", "5", "--model", "no-such-model"]) == 2
+    assert "--speed must be between 0.25 and 4.0" in capsys.readouterr().err
+
+
+def test_light_commands_do_not_load_torch(tmp_path):
+    """`csm voice list`, `--help` and a refused flag answer without importing torch (seconds at every start)."""
+    sf.write(tmp_path / "ref.wav", np.zeros(9600, np.float32) + 0.01, 24000)
+    assert run(["voice", "create", "alice", "ref.wav", "Words."], tmp_path).returncode == 0
+    script = (
+        "import sys\nfrom csm.cli import main\n"
+        "for argv in (['voice', 'list'], ['--help'], ['say', '--temp', '1'], ['voice', 'delete', 'nobody']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    env = {**os.environ, "CSM_VOICES_DIR": str(tmp_path / "voices")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    out = result.stdout.decode()
+    assert out.strip().splitlines()[-1] == "no torch", (out, result.stderr.decode())
+    assert "alice\tspeaker 0\t1 clip(s), 0.4 s" in out
+    import csm
+
+    assert callable(csm.pipeline) and csm.CsmForConditionalGeneration.can_generate()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_finetune_on_an_absent_gpu_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["finetune", "--model", "m", "--data", "d.jsonl", "--out", "run", "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["csm: error: --device cuda: device 'cuda' asked for, but this machine has no "
+                                 "CUDA GPU usable by torch"], err  # fmt: skip
+    assert not (tmp_path / "run").exists()

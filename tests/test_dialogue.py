@@ -269,3 +269,59 @@ def test_a_turn_that_cannot_fit_is_reported_at_its_line(ckpt, tmp_path, monkeypa
     assert main([*args, "--max-seconds", "170"]) == 2
     err = capsys.readouterr().err
     assert "talk.txt:3: the text and its context take" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_keeps_the_finished_turns_in_a_valid_mix_and_manifest(ckpt, tmp_path, monkeypatch, capsys):
+    from csm.conversation import Conversation
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "talk.txt").write_text("".join(f"[{i % 2}] This is turn number {i}.\n" for i in range(6)))
+    add, calls = Conversation.add, []
+
+    def add_then_interrupt(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # Ctrl-C while the fourth turn is spoken
+            raise KeyboardInterrupt
+        return add(self, *a, **k)
+
+    monkeypatch.setattr(Conversation, "add", add_then_interrupt)
+    args = ["dialogue", "talk.txt", "-o", "talk.wav", "--manifest", "meta/talk-manifest.json"]
+    (tmp_path / "meta").mkdir()
+    code = main([*args, "--model", str(ckpt), "--seed", "3", "--max-seconds", "0.3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130, err
+    assert (
+        err[-1].startswith("csm: interrupted: wrote the 3 finished turn(s) (")
+        and "from line 4 of talk.txt" in err[-1]
+    )
+    manifest = json.loads((tmp_path / "meta" / "talk-manifest.json").read_text())
+    assert manifest["interrupted"] is True and manifest["turns_not_spoken"] == 3
+    assert manifest["audio"] == "../talk.wav" and [e["line"] for e in manifest["turns"]] == [1, 2, 3]
+    mix = read_int16(tmp_path / "talk.wav")  # a valid file holding the three turns and their pauses
+    assert len(mix) == round(manifest["seconds"] * 24000)
+    assert not (tmp_path / "talk.json").exists()
+    assert not [p for p in tmp_path.rglob("*.partial*")]
+
+
+def test_manifest_flag_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "talk.txt").write_text("[0] Hello.\n")
+    for manifest, match in (("m.txt", "give a .json name"), ("nowhere/m.json", "does not exist")):
+        code = main(
+            ["dialogue", "talk.txt", "-o", "t.wav", "--manifest", manifest, "--model", "no-such-model"]
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and match in err[-1], err
+
+
+def test_no_room_for_the_mix_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100_000, 100_000))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "talk.txt").write_text("[0] Hello there, how are you doing today?\n[1] Fine.\n")
+    code = main(["dialogue", "talk.txt", "-o", "talk.wav", "--model", "no-such-model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "-o talk.wav: 0.1 MB free in" in err[-1], err

@@ -233,3 +233,125 @@ def test_from_pretrained_takes_device_map_and_torch_dtype_as_the_model_card(csm_
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="lacks"):
             CsmForConditionalGeneration.from_pretrained(path, device_map="cuda")
+
+
+# ---- the entry points transformers' own tests and tools call ----------------------------------------
+
+
+def test_can_generate_and_config_methods_answer_as_the_references(csm_checkpoint):
+    from transformers import CsmConfig as RefConfig
+    from transformers import CsmForConditionalGeneration as Reference
+    from transformers import MimiModel as RefMimi
+
+    from csm.mimi import MimiModel
+
+    assert CsmForConditionalGeneration.can_generate() is Reference.can_generate() is True
+    assert MimiModel.can_generate() is RefMimi.can_generate() is False
+    path, _ = csm_checkpoint
+    ours, ref = CsmConfig.from_pretrained(path), RefConfig.from_pretrained(path)
+    assert sorted(CsmConfig.sub_configs) == sorted(RefConfig.sub_configs) == sorted(ours.sub_configs)
+    assert ours.depth_decoder_config.sub_configs == ref.depth_decoder_config.sub_configs == {}
+    assert ours.codec_config.sub_configs == {}
+    for a, b in ((ours, ref), (ours.depth_decoder_config, ref.depth_decoder_config)):
+        assert a.is_encoder_decoder is b.is_encoder_decoder is False
+        assert a.get_text_config() is a and b.get_text_config() is b
+        assert a.get_text_config(decoder=True) is a
+    diff, ref_diff = ours.to_diff_dict(), ref.to_diff_dict()
+    for key in ("num_codebooks", "hidden_size", "text_vocab_size", "audio_token_id", "model_type"):
+        assert diff[key] == ref_diff[key]
+    for key in ("hidden_size", "num_hidden_layers", "model_type"):
+        assert diff["depth_decoder_config"][key] == ref_diff["depth_decoder_config"][key]
+        assert diff["codec_config"][key] == ref_diff["codec_config"][key]
+    assert CsmConfig.from_dict(diff) == ours
+
+
+def test_outputs_are_dicts_as_transformers_model_outputs_are(pair):
+    import pickle
+
+    ours, ref = pair
+    codes = torch.randint(0, 2048, (2, 5, 8))
+    labels = torch.randint(0, 2048, (2, 5, 8))
+    with torch.no_grad():
+        a = ours(input_ids=codes, labels=labels)
+        b = ref(input_ids=codes, labels=labels, use_cache=False)
+    assert isinstance(a, dict) and isinstance(b, dict)
+    assert list(a.keys()) == list(b.keys()) == list(dict(a)) == list({**a})
+    assert [k for k, _ in a.items()] == list(b.keys()) and len(a) == len(b)
+    close(dict(a)["loss"], dict(b)["loss"])
+    assert "loss" in a and "attentions" not in a and a.get("attentions") is None
+    a.attentions = (torch.zeros(1),)  # a field set later takes its declared place, as keys go
+    assert list(a.keys())[:3] == ["loss", "logits", "attentions"]
+    assert list(pickle.loads(pickle.dumps(a)).keys()) == list(a.keys())
+    with pytest.raises(TypeError):
+        a.pop("loss")
+
+
+def test_forward_returns_the_eager_attention_weights_of_the_reference(tmp_path):
+    from reference_models import AUDIO, AUDIO_EOS
+
+    ref = reference_csm(seed=3)
+    ref.set_attn_implementation("eager")
+    ref.save_pretrained(tmp_path)
+    ours = CsmForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask = padded_ids([7, 4], 7, "left")
+    codes = torch.randint(0, 2048, (2, 6, 8))
+    labels = torch.randint(0, 2048, (2, 6, 8))
+    assert AUDIO != AUDIO_EOS
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=True)
+        b = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
+        real = mask.bool()[:, None, :, None]  # a padded query: the reference's eager softmax of nothing
+        assert len(a.attentions) == len(b.attentions) == 2
+        for x, y in zip(a.attentions, b.attentions, strict=True):
+            assert x.shape == y.shape == (2, 4, 7, 7)
+            close(x * real, y * real)
+        close(a.logits[mask.bool()], b.logits[mask.bool()])
+        a = ours(input_ids=codes, labels=labels, output_attentions=True)
+        b = ref(input_ids=codes, labels=labels, output_attentions=True, use_cache=False)
+    assert list(a.keys()) == list(b.keys())
+    for name in ("attentions", "depth_decoder_attentions"):
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True):
+            close(x, y)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_generate_returns_the_references_attentions_and_hidden_states_per_frame(tmp_path, side):
+    ref = reference_csm(seed=5)
+    ref.set_attn_implementation("eager")
+    ref.save_pretrained(tmp_path)
+    ours = CsmForConditionalGeneration.from_pretrained(tmp_path)
+    torch.manual_seed(1)
+    ids, mask = padded_ids([6, 4], 6, side)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
+    kwargs.update(output_attentions=True, output_hidden_states=True, num_beams=1, use_cache=True, **GREEDY)
+    a, b = ours.generate(**kwargs), ref.generate(**kwargs)
+    torch.testing.assert_close(a.sequences, b.sequences, rtol=0, atol=0)
+    assert [k for k in a.keys()] == [k for k in b.keys() if k != "past_key_values"]
+    assert len(a.hidden_states) == len(b.hidden_states) == len(a.attentions) == 3
+    real = mask.bool()
+    for step, (xs, ys) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)):
+        assert len(xs) == len(ys) == 3  # embeddings, each layer's output (the last normed)
+        for x, y in zip(xs, ys, strict=True):
+            assert x.shape == y.shape
+            close(x[real] if step == 0 else x, y[real] if step == 0 else y)
+    for step, (xs, ys) in enumerate(zip(a.attentions, b.attentions, strict=True)):
+        for x, y in zip(xs, ys, strict=True):
+            assert x.shape == y.shape == ((2, 4, 6, 6) if step == 0 else (2, 4, 1, 6 + step))
+            rows = real[:, None, :, None] if step == 0 else torch.ones((), dtype=torch.bool)
+            close(x * rows, y * rows)
+    plain = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, use_cache=False, **GREEDY)
+    torch.testing.assert_close(plain, a.sequences, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="beam search"):
+        ours.generate(input_ids=ids, max_new_tokens=2, num_beams=4)
+
+
+def test_generate_warnings_point_at_the_callers_line_not_torchs(gen_pair):
+    import warnings
+
+    ours, _, _ = gen_pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours.generate(input_ids=torch.tensor([[BOS, 5, 6]]), max_new_tokens=1, **GREEDY)
+        for _ in ours.generate_stream(input_ids=torch.tensor([[BOS, 5, 6]]), max_new_tokens=1, **GREEDY):
+            pass
+    assert [w.filename for w in caught] == [__file__, __file__], [(w.filename, w.lineno) for w in caught]

@@ -222,7 +222,7 @@ def test_bad_sampling_arguments_are_clear(setup):
         ours.generate(**inputs, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         ours.generate(**inputs, depth_decoder_top_p=1.5)
-    with pytest.raises(TypeError, match="num_beams"):
+    with pytest.raises(ValueError, match="num_beams=4: beam search is not supported"):
         ours.generate(**inputs, num_beams=4)
 
 

@@ -464,3 +464,10 @@ def test_tokenizer_is_called_like_the_reference_tokenizer(ours, ref):
     assert tok.decode(ids) == reference.decode(ids)
     assert tok.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
     assert tok.convert_tokens_to_ids("<|AUDIO|>") == reference.convert_tokens_to_ids("<|AUDIO|>")
+
+
+def test_model_input_names_are_the_references(ref, ours):
+    assert ours.model_input_names == ref.model_input_names
+    assert ours.tokenizer.model_input_names == ref.tokenizer.model_input_names
+    inputs = ours(text="[0]Hello.", audio=None)
+    assert set(inputs) <= set(ours.model_input_names)

@@ -7,15 +7,19 @@ import math
 import numbers
 import os
 import re
+import sys
 import urllib.request
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import soundfile as sf
 import soxr
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLING_RATE = 24_000
 MAX_CHANNELS = 8  # a 2-D array with both sides longer than this is not (channels, samples)
@@ -24,7 +28,19 @@ MAX_BOUNDED_RATE = 384_000  # the highest rate a file read under a length limit 
 _BLOCK_SAMPLES = 1 << 20  # samples (over all channels) decoded at a time
 _UNKNOWN_FRAMES = 1 << 62  # libsndfile reports about 2**63 frames when a header does not say
 
-AudioLike = str | os.PathLike | bytes | np.ndarray | torch.Tensor | Sequence[float]
+AudioLike = Union[str, os.PathLike, bytes, np.ndarray, "torch.Tensor", Sequence[float]]  # noqa: UP007
+
+
+def _tensor_as_numpy(x):
+    """A torch tensor as a float32 numpy array; anything else as it is. torch is not imported for this: when
+    it is not loaded, nothing can be a tensor (light commands such as `csm voice list` never load it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ValueError("audio tensor is complex; pass real samples")
+        return x.detach().to("cpu", torch.float32).numpy()
+    return x
+
 
 # Extensions soundfile does not map to a container by itself.
 _EXTRA_FORMATS = {".opus": ("OGG", "OPUS"), ".pcm": ("RAW", "PCM_16"), ".raw": ("RAW", "PCM_16")}
@@ -137,10 +153,7 @@ def _read_file(
 
 def _array_to_channels(audio: np.ndarray | torch.Tensor | Sequence[float]) -> np.ndarray:
     """Any numeric array-like as (C, T) float32; integer PCM is scaled to [-1, 1]."""
-    if isinstance(audio, torch.Tensor):
-        if audio.is_complex():
-            raise ValueError("audio tensor is complex; pass real samples")
-        audio = audio.detach().to("cpu", torch.float32).numpy()
+    audio = _tensor_as_numpy(audio)
     try:
         audio = np.asarray(audio)
     except ValueError as e:
@@ -207,9 +220,7 @@ def _as_waveforms(audio, count: int) -> list[np.ndarray]:
         items = [audio]
     out = []
     for i, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            item = item.detach().to("cpu", torch.float32).numpy()
-        item = np.asarray(item, dtype=np.float32)
+        item = np.asarray(_tensor_as_numpy(item), dtype=np.float32)
         if item.ndim == 2 and 1 in item.shape:
             item = item.reshape(-1)
         if item.ndim != 1:

@@ -204,6 +204,10 @@ def save_safetensors(state: dict[str, torch.Tensor], folder: Path) -> None:
         out[name] = tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
         seen.add(ptr)
     save_file(out, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (0600); give it its siblings' permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~umask)
 
 
 def load_into(

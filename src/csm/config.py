@@ -33,7 +33,35 @@ def _rope_parameters(d: dict) -> dict:
     return params
 
 
-class _JsonConfig:
+class _SubConfigs:
+    """`Config.sub_configs`, read on the class or an instance: the nested configs' names and classes."""
+
+    def __get__(self, obj, cls) -> dict[str, type]:
+        if getattr(cls, "model_type", None) != "csm":
+            return {}
+        from .mimi import MimiConfig
+
+        return {"codec_config": MimiConfig, "depth_decoder_config": CsmDepthDecoderConfig}
+
+
+class ReferenceConfigMethods:
+    """What callers read on transformers' configs beyond their fields: `is_encoder_decoder`,
+    `get_text_config()`, `sub_configs` and `to_diff_dict()`."""
+
+    is_encoder_decoder = False
+    sub_configs = _SubConfigs()
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None):
+        """This config: CSM's text settings are its own, not a nested text config (as in the reference)."""
+        return self
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The reference diffs against a bare PreTrainedConfig, which has none of these models' fields,
+        so every field is kept: the same as `to_dict()`."""
+        return self.to_dict()
+
+
+class _JsonConfig(ReferenceConfigMethods):
     """from_dict / to_dict / from_pretrained / save_pretrained for a config dataclass.
 
     Keys we do not model (transformers bookkeeping, generation settings) are kept in `extra`
@@ -165,7 +193,7 @@ class CsmConfig(_JsonConfig):
             )
 
     def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
+        out = _JsonConfig.to_dict(self)
         # The reference reads `tie_word_embeddings` as the codebook tie; keep both in step.
         out["tie_word_embeddings"] = self.tie_codebooks_embeddings
         return out

@@ -6,12 +6,12 @@ The engine (csm.engine) runs the frames; end-of-audio is checked on the host onl
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from ._warnings import warn_at_caller
 from .engine import FrameEngine, Sampling, use_compile, use_cuda_graph
 from .frames import FrameRule
 from .output import ModelOutput
@@ -51,12 +51,14 @@ class GenerationSettings(dict):
 
 @dataclass
 class CsmGenerateOutput(ModelOutput):
-    """generate(..., return_dict_in_generate=True): the reference's CsmGenerateOutput, less the caches,
-    attentions and hidden states it does not keep."""
+    """generate(..., return_dict_in_generate=True): the reference's CsmGenerateOutput, less the caches it
+    does not keep."""
 
     sequences: torch.Tensor | None = None  # (B, frames, K); a code prompt's frames come first
     scores: tuple[torch.Tensor, ...] | None = None  # per frame, codebook 0's processed scores (B, V)
     logits: tuple[torch.Tensor, ...] | None = None  # per frame, codebook 0's raw logits (B, V)
+    attentions: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per frame, per layer (model.generate)
+    hidden_states: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per frame, per layer (model.generate)
     audio: list[torch.Tensor] | None = None  # with output_audio=True
 
 
@@ -354,10 +356,9 @@ def generate(
     rule = engine.rule
     codes = trim_to_reference(torch.cat(blocks, 1), rule)
     if not bool(rule.is_end_of_audio(codes).any(-1).all()):
-        warnings.warn(
+        warn_at_caller(
             f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows; "
-            "their audio may be cut short (raise max_new_tokens or max_seconds)",
-            stacklevel=2,
+            "their audio may be cut short (raise max_new_tokens or max_seconds)"
         )
     if logits is not None:
         logits = tuple(logits[: codes.shape[1]])  # one per frame kept
@@ -458,7 +459,6 @@ def generate_stream(
             keep_generated(engine, torch.cat(made, 1))
         finish(engine)
     if not reached_eos:
-        warnings.warn(
-            f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows",
-            stacklevel=2,
+        warn_at_caller(
+            f"generation reached max_new_tokens={config.max_new_tokens} frames without end-of-audio in some rows"
         )

@@ -463,10 +463,13 @@ class Attention(Fuses, nn.Module):
     def fuse(self) -> None:
         self.qkv.fuse((self.q_proj, self.k_proj, self.v_proj))
 
-    def forward(self, x, rot, mask=None, input_pos=None, kv=None) -> torch.Tensor:
+    def forward(
+        self, x, rot, mask=None, input_pos=None, kv=None, weights: list | None = None
+    ) -> torch.Tensor:
         """x (B, T, D), rot the RoPE rotations (`RotaryEmbedding`). Keys and values go through
         `kv(k, v) -> (k, v)` when given (a caller's own cache, e.g. the codec's ring), else through this
-        layer's KVCache at `input_pos`. `mask`: boolean (True: attend) or additive, over the keys in use."""
+        layer's KVCache at `input_pos`. `mask`: boolean (True: attend) or additive, over the keys in use.
+        A list passed as `weights` receives the attention weights (B, H, T, S), computed eagerly."""
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         m = self._modules  # the layers as they are now, without Module.__getattr__'s cost per call
@@ -485,7 +488,9 @@ class Attention(Fuses, nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
         if mask is not None and mask.shape[-1] < k.shape[2]:  # the mask says how much of the cache is in use
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
-        if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and mask is not None:
+        if weights is not None:
+            y = eager_attention(q, k, v, mask, weights)
+        elif T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and mask is not None:
             y = one_query_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -497,6 +502,21 @@ class Attention(Fuses, nn.Module):
                 enable_gqa=self.n_heads != self.n_kv_heads,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def eager_attention(q, k, v, mask, weights: list) -> torch.Tensor:
+    """Attention written out (the reference's "eager" path), for callers that ask for its weights: q (B, H,
+    T, D), k, v (B, KV, S, D); mask boolean (True: attend), additive, or None (causal). The weights (B, H, T,
+    S) are appended to `weights`; a query with no key left (left padding) gets zeros, as SDPA gives it."""
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(-1).nan_to_num(0.0).to(q.dtype)
+    weights.append(probs)
+    return probs @ v
 
 
 def one_query_attention(q, k, v, mask) -> torch.Tensor:
@@ -550,8 +570,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rot, mask=None, input_pos=None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rot, mask, input_pos)
+    def forward(self, x, rot, mask=None, input_pos=None, attentions: list | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rot, mask, input_pos, weights=attentions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -583,10 +603,12 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    def run_layers(self, h, positions, mask=None, input_pos=None, hidden_states=None) -> torch.Tensor:
+    def run_layers(
+        self, h, positions, mask=None, input_pos=None, hidden_states=None, attentions=None
+    ) -> torch.Tensor:
         """Apply every layer and the final norm to h (B, T, D); positions (T,) or (B, T) feed RoPE; mask
         is boolean (True: attend) or additive. A list passed as `hidden_states` receives each layer's
-        input, then the final normed state."""
+        input, then the final normed state; one passed as `attentions`, each layer's attention weights."""
         rot = self.rotary_emb(positions, h.dtype)
         if mask is not None and mask.dtype == torch.bool:
             mask = additive_mask(mask, h.dtype)
@@ -595,6 +617,8 @@ class Transformer(nn.Module):
                 hidden_states.append(h)
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, rot, mask, input_pos, use_reentrant=False)
+            elif attentions is not None:
+                h = layer(h, rot, mask, input_pos, attentions)
             else:
                 h = layer(h, rot, mask, input_pos)
         h = self.norm(h)

@@ -25,7 +25,13 @@ from .checkpoint import (
     stored_float_dtype,
 )
 from .config import CsmConfig, CsmDepthDecoderConfig
-from .generate import GENERATION_DEFAULTS, GenerationSettings, generate, generate_stream
+from .generate import (
+    GENERATION_DEFAULTS,
+    CsmGenerateOutput,
+    GenerationSettings,
+    generate,
+    generate_stream,
+)
 from .llama import (
     Linear,
     Packable,
@@ -65,6 +71,7 @@ TIED_AUDIO_EMBEDDING = (
 class BackboneOutput(ModelOutput):
     last_hidden_state: torch.Tensor  # (B, T, D)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, then each layer's output
+    attentions: tuple[torch.Tensor, ...] | None = None  # each layer's weights (B, H, T, T)
 
 
 @dataclass
@@ -72,21 +79,28 @@ class DepthDecoderOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (N, T, V)
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
 class CsmOutput(ModelOutput):
-    """The reference's CsmOutputWithPast, less the caches and attentions this forward does not return."""
+    """The reference's CsmOutputWithPast, less the caches this forward does not keep."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (B, T, V) codebook-0 logits
     hidden_states: tuple[torch.Tensor, ...] | None = None  # backbone, with output_hidden_states=True
+    attentions: tuple[torch.Tensor, ...] | None = None  # backbone (B, H, T, T), with output_attentions=True
     depth_decoder_loss: torch.Tensor | None = None
     depth_decoder_logits: torch.Tensor | None = (
         None  # (N, K-1, V) for the N frames the depth decoder trained on
     )
     depth_decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    depth_decoder_attentions: tuple[torch.Tensor, ...] | None = None
     backbone_loss: torch.Tensor | None = None
+
+
+def as_tuple(values: list | None) -> tuple | None:
+    return tuple(values) if values is not None else None
 
 
 def rope_positions(rotary, position_ids: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
@@ -158,9 +172,11 @@ class CsmBackboneModel(Transformer):
         inputs_embeds=None,
         position_ids=None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BackboneOutput:
         """input_ids: audio codes (B, T, K); or pass inputs_embeds (B, T, D). Positions count from 0 unless
-        position_ids (T,) or (B, T) say otherwise; any position is computed, also past the config's limit."""
+        position_ids (T,) or (B, T) say otherwise; any position is computed, also past the config's limit.
+        output_attentions runs attention eagerly, to return its weights."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (audio codes, B x T x K) or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -169,8 +185,9 @@ class CsmBackboneModel(Transformer):
         if attention_mask is None and position_ids is not None:
             mask = packed_causal_mask(positions, h.shape[0])
         hidden_states = [] if output_hidden_states else None
-        h = self.run_layers(h, positions, mask, hidden_states=hidden_states)
-        return BackboneOutput(h, tuple(hidden_states) if hidden_states is not None else None)
+        attentions = [] if output_attentions else None
+        h = self.run_layers(h, positions, mask, hidden_states=hidden_states, attentions=attentions)
+        return BackboneOutput(h, as_tuple(hidden_states), as_tuple(attentions))
 
 
 class CsmDepthDecoderModel(Transformer):
@@ -195,6 +212,7 @@ class CsmDepthDecoderModel(Transformer):
         backbone_last_hidden_state=None,
         inputs_embeds=None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> BackboneOutput:
         """input_ids (N, T) from position 0; backbone_last_hidden_state (N, D_backbone) replaces position 0."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -208,8 +226,10 @@ class CsmDepthDecoderModel(Transformer):
                 )
         h = self.inputs_embeds_projector(inputs_embeds)
         hidden_states = [] if output_hidden_states else None
-        h = self.run_layers(h, rope_positions(self.rotary_emb, None, h), hidden_states=hidden_states)
-        return BackboneOutput(h, tuple(hidden_states) if hidden_states is not None else None)
+        attentions = [] if output_attentions else None
+        positions = rope_positions(self.rotary_emb, None, h)
+        h = self.run_layers(h, positions, hidden_states=hidden_states, attentions=attentions)
+        return BackboneOutput(h, as_tuple(hidden_states), as_tuple(attentions))
 
 
 class CsmCodebooksHead(Packable, nn.Module):
@@ -245,18 +265,28 @@ class CsmDepthDecoderForCausalLM(nn.Module):
         self.codebooks_head = CsmCodebooksHead(config.hidden_size, config.num_codebooks, config.vocab_size)
 
     def forward(
-        self, input_ids, backbone_last_hidden_state=None, labels=None, output_hidden_states: bool = False
+        self,
+        input_ids,
+        backbone_last_hidden_state=None,
+        labels=None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> DepthDecoderOutput:
         """input_ids (N, T): [anything, c0, c1, ...]; logits for codebooks 1..T-1 from positions 1..T-1.
 
         labels (N, T) are codes c0..c_{T-1}; codebook i >= 1 is scored, -100 ignored.
         """
-        out = self.model(input_ids, backbone_last_hidden_state, output_hidden_states=output_hidden_states)
+        out = self.model(
+            input_ids,
+            backbone_last_hidden_state,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         h = out.last_hidden_state
         codebooks = torch.arange(1, h.shape[1], device=h.device)
         logits = self.codebooks_head(h[:, 1:], codebooks)
         loss = causal_lm_loss(logits, labels[:, 1:], shift=False) if labels is not None else None
-        return DepthDecoderOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return DepthDecoderOutput(loss, logits, out.hidden_states, out.attentions)
 
 
 class CsmForConditionalGeneration(nn.Module):
@@ -283,6 +313,11 @@ class CsmForConditionalGeneration(nn.Module):
         if value is not None and not isinstance(value, dict):
             value = value.to_dict()  # the reference's GenerationConfig
         self._generation_config = GenerationSettings(value or {})
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: this model has `generate` (as transformers' PreTrainedModel.can_generate reports)."""
+        return True
 
     def tie_weights(self) -> None:
         if self.config.tie_codebooks_embeddings:
@@ -413,6 +448,7 @@ class CsmForConditionalGeneration(nn.Module):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         audio_codes: list[torch.Tensor] | None = None,
+        output_attentions: bool | None = None,
     ) -> CsmOutput | tuple:
         """Codebook-0 logits for every position, and the reference's losses when `labels` are given.
 
@@ -420,6 +456,8 @@ class CsmForConditionalGeneration(nn.Module):
         labels: (B, T) with -100 ignored and -101 for backbone-only frames, or (B, T, K) codes.
         position_ids: RoPE positions (B, T) or (T,), by default 0..T-1 (padding included, as the reference).
         output_hidden_states: also return the backbone's (and the depth decoder's) hidden states.
+        output_attentions: also return each layer's attention weights (B, H, T, T), computed eagerly as
+        the reference's attn_implementation="eager" computes them.
         return_dict=False returns `CsmOutput.to_tuple()`. use_cache is accepted and has no effect: this
         forward keeps no cache (generate has its own), so past_key_values must be None.
         audio_codes: pre-encoded clips instead of input_values (see `embed_inputs`).
@@ -439,12 +477,13 @@ class CsmForConditionalGeneration(nn.Module):
             inputs_embeds,
             position_ids=position_ids,
             output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
         )
         hidden = backbone.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        out = CsmOutput(logits=logits, hidden_states=backbone.hidden_states)
+        out = CsmOutput(logits=logits, hidden_states=backbone.hidden_states, attentions=backbone.attentions)
         if labels is not None:
             out.backbone_loss = causal_lm_loss(logits, labels[..., 0])
             train = ~(labels[..., 1:] == -100).all(dim=-1)  # (B, T) frames the depth decoder learns
@@ -459,17 +498,93 @@ class CsmForConditionalGeneration(nn.Module):
                     hidden[rows, cols - 1],
                     labels=target,
                     output_hidden_states=bool(output_hidden_states),
+                    output_attentions=bool(output_attentions),
                 )
                 out.depth_decoder_loss, out.depth_decoder_logits = depth.loss, depth.logits
                 out.depth_decoder_hidden_states = depth.hidden_states
+                out.depth_decoder_attentions = depth.attentions
             out.loss = out.backbone_loss + out.depth_decoder_loss
         return out.returned(return_dict)
 
     # ---- generation ---------------------------------------------------------------------------------
 
-    def generate(self, *args, **kwargs):
-        """Generate frames (or audio with output_audio=True); see `csm.generate.generate`."""
-        return generate(self, *args, **kwargs)
+    def generate(
+        self,
+        *args,
+        num_beams: int | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ):
+        """Generate frames (or audio with output_audio=True); see `csm.generate.generate`.
+
+        Also takes the reference's common arguments: `num_beams` (1: CSM draws one frame at a time, as the
+        reference does; beam search is refused), `use_cache` (the frame loop always keeps its KV cache; the
+        codes are the same either way), and, with `return_dict_in_generate=True`, `output_attentions` and
+        `output_hidden_states`: per generated frame, the backbone's attention weights (eager) and hidden
+        states as the reference returns them (the prompt's for the first frame, then one position per
+        frame), computed by running the finished sequence once more through the backbone.
+        """
+        if num_beams is not None and num_beams != 1:
+            raise ValueError(
+                f"num_beams={num_beams}: beam search is not supported: CSM "
+                "draws one frame at a time: use num_beams=1, or num_return_sequences with sampling"
+            )
+        if use_cache is not None and not isinstance(use_cache, bool):
+            raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
+        introspect = kwargs.get("return_dict_in_generate") and (output_attentions or output_hidden_states)
+        out = generate(self, *args, **kwargs)
+        if introspect:
+            steps = self.generation_steps(out.sequences, *args, **kwargs)
+            out.hidden_states = steps.hidden_states if output_hidden_states else None
+            out.attentions = steps.attentions if output_attentions else None
+        return out
+
+    @torch.inference_mode()
+    def generation_steps(
+        self,
+        sequences: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        input_values_cutoffs: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CsmGenerateOutput:
+        """The backbone's hidden states and attention weights at each of generate's steps, as the reference's
+        generate reports them: step 0 covers the prompt (B, T, ...), step i >= 1 the frame fed back (B, 1, ...)
+        attending to the T + i positions so far. One forward over prompt and frames, split by step."""
+        from .generate import prepare
+
+        keep = {k: kwargs[k] for k in ("audio_codes", "num_return_sequences") if k in kwargs}
+        embeds, mask, _, code_prompt = prepare(
+            self, input_ids, attention_mask, input_values, input_values_cutoffs, 1, keep
+        )
+        B, T, _ = embeds.shape
+        frames = sequences[:, (T if code_prompt is not None else 0) :]  # (B, F, K) generated
+        F_ = frames.shape[1]
+        fed = self.backbone_model.embed_tokens(frames[:, :-1].to(self.device)).to(embeds.dtype)
+        h = torch.cat([embeds, fed], 1)  # (B, T + F - 1, D)
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.long, device=h.device)
+        # The frame loop's positions (csm.engine, as the reference's): real prompt tokens count from 0,
+        # padding sits at 0, and each frame fed back comes one after the prompt's last position.
+        prompt = torch.where(mask.bool(), mask.long().cumsum(-1) - 1, 0)
+        positions = torch.cat([prompt, prompt[:, -1:] + torch.arange(1, F_, device=h.device)], 1)
+        mask = torch.cat([mask, mask.new_ones(B, F_ - 1)], 1)
+        out = self.backbone_model(
+            inputs_embeds=h,
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+        spans = [slice(0, T)] + [slice(T + i - 1, T + i) for i in range(1, F_)]
+        return CsmGenerateOutput(
+            sequences=sequences,
+            hidden_states=tuple(tuple(x[:, s] for x in out.hidden_states) for s in spans),
+            attentions=tuple(tuple(a[:, :, s, : s.stop] for a in out.attentions) for s in spans),
+        )
 
     def generate_stream(self, *args, **kwargs):
         """Yield audio chunks as they are generated; see `csm.generate.generate_stream`."""
@@ -602,12 +717,14 @@ def converting_transform(dtype: torch.dtype | None):
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """Accept torch dtypes, their names ("bfloat16", "float16", "float32") and "auto"/None (keep stored)."""
+    """Accept torch dtypes, their names ("bfloat16", "float16", "float32", or "bf16", "fp16", "fp32") and
+    "auto"/None (keep stored)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return None
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    name = str(dtype).removeprefix("torch.")
+    value = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16, float32 or auto")
     return value

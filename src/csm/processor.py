@@ -87,6 +87,8 @@ class CsmTokenizer:
     `encode`, `decode`, `batch_decode`, `convert_tokens_to_ids`, the special tokens and their ids.
     `backend_tokenizer` is the `tokenizers.Tokenizer` underneath."""
 
+    model_input_names = ["input_ids", "attention_mask"]
+
     def __init__(self, backend: Tokenizer, special_tokens: dict[str, str], padding_side: str = "left"):
         self.backend_tokenizer = backend
         self.padding_side = padding_side
@@ -464,6 +466,11 @@ class CsmProcessor:
         )
 
     # ---------------------------------------------------------------- conversations
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """The names of what `__call__` returns that the model reads, as the reference's processor lists them."""
+        return [*self.tokenizer.model_input_names, "input_values", "input_values_cutoffs"]
 
     def apply_chat_template(
         self,

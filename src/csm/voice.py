@@ -11,11 +11,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .audio import SAMPLING_RATE, load_audio, save_audio
+
+if TYPE_CHECKING:
+    import torch
 
 VOICE_FILE = "voice.json"
 CODES_FILE = "codes.pt"
@@ -32,6 +35,8 @@ def voices_dir() -> Path:
 
 def codec_fingerprint(model) -> str:
     """A short hash of the codec's config and a sample of its weights: codes from one codec fit only it."""
+    import torch
+
     codec = model.codec_model
     h = hashlib.sha256(json.dumps(codec.config.to_dict(), sort_keys=True, default=str).encode())
     for _, p in list(codec.named_parameters())[:4]:
@@ -41,6 +46,8 @@ def codec_fingerprint(model) -> str:
 
 def encode_audio(model, audio: np.ndarray) -> torch.Tensor:
     """A 24 kHz mono clip's codec codes (F, K) on the model's device: what it is as audio context."""
+    import torch
+
     codec = model.codec_model
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None]
@@ -134,6 +141,8 @@ class Voice:
             raise ValueError(f"{file} is not a valid voice file: {e}") from None
         cached = folder / CODES_FILE
         if cached.is_file():
+            import torch
+
             try:
                 stored = torch.load(cached, map_location="cpu", weights_only=True)
                 voice._codes = {k: list(v) for k, v in stored.items() if len(v) == len(clips)}
@@ -166,6 +175,8 @@ class Voice:
     def _store_codes(self, fingerprint: str, codes: list[torch.Tensor]) -> None:
         if self.folder is None or not self.store_codes:
             return
+        import torch
+
         try:
             torch.save({fingerprint: [c.cpu() for c in codes]}, self.folder / CODES_FILE)
         except OSError:
@@ -173,6 +184,7 @@ class Voice:
 
     def turns(self) -> list[dict]:
         """The clips as context turns of a CSM conversation."""
+
         return [
             {
                 "role": str(self.speaker),

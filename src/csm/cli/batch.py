@@ -26,6 +26,19 @@ def add_parser(sub) -> None:
 
 
 def cmd_batch(args) -> int:
+    if args.speaker is not None and args.speaker < 0:
+        raise CliError(f"--speaker must be a speaker id >= 0, got {args.speaker}")
+    for clip, transcript in args.context:  # read now: a bad clip is one line before the model loads
+        if Path(clip).expanduser().is_file():
+            if not transcript.strip():
+                raise CliError(
+                    f"--context {clip}: the transcript is empty; give the words spoken in the clip"
+                )
+            try:
+                common.context(args)
+            except (OSError, ValueError) as e:
+                raise CliError(f"--context: {e}") from None
+            break
     return run(args, common.load_pipeline, CliError)
 
 
@@ -217,9 +230,7 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
         nonlocal bar, start
         start = time.perf_counter()  # the rates count generation, not loading the model
         if not quiet:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), unit="line", desc="csm batch", file=sys.stderr)
+            bar = common.progress_bar(len(todo), "csm batch", "line")
 
     try:
         if todo:
@@ -243,6 +254,18 @@ def _run(args, out: OutputDir, settings, good, bad, load_pipeline) -> int:
                 synth = Synthesizer(load_pipeline(**loader, quiet=quiet), settings, args.batch_size)
                 progress()
                 synth.run(todo, out, on_row)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        ok = len(out.done() & {r.id for r in todo})  # from the manifest: a row is there once its file is
+        print(
+            f"csm batch: interrupted: {ok} of {len(todo)} line(s) made in this run, {len(good) - len(todo)} "
+            f"before; {len(todo) - ok} left. "
+            f"Their files and {out.path / MANIFEST} are kept: rerun the same command to make the rest",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if bar is not None:
             bar.close()

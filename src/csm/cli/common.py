@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -21,6 +22,62 @@ class CliError(Exception):
     """An error reported as one line, without a traceback."""
 
 
+# The library speaks in Python arguments; the CLI's messages speak in flags.
+_CLI_WORDS = [
+    (re.compile(r"(?:pass |with )?dtype=torch\.(\w+)"), r"--dtype \1"),
+    (re.compile(r"\bwithout quantize\b"), "without --quantize"),
+    (re.compile(r"\bquantize=(\w+)"), r"--quantize \1"),
+    (re.compile(r"max_new_tokens=(\d+) frames"), r"its frame budget (\1 frames)"),
+    (re.compile(r"\(raise max_new_tokens or max_seconds\)"), "(raise --max-seconds)"),
+    (re.compile(r"\bmax_seconds\b"), "--max-seconds"),
+    (re.compile(r"\bdevice_map\b"), "--device"),
+]
+
+
+def cli_words(message: str) -> str:
+    """A library message in the CLI's words: `--dtype bfloat16` where Python says `dtype=torch.bfloat16`."""
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
+def say_line(line: str) -> None:
+    """Print one line to stderr above any progress bar (tqdm's bars redraw below it), never through one."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        tqdm.tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+
+
+def one_line_warning(message, category=None, filename=None, lineno=None, file=None, line=None) -> None:
+    """warnings.showwarning for the CLI: `csm: warning: ...`, one line, in flags, above the bar."""
+    say_line(f"csm: warning: {cli_words(str(message)).splitlines()[0]}")
+
+
+DTYPE_NAMES = {
+    "auto": "auto",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+
+def dtype_name(text: str) -> str:
+    """An argparse type: a dtype by its name or its short name (bf16, fp16, fp32, as --quantize says them)."""
+    name = DTYPE_NAMES.get(text.lower().removeprefix("torch."))
+    if name is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}: use bfloat16 (bf16), float16 (fp16), float32 (fp32) or auto"
+        )
+    return name
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -31,7 +88,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        help="bfloat16, float16, float32 or auto (default: auto: on a GPU bf16 or fp16; on a CPU float32, with "
+        type=dtype_name,
+        help="bfloat16 (bf16), float16 (fp16), float32 (fp32) or auto (default: auto: on a GPU bf16 or fp16; on a CPU float32, with "
         "a bf16 checkpoint's weights kept in bf16 where csm's CPU kernels run)",
     )
     p.add_argument(
@@ -118,6 +176,45 @@ def context(args):
     return Voice.from_files("context", args.speaker or 0, [(Path(c), t) for c, t in args.context])
 
 
+def check_voice_and_context(args):
+    """--speaker, --voice and --context, checked and read before the model loads: returns (the Voice or
+    None, the context Voice or None). A missing voice, an unreadable clip or an empty transcript is one
+    line naming the flag."""
+    if args.speaker is not None and args.speaker < 0:
+        raise CliError(f"--speaker must be a speaker id >= 0, got {args.speaker}")
+    from ..voice import Voice
+
+    voice = None
+    if args.voice is not None:
+        try:
+            voice = Voice.named(args.voice)
+        except (OSError, ValueError) as e:
+            raise CliError(f"--voice {args.voice}: {e}") from None
+    for clip, transcript in args.context:
+        if not Path(clip).expanduser().is_file():
+            raise CliError(f"--context {clip}: no such file (give an audio clip, then its transcript)")
+        if not transcript.strip():
+            raise CliError(f"--context {clip}: the transcript is empty; give the words spoken in the clip")
+    try:
+        return voice, context(args)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--context: {e}") from None
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file's content; an unreadable file or another encoding is one line naming the file,
+    the place of the first bad byte and how to convert it."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(
+            f"{flag} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it "
+            f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8.txt"
+        ) from None
+    except OSError as e:
+        raise CliError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+
+
 def seed(args) -> int:
     """--seed, or a new one, printed so that the run can be made again."""
     if args.seed is not None:
@@ -135,6 +232,11 @@ def check_output(args, what: str, example: str) -> None:
         raise CliError(f"say where to write {what}: -o {example} (or --stream, or -o - for stdout)")
     if args.stream and args.output not in (None, "-"):
         raise CliError("--stream writes to stdout; drop -o or use -o -")
+    if getattr(args, "format", None) is not None and not (args.stream or args.output == "-"):
+        raise CliError(
+            f"--format {args.format} is for stdout (--stream or -o -); a file's format is its extension: "
+            f"-o {args.output} is {Path(args.output).suffix.lstrip('.').upper() or 'a file without one'}"
+        )
     if args.stream or args.output == "-":
         if sys.stdout.isatty():
             raise CliError(
@@ -154,10 +256,13 @@ def check_audio_file(path: str | os.PathLike, flag: str = "-o") -> None:
     file = Path(path).expanduser()
     if file.is_dir():
         raise CliError(f"{flag} {path} is a folder: give a file name, e.g. {flag} {file / 'out.wav'}")
-    try:
-        audio_format(file)
-    except ValueError as e:
-        raise CliError(f"{e} (the extension decides the format)") from None
+    if file.suffix.lower() == ".aac":
+        aac_encoder()  # PyAV is there (checked now, not after the model load)
+    else:
+        try:
+            audio_format(file)
+        except ValueError as e:
+            raise CliError(f"{e}, or .aac (the extension decides the format)") from None
     if not file.parent.is_dir():
         raise CliError(
             f"cannot write {path}: folder {file.parent} does not exist; create it (mkdir -p {file.parent}) "
@@ -204,15 +309,90 @@ def write_audio(path: str | os.PathLike, audio, rate: int) -> None:
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
     try:
-        save_audio(audio, tmp, sampling_rate=rate)
+        if path.suffix.lower() == ".aac":
+            encoder = aac_encoder()(rate)
+            tmp.write_bytes(encoder.push(audio) + encoder.finish())
+        else:
+            save_audio(audio, tmp, sampling_rate=rate)
         os.replace(tmp, path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: libsndfile's ("System error.")
         reason = (e.strerror if isinstance(e, OSError) else str(e)) or type(e).__name__
-        raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}") from None
+        tmp.unlink(missing_ok=True)  # before keeping the audio elsewhere: it may free the space needed
+        kept = keep_unsaved(audio, rate)
+        raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}{kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def aac_encoder():
+    """AAC (ADTS) as the server writes it: a callable rate -> encoder with push/finish; needs PyAV."""
+    try:
+        import av  # noqa: F401
+
+        from ..server.encode import AudioEncoder
+    except ImportError as e:
+        raise CliError(
+            f".aac needs PyAV ({e.name or e}), which comes with the server extra: pip install 'csm-speech[server]'"
+        ) from None
+    return lambda rate: AudioEncoder("aac", rate)
+
+
+def check_speed(args) -> None:
+    if getattr(args, "speed", None) is not None and not 0.25 <= args.speed <= 4.0:
+        raise CliError(f"--speed must be between 0.25 and 4.0 (as the server's speed), got {args.speed:g}")
+
+
+class SpeedChange:
+    """--speed: audio played faster or slower by resampling (the pitch follows), as the server's `speed`;
+    chunk by chunk for a stream, the same samples as all at once."""
+
+    def __init__(self, speed: float | None, rate: int):
+        import soxr
+
+        self.stream = None
+        if speed not in (None, 1.0):
+            self.stream = soxr.ResampleStream(rate * speed, rate, 1, dtype="float32")
+
+    def __call__(self, audio, last: bool = False):
+        if self.stream is None:
+            return audio
+        import numpy as np
+
+        return self.stream.resample_chunk(np.ascontiguousarray(audio, dtype=np.float32), last=last)
+
+
+def keep_unsaved(audio, rate: int) -> str:
+    """The audio a failed write would lose, in a WAV file of the system's temporary folder (often another
+    disk): a clause for the error message saying where, or that it could not be kept."""
+    from ..audio import save_audio
+
+    fd, name = tempfile.mkstemp(prefix="csm-unsaved-", suffix=".wav")
+    os.close(fd)
+    try:
+        save_audio(audio, name, sampling_rate=rate)
+    except (OSError, ValueError, RuntimeError):
+        os.unlink(name)
+        return "; the audio could not be kept elsewhere either"
+    return f"; the audio is kept in {name}: move it where you want it once there is room"
+
+
+def check_free_space(path: str | os.PathLike, seconds: float, flag: str = "-o") -> None:
+    """Refuse, before the model loads, an output whose folder has no room for `seconds` of 16-bit audio."""
+    import shutil
+
+    folder = Path(path).expanduser().resolve().parent
+    need = int(seconds * 24000 * 2) + (1 << 20)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # nothing cheap to say; the write will tell
+    if free < need:
+        raise CliError(
+            f"{flag} {path}: {free / 1e6:.1f} MB free in {folder}, about {need / 1e6:.1f} MB needed for "
+            f"{seconds:.0f} s of audio; free some space or write elsewhere"
+        )
 
 
 def _main_thread() -> bool:
@@ -232,14 +412,13 @@ class FrameCaps:
     def show(self, message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message)
         if "without end-of-audio" not in text:
-            print(f"csm: warning: {text.splitlines()[0]}", file=sys.stderr)
+            one_line_warning(text)
             return
         self.count += 1
         if self.max_seconds is None and self.count == 1:
-            print(
+            say_line(
                 "csm: warning: a sentence reached its frame budget without ending (the model ran on, or it "
-                "was cut short); --max-seconds S sets the most seconds per sentence",
-                file=sys.stderr,
+                "was cut short); --max-seconds S sets the most seconds per sentence"
             )
 
     def note(self) -> str:
@@ -283,3 +462,104 @@ def print_summary(where: str, samples: int, rate: int, took: float, note: str = 
     print(
         f"csm: wrote {where}: {seconds:.1f} s of audio in {took:.1f} s (RTF {rtf:.2f}){note}", file=sys.stderr
     )
+
+
+class PlainBar:
+    """A progress bar for a log: when stderr is not a terminal, whole lines (`csm say: 3/40 sentences,
+    frame 5/25 ...`) when an item finishes, at most one a second, and every 30 s while one runs, instead of
+    hundreds of carriage-return redraws. Takes the calls the commands make on tqdm."""
+
+    EVERY, QUIET_FOR = 1.0, 30.0
+
+    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", **_):
+        import time
+
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.postfix, self._clock = "", time.monotonic
+        self._printed = self._clock() - self.EVERY
+        self._shown: tuple | None = None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._maybe(self.EVERY)
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = text
+        self._maybe(self.QUIET_FOR)
+
+    def _maybe(self, after: float) -> None:
+        if self._clock() - self._printed >= after:
+            self._line()
+
+    def _line(self) -> None:
+        if self._shown == (self.n, self.postfix):
+            return
+        total = f"/{self.total}" if self.total is not None else ""
+        print(f"{self.desc}: {self.n}{total} {self.unit}s{', ' + self.postfix if self.postfix else ''}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        self._printed, self._shown = self._clock(), (self.n, self.postfix)
+
+    def write(self, line: str, file=None) -> None:
+        print(line, file=file or sys.stderr)
+
+    def close(self) -> None:
+        if self.total is None or self.n < self.total or self._shown != (self.n, self.postfix):
+            self._line()
+
+    def __iter__(self):
+        raise TypeError("iterate over items(...)")
+
+
+def progress_bar(total: int | None, desc: str, unit: str, **kwargs):
+    """tqdm on a terminal; plain lines in a log (PlainBar) when stderr is not one."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, **kwargs)
+    return PlainBar(total=total, desc=desc, unit=unit)
+
+
+def items_with_bar(items: list, desc: str, unit: str, show: bool):
+    """Iterate over `items` with a progress bar over them (see progress_bar), when `show`."""
+    if not show:
+        yield from items
+        return
+    bar = progress_bar(len(items), desc, unit, leave=False)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, as the csm command wants it: no abbreviated flags (`--temp` is not `--temperature`), and a
+    misspelled command, choice or flag answered with the nearest real one ("did you mean --seed?")."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}{self.suggestion(message)}\n")
+
+    def suggestion(self, message: str) -> str:
+        import difflib
+
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = [c.strip().strip("'") for c in choice[2].split(",")]
+            wrong = [choice[1]]
+        else:
+            unknown = re.search(r"unrecognized arguments: (.*)", message)
+            if not unknown:
+                return ""
+            wrong = [w.split("=")[0] for w in unknown[1].split() if w.startswith("-")]
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for word in wrong:
+            prefixed = [o for o in options if o.startswith(word) and word.startswith("--")]
+            best = prefixed or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+            if best:
+                return f" (did you mean {' or '.join(best[:3])}?)"
+        return ""

@@ -26,9 +26,20 @@ def add_parser(sub) -> None:
         "-o", "--output", default=None, help="the mixed conversation (.wav, .flac, ...); - for stdout"
     )
     p.add_argument("--pause", type=float, default=0.3, help="seconds of silence between turns (default: 0.3)")
+    p.add_argument(
+        "--manifest",
+        default=None,
+        metavar="FILE.json",
+        help="where the manifest goes (default: beside -o, with .json: talk.wav -> talk.json)",
+    )
     p.add_argument("--turns-dir", default=None, help="also write one audio file per spoken turn here")
     p.add_argument("--stream", action="store_true", help="write audio to stdout as each turn is generated")
-    p.add_argument("--format", choices=["pcm", "wav"], default="pcm", help="stdout format: raw s16le or WAV")
+    p.add_argument(
+        "--format",
+        choices=["pcm", "wav"],
+        default=None,
+        help="stdout format (--stream, -o -): raw s16le (default) or WAV; a file's format is its extension",
+    )
     p.add_argument(
         "--voice",
         action="append",
@@ -45,9 +56,16 @@ def add_parser(sub) -> None:
 def _outputs(args, script: str) -> tuple[Path, Path]:
     """The mix and the manifest beside it; never the script, never a JSON file we did not write."""
     out = Path(args.output)
-    manifest = out.with_suffix(".json")
+    manifest = Path(args.manifest).expanduser() if args.manifest else out.with_suffix(".json")
     if out.suffix.lower() == ".json":
         raise ScriptError(f"-o {out}: the audio needs an audio extension (.wav, .flac, ...)")
+    if args.manifest:
+        if manifest.suffix.lower() != ".json":
+            raise CliError(f"--manifest {args.manifest}: the manifest is JSON; give a .json name")
+        if manifest.resolve() == out.resolve():
+            raise CliError("--manifest and -o name the same file; give each its own name")
+        if not manifest.parent.is_dir():
+            raise CliError(f"--manifest {args.manifest}: folder {manifest.parent} does not exist")
     if script != "-" and manifest.resolve() == Path(script).resolve():
         raise ScriptError(f"the manifest {manifest} would overwrite the script; choose another -o name")
     if manifest.exists():
@@ -68,7 +86,7 @@ def _replace(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, ValueError) as e:  # named by the file asked for, never the temporary one
+    except (OSError, ValueError, RuntimeError) as e:  # named by the file asked for, never the temporary one
         reason = (e.strerror if isinstance(e, OSError) else str(e)) or type(e).__name__
         raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}") from None
     finally:
@@ -93,6 +111,11 @@ def cmd_dialogue(args) -> int:
     out = manifest_path = None
     if not (args.stream or args.output == "-"):
         out, manifest_path = _outputs(args, args.script)
+        spoken = [t for t in turns if t.audio is None]
+        speech = sum(len(t.text) for t in spoken) / 15 + args.pause * len(spoken)  # ~15 characters a second
+        if args.max_seconds is not None:
+            speech = min(speech, (args.max_seconds + args.pause) * len(spoken))
+        common.check_free_space(out, speech * (2 if args.turns_dir else 1))  # the mix, and each turn's file
         if args.turns_dir:
             common.check_folder(args.turns_dir, "--turns-dir")
             Path(args.turns_dir).mkdir(parents=True, exist_ok=True)
@@ -101,17 +124,21 @@ def cmd_dialogue(args) -> int:
     options = common.sampling_options(args)
     rate, start = tts.sampling_rate, time.perf_counter()
     with common.frame_caps(args) as caps:
-        where, samples = _speak(args, tts, turns, voices, seed, options, name, out, manifest_path)
+        spoken = _speak(args, tts, turns, voices, seed, options, name, out, manifest_path)
+    if spoken is None:  # interrupted; what was finished is written
+        return 130
+    where, samples = spoken
     if not args.quiet:
         common.print_summary(where, samples, rate, time.perf_counter() - start, caps.note())
     return 0
 
 
-def _speak(args, tts, turns, voices, seed, options, name, out, manifest_path) -> tuple[str, int]:
-    """Speak the script to stdout (streamed or whole) or into the files; returns where it went and its samples."""
+def _speak(args, tts, turns, voices, seed, options, name, out, manifest_path) -> tuple[str, int] | None:
+    """Speak the script to stdout (streamed or whole) or into the files; returns where it went and its samples,
+    or None when Ctrl-C stopped it (the finished turns written)."""
     rate = tts.sampling_rate
+    conversation = tts.conversation(voices=voices, seed=seed, **options)
     if args.stream:
-        conversation = tts.conversation(voices=voices, seed=seed, **options)
         stdout = sys.stdout.buffer
         if args.format == "wav":
             stdout.write(common.wav_header_unknown_length(rate))
@@ -130,10 +157,16 @@ def _speak(args, tts, turns, voices, seed, options, name, out, manifest_path) ->
         samples = sum(len(t.audio) for t in conversation.turns if not t.given) + (spoken - 1) * len(gap)
         where = "stdout"
     else:
-        with _at_line(name, turns):
-            result = tts.converse(
-                turns, voices=voices, seed=seed, pause=args.pause, progress=not args.quiet, **options
-            )
+        bar = _bar(turns, not args.quiet)
+        try:
+            with _at_line(name, turns):
+                for turn in bar:
+                    conversation.add(turn.speaker, turn.text, turn.audio)
+        except KeyboardInterrupt:
+            bar.close()
+            _interrupted(args, conversation, turns, name, out, manifest_path)
+            return None
+        result = conversation.result(args.pause)
         samples = len(result.audio)
         if args.output == "-":
             stdout = sys.stdout.buffer
@@ -148,10 +181,29 @@ def _speak(args, tts, turns, voices, seed, options, name, out, manifest_path) ->
     return where, samples
 
 
-def _bar(turns: list[ScriptTurn], show: bool):
-    from ..chunking import progress_bar
+def _interrupted(args, conversation, turns, name: str, out: Path | None, manifest_path: Path | None) -> None:
+    """Ctrl-C: the turns finished so far go into the mix and its manifest (valid files, marked unfinished),
+    and the run says what was kept and where to start again (exit 130)."""
+    spoken = [t for t in conversation.turns if not t.given]
+    left = len(turns) - len(conversation.turns)
+    if not spoken or args.output == "-":
+        print("csm: interrupted before a turn was finished: nothing was written", file=sys.stderr)
+        return
+    result = conversation.result(args.pause)
+    result.manifest["interrupted"] = True
+    result.manifest["turns_not_spoken"] = left
+    _write_dialogue(result, turns, args, out, manifest_path)
+    next_line = turns[len(conversation.turns)].line
+    print(
+        f"csm: interrupted: wrote the {len(spoken)} finished turn(s) ({len(result.audio) / result.sampling_rate:.2f} "
+        f"s of audio) to {out} and {manifest_path}; {left} turn(s) were not spoken, from line {next_line} of "
+        f"{name}",
+        file=sys.stderr,
+    )
 
-    return progress_bar(turns, show, unit="turn")
+
+def _bar(turns: list[ScriptTurn], show: bool):
+    return common.items_with_bar(turns, "csm dialogue", "turn", show and len(turns) > 1)
 
 
 @contextmanager
@@ -174,7 +226,10 @@ def _write_dialogue(result, turns: list[ScriptTurn], args, out: Path, manifest_p
     if not len(result.audio):
         raise ScriptError("the model ended every turn at once: nothing was generated (try another --seed)")
     rate = result.sampling_rate
-    _replace(out, lambda tmp: save_audio(result.audio, tmp, sampling_rate=rate))
+    try:
+        _replace(out, lambda tmp: save_audio(result.audio, tmp, sampling_rate=rate))
+    except CliError as e:  # a full disk: the mix is kept elsewhere, not lost
+        raise CliError(f"{e}{common.keep_unsaved(result.audio, rate)}") from None
     entries = {e["index"]: e for e in result.manifest["turns"]}
     for turn in result.turns:
         if turn.index not in entries:

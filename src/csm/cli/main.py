@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from . import batch, build_kernels, convert, demo, dialogue, finetune, say, serve, voice
-from .common import EXIT_ERROR, CliError
+from .common import EXIT_ERROR, CliError, Parser, cli_words, one_line_warning
 
 COMMANDS = (
     say,
@@ -25,7 +25,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="csm", description="Sesame CSM text-to-speech in pure PyTorch.")
+    parser = Parser(prog="csm", description="Sesame CSM text-to-speech in pure PyTorch.")
     parser.add_argument("--version", action="version", version=f"csm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
@@ -43,14 +43,10 @@ def command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentPa
         parser = subs[0].choices[name]
 
 
-def one_line_warnings(message, category, filename, lineno, file=None, line=None):
-    print(f"csm: warning: {str(message).splitlines()[0]}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the `csm` command; returns the exit code (errors print one line, never a traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    warnings.showwarning = one_line_warnings
+    warnings.showwarning = one_line_warning
     try:
         if argv[:1] == ["finetune"]:
             return finetune.cmd_finetune(argv[1:])
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (CliError, ValueError, FileNotFoundError, RuntimeError, OSError, TypeError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"csm: error: {message}", file=sys.stderr)
+        print(f"csm: error: {cli_words(message)}", file=sys.stderr)
         return EXIT_ERROR
 
 

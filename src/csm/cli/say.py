@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from ..chunking import CROSSFADE_MS, MAX_CHUNK_CHARS, split_sentences
+from ..chunking import CROSSFADE_MS, MAX_CHUNK_CHARS, MAX_TEXT_CHARS, split_sentences
 from . import common
 from .common import CliError
 
@@ -26,13 +25,23 @@ def add_parser(sub) -> None:
         help="read the text from a file; - for stdin",
     )
     say.add_argument(
-        "-o", "--output", default=None, help="output audio file (.wav, .flac, .ogg, .mp3); - for stdout"
+        "-o", "--output", default=None, help="output audio file (.wav, .flac, .ogg, .mp3, .aac); - for stdout"
     )
     say.add_argument(
         "--stream", action="store_true", help="write audio to stdout as it is generated, for a player"
     )
     say.add_argument(
-        "--format", choices=["pcm", "wav"], default="pcm", help="stdout format: raw s16le 24 kHz PCM or WAV"
+        "--format",
+        choices=["pcm", "wav"],
+        default=None,
+        help="stdout format (--stream, -o -): raw s16le 24 kHz PCM (default) or WAV; a file's format is its extension",
+    )
+    say.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        help="play the audio faster or slower, 0.25-4.0, by resampling (the pitch follows), as the server's "
+        "speed (default: 1)",
     )
     common.add_model_args(say)
     common.add_generation_args(say)
@@ -50,11 +59,14 @@ def read_text(args) -> str:
         raise CliError("give the text as an argument or with --text-file, not both")
     if args.text_file is not None:
         if args.text_file == "-":
-            return sys.stdin.read()
-        try:
-            return Path(args.text_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise CliError(f"cannot read {args.text_file}: {e.strerror}") from None
+            try:
+                return sys.stdin.read()
+            except UnicodeDecodeError as e:
+                raise CliError(
+                    f"the text on stdin is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                    "convert it first, e.g. ... | iconv -f latin1 -t utf-8 | csm say -f - ..."
+                ) from None
+        return common.read_text_file(args.text_file, "--text-file")
     if args.text is None:
         raise CliError("nothing to say: pass the text, or --text-file FILE (- for stdin)")
     return args.text
@@ -64,13 +76,30 @@ CHUNK_FRAMES = 4  # frames between progress updates (and Ctrl-C points)
 SPEECH_CHARS_PER_SECOND = 15  # what text takes to say, about: for the estimates
 
 
-def cmd_say(args) -> int:
-    text = read_text(args)
+def check_text(text: str) -> None:
+    """Something to say, within csm say's limit (the server's and the pipeline's too)."""
     if not text.strip():
         raise CliError("the text is empty: there is nothing to say")
+    if len(text) > MAX_TEXT_CHARS:
+        raise CliError(
+            f"the text has {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} csm say takes at once: "
+            "split it into several files, or put one paragraph per line and use `csm batch`"
+        )
+
+
+def cmd_say(args) -> int:
+    text = read_text(args)
+    check_text(text)
     common.check_output(args, "the audio", "out.wav")
     common.check_sampling(args)
+    common.check_speed(args)
+    voice, context = common.check_voice_and_context(args)  # clips read now, not after the model load
     sentences = split_sentences(text, MAX_CHUNK_CHARS)
+    if not (args.stream or args.output == "-"):  # room for the speech, at most --max-seconds per sentence
+        speech = len(text) / SPEECH_CHARS_PER_SECOND
+        if args.max_seconds is not None:
+            speech = min(speech, args.max_seconds * len(sentences))
+        common.check_free_space(args.output, speech)
     if not args.quiet and len(sentences) > 1:
         speech = len(text) / SPEECH_CHARS_PER_SECOND
         print(
@@ -82,13 +111,14 @@ def cmd_say(args) -> int:
     pipe = common.load_pipeline(args.model, args.device, args.dtype, args.quiet, args.quantize)
     options = dict(
         speaker=args.speaker,
-        voice=args.voice,
-        context=common.context(args),
+        voice=voice,
+        context=context,
         seed=seed,
         **common.sampling_options(args),
     )
     start = time.perf_counter()
     rate = pipe.sampling_rate
+    speed = common.SpeedChange(args.speed, rate)
     with common.frame_caps(args) as caps:
         if args.stream:
             out = sys.stdout.buffer
@@ -96,9 +126,13 @@ def cmd_say(args) -> int:
                 out.write(common.wav_header_unknown_length(rate))
             samples = 0
             for chunk in pipe.stream(text, progress=not args.quiet, **options):
+                chunk = speed(chunk)
                 out.write(common.pcm16(chunk))
                 out.flush()
                 samples += len(chunk)
+            tail = speed(np.zeros(0, np.float32), last=True)
+            out.write(common.pcm16(tail))
+            samples += len(tail)
             where = "stdout"
         else:
             progress = Progress(pipe, sentences, options, args.quiet)
@@ -115,6 +149,7 @@ def cmd_say(args) -> int:
                 raise CliError(
                     "the model ended the audio at once: nothing was generated (try another --seed)"
                 )
+            audio = speed(audio, last=True)
             where = _write(args, audio, rate)
             samples = len(audio)
     if not args.quiet:
@@ -141,6 +176,7 @@ def _interrupted(args, progress, rate: int) -> int:
     if not len(audio):
         print("csm: interrupted before a sentence was finished: nothing was written", file=sys.stderr)
         return 130
+    audio = common.SpeedChange(args.speed, rate)(audio, last=True)
     where = _write(args, audio, rate)
     print(
         f"csm: interrupted: wrote the {done} finished sentence(s) ({len(audio) / rate:.2f} s of audio) to "
@@ -182,13 +218,10 @@ class Progress:
         self.rate: float | None = None  # frames per second, measured
         self.bar = None
         if not quiet:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=len(chunks),
-                unit="sentence",
-                desc="csm say",
-                file=sys.stderr,
+            self.bar = common.progress_bar(
+                len(chunks),
+                "csm say",
+                "sentence",
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 
@@ -115,7 +116,41 @@ def add_parser(sub) -> None:
     serve.set_defaults(handler=cmd_serve)
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind --host and --port as uvicorn will (SO_REUSEADDR), then let go: a bad address or a busy port is
+    one line and exit 2 before the model loads, not uvicorn's "[Errno 98]" after it."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise CliError(
+            f"--host {host}: not an address of this machine ({getattr(e, 'strerror', None) or e}); "
+            "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise CliError(
+                    f"port {port} on {host} is in use (another csm serve?): stop that server, or pick another "
+                    "with --port (--port 0: any free port)"
+                ) from None
+            if e.errno == errno.EACCES:
+                raise CliError(
+                    f"port {port} needs administrator rights on this system: use a port above 1023, e.g. --port 8000"
+                ) from None
+            raise CliError(
+                f"cannot listen on {host}:{port} ({e.strerror}): --host must be an address of this machine "
+                "(127.0.0.1, 0.0.0.0, or one of its interfaces)"
+            ) from None
+
+
 def cmd_serve(args) -> int:
+    check_address(args.host, args.port)
     try:
         from .. import server
     except ImportError as e:

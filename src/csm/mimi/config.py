@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, read_json, resolve_checkpoint
+from ..config import ReferenceConfigMethods
 
 
 @dataclass
-class MimiConfig:
+class MimiConfig(ReferenceConfigMethods):
     """Mimi's hyperparameters, with the reference's field names and defaults (those of kyutai/mimi)."""
 
     sampling_rate: int = 24_000

@@ -64,6 +64,11 @@ class MimiModel(nn.Module):
     Submodule names are the reference checkpoint's (`encoder.layers.0.conv.weight`, ...).
     """
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """False: a codec encodes and decodes; it has no `generate` (as transformers' MimiModel reports)."""
+        return False
+
     def __init__(self, config: MimiConfig) -> None:
         super().__init__()
         self.config = config
