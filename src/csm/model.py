@@ -557,7 +557,7 @@ class CsmForConditionalGeneration(nn.Module):
         from .generate import prepare
 
         keep = {k: kwargs[k] for k in ("audio_codes", "num_return_sequences") if k in kwargs}
-        embeds, mask, _, code_prompt = prepare(
+        embeds, mask, _, code_prompt, _ = prepare(
             self, input_ids, attention_mask, input_values, input_values_cutoffs, 1, keep
         )
         B, T, _ = embeds.shape
