@@ -42,13 +42,16 @@ DEPTH_SHAPES = [(1536, 1024), (1024, 1024), (16384, 1024), (1024, 8192), (1024, 
 SCHEMES = {"bf16w": QuantConfig("bf16"), "int8": QuantConfig("int8"), "int4": QuantConfig("int4", 32)}
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def best_of(fn, repeats: int) -> float:
     fn()  # warm-up: oneDNN's primitive cache, first-touch of buffers
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return min(times)  # the machine is shared: the least disturbed run
 
 
@@ -201,9 +204,9 @@ def layers(config: QuantConfig, shapes, seed: int = 0) -> list[nn.Module]:
 
 def crossover(args) -> None:
     print(machine(), flush=True)
-    cases = [(s, torch.float32) for s in ("bf16", "int8", "int4")]
+    cases = [(s, torch.float32) for s in args.schemes]
     if gemm.bf16_arithmetic():
-        cases += [(s, torch.bfloat16) for s in ("bf16", "int8", "int4")]
+        cases += [(s, torch.bfloat16) for s in args.schemes if s != "fp16"]
     for scheme, dtype in cases:
         config = QuantConfig(scheme, 32 if scheme == "int4" else None)
         for part, shapes in (("backbone", BACKBONE_SHAPES), ("depth decoder", DEPTH_SHAPES)):
@@ -244,9 +247,22 @@ def main() -> None:
     p.add_argument(
         "--row-counts", type=int, nargs="+", default=[1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512]
     )
+    p.add_argument("--schemes", nargs="+", default=["bf16", "int8", "int4"], help="--rows: which weights")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch's threads (default: as set up)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time, which others' load does not inflate (use with --threads 1)",
+    )
     args = p.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"clock {args.clock}, rounds {args.rounds}, best of {args.repeats}", flush=True)
     with cpu_kernels.forced(True):
         crossover(args) if args.rows else full(args)
 
