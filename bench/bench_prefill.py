@@ -75,8 +75,8 @@ def backbone(seed: int = 0) -> Transformer:
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
+            if p.dim() == 2:  # a bf16 checkpoint loaded as fp32 (the CPU default's case): bf16 values
+                p.copy_(p.normal_(0, 0.02).bfloat16())
     model.setup_caches(1, 1024, torch.float32)
     return model
 
@@ -125,7 +125,7 @@ def full(args) -> None:
 def measure(fp32, model, scheme: str, rnd: int, args, rows: dict, moved: dict) -> None:
     """One round of `scheme`'s variants (and the fp32 model, the dense products) at each T, rotated."""
     for T in args.positions:
-        h = torch.randn(1, T, 2048, generator=torch.Generator().manual_seed(T))
+        h = torch.randn(1, T, fp32.cfg.hidden_size, generator=torch.Generator().manual_seed(T))
         runs = {
             "fp32": lambda h=h: prefill(fp32, h),
             f"{scheme} stream": lambda h=h: streamed(model, h),
@@ -134,10 +134,19 @@ def measure(fp32, model, scheme: str, rnd: int, args, rows: dict, moved: dict) -
         if scheme == "bf16w" and gemm.bf16_arithmetic():
             runs["bf16w-bf16 gemm"] = lambda h=h: bf16_prefill(model, h)
         order = list(runs)[rnd % len(runs) :] + list(runs)[: rnd % len(runs)]
+        flops = 2 * T * 16 * sum(N * K for N, K in BACKBONE_SHAPES)
         for name in order:
             rows.setdefault((name, T), []).append(best_of(runs[name], args.repeats))
+            print(
+                f"  {name} T={T}: {rows[name, T][-1]:.2f} s, {flops / rows[name, T][-1] / 1e9:.0f} GFLOP/s",
+                flush=True,
+            )
         for dtype in (torch.float32, torch.bfloat16):
             rows.setdefault((f"dense {dtype}", T), []).append(dense_seconds(T, dtype, args.repeats))
+            print(
+                f"  dense {dtype} T={T}: {flops / rows[f'dense {dtype}', T][-1] / 1e9:.0f} GFLOP/s",
+                flush=True,
+            )
         if scheme == "bf16w" and rnd == 0:  # how far the prefill's output moves from the fp32 model's
             ref = prefill(fp32, h).double()
             moved[T] = [rel(prefill(model, h), ref)]

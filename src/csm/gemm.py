@@ -32,17 +32,20 @@ import torch.nn.functional as F
 from . import cpu_kernels
 
 # Rows (B x T, all positions of a call) from which the GEMM beats csm's weight-streaming kernels, per weight
-# scheme and arithmetic, measured with bench/bench_prefill.py --rows (1..512 rows, csm-1b's shapes, 2 cores;
-# BENCHMARKS.md "Prefill as a matrix product"): the fewest rows from which the GEMM path is at least as fast
-# on every shape.
+# scheme and arithmetic: the fewest rows from which the GEMM path was faster on every csm-1b shape, backbone's
+# and depth decoder's, measured by bench/bench_prefill.py --rows (rows 1..256, 1 thread, CPU time: the
+# machine was shared; 2026-12-08, oneDNN held to avx512_bf16 as on a Zen 4, BENCHMARKS.md "Prefill as a
+# matrix product"). Stream / GEMM time: bf16 weights in fp32 0.54 at 16 rows, 1.01-1.12 at 32, 1.6-1.8 at
+# 128; int8 in fp32 0.88-0.91 at 32, 1.01-1.12 at 48; bf16 model (bf16) 1.06-1.32 at 8; int8 in bf16
+# 0.99-1.03 at 64, 1.03-1.09 at 96.
 THRESHOLDS = {
-    ("bf16", "fp32"): 64,
-    ("fp16", "fp32"): 64,
-    ("int8", "fp32"): 64,
+    ("bf16", "fp32"): 32,
+    ("fp16", "fp32"): 32,
+    ("int8", "fp32"): 48,
     ("int4", "fp32"): 64,
-    ("bf16", "bf16"): 16,
-    ("int8", "bf16"): 16,
-    ("int4", "bf16"): 16,
+    ("bf16", "bf16"): 8,
+    ("int8", "bf16"): 96,
+    ("int4", "bf16"): 96,
 }
 # Where csm's kernels are not in use, the stream is PyTorch's (oneDNN bf16, aten's int8/int4 products):
 # dequantizing first won from 256 rows on an AVX2 machine (csm.quant's earlier measurement).
