@@ -22,8 +22,7 @@ SCHEMES = [("bf16", None), ("fp16", None), ("int8", None), ("int4", 32)]
 @pytest.fixture
 def every_row_count(monkeypatch):
     """The GEMM path from one row on, whatever the measured thresholds."""
-    monkeypatch.setattr(gemm, "THRESHOLDS", {k: 1 for k in gemm.THRESHOLDS})
-    monkeypatch.setattr(gemm, "THRESHOLD_WITHOUT_KERNELS", 1)
+    monkeypatch.setattr(gemm, "threshold", lambda scheme, dtype: 1)
 
 
 def kernels_or_skip():
@@ -97,6 +96,8 @@ def test_the_path_switches_at_the_threshold_and_never_under_autograd_or_off_the_
         for dtype in (torch.float32, torch.bfloat16):
             arith = gemm.arithmetic(torch.empty(0, dtype=dtype))
             rows = gemm.threshold(scheme, arith)
+            if rows == gemm.NEVER:
+                continue  # measured slower than the stream at every row count
             with torch.inference_mode():
                 assert gemm.many_rows(torch.zeros(rows - 1, 64, dtype=dtype), scheme) is None
                 assert gemm.many_rows(torch.zeros(rows, 64, dtype=dtype), scheme) == arith

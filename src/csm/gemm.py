@@ -32,20 +32,26 @@ import torch.nn.functional as F
 from . import cpu_kernels
 
 # Rows (B x T, all positions of a call) from which the GEMM beats csm's weight-streaming kernels, per weight
-# scheme and arithmetic: the fewest rows from which the GEMM path was faster on every csm-1b shape, backbone's
-# and depth decoder's, measured by bench/bench_prefill.py --rows (rows 1..256, 1 thread, CPU time: the
-# machine was shared; 2026-12-08, oneDNN held to avx512_bf16 as on a Zen 4, BENCHMARKS.md "Prefill as a
-# matrix product"). Stream / GEMM time: bf16 weights in fp32 0.54 at 16 rows, 1.01-1.12 at 32, 1.6-1.8 at
-# 128; int8 in fp32 0.88-0.91 at 32, 1.01-1.12 at 48; bf16 model (bf16) 1.06-1.32 at 8; int8 in bf16
-# 0.99-1.03 at 64, 1.03-1.09 at 96.
+# scheme and arithmetic, with AVX-512 and with AVX2 only: the fewest rows from which the GEMM path was faster
+# on every csm-1b shape, backbone's and depth decoder's, measured by bench/bench_prefill.py --rows (1 thread,
+# CPU time: the machine was shared; 2026-12-08; AVX-512: oneDNN held to avx512_bf16, as on a Zen 4; AVX2:
+# torch and oneDNN held to AVX2; BENCHMARKS.md "Prefill as a matrix product"). Stream / GEMM time, AVX-512:
+# bf16 weights in fp32 0.54 at 16 rows, 1.01-1.12 at 32; fp16 0.84-0.86 at 32, 1.01-1.09 at 48; int8 0.88-0.91
+# at 32, 1.01-1.12 at 48; int4 0.95-1.03 at 256, 1.14-1.17 at 512; the bf16 model (bf16) 1.06-1.32 at 8; int8
+# in bf16 0.99-1.03 at 64, 1.03-1.09 at 96; int4 in bf16 0.82 at 512 (never: it streams). AVX2: bf16 0.85 at
+# 32, 1.01-1.35 at 48; int8 0.99-1.09 at 48, 1.16-1.27 at 64; int4 1.00-1.02 at 256.
+NEVER = 1 << 62
 THRESHOLDS = {
-    ("bf16", "fp32"): 32,
-    ("fp16", "fp32"): 32,
-    ("int8", "fp32"): 48,
-    ("int4", "fp32"): 64,
-    ("bf16", "bf16"): 8,
-    ("int8", "bf16"): 96,
-    ("int4", "bf16"): 96,
+    "avx512": {
+        ("bf16", "fp32"): 32,
+        ("fp16", "fp32"): 48,
+        ("int8", "fp32"): 48,
+        ("int4", "fp32"): 512,
+        ("bf16", "bf16"): 8,
+        ("int8", "bf16"): 96,
+        ("int4", "bf16"): NEVER,
+    },
+    "avx2": {("bf16", "fp32"): 48, ("fp16", "fp32"): 48, ("int8", "fp32"): 64, ("int4", "fp32"): 256},
 }
 # Where csm's kernels are not in use, the stream is PyTorch's (oneDNN bf16, aten's int8/int4 products):
 # dequantizing first won from 256 rows on an AVX2 machine (csm.quant's earlier measurement).
@@ -81,7 +87,9 @@ def threshold(scheme: str, dtype: torch.dtype) -> int:
     """Rows from which `scheme`'s weights ("bf16", "fp16", "int8", "int4") multiply as a GEMM in `dtype`."""
     if not cpu_kernels.available():
         return THRESHOLD_WITHOUT_KERNELS
-    return THRESHOLDS[scheme, "bf16" if dtype == torch.bfloat16 else "fp32"]
+    isa = "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX") else "avx512"
+    table = THRESHOLDS[isa]
+    return table.get((scheme, "bf16" if dtype == torch.bfloat16 else "fp32"), NEVER)
 
 
 def many_rows(x: torch.Tensor, scheme: str) -> torch.dtype | None:
