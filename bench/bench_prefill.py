@@ -114,8 +114,9 @@ def full(args) -> None:
     fp32 = backbone()
     rows: dict[tuple, list[float]] = {}
     moved: dict[int, list[float]] = {}
+    names = [{"bf16": "bf16w"}.get(s, s) for s in args.schemes if s != "fp16"]
     for rnd in range(args.rounds):
-        for scheme in list(SCHEMES)[rnd % 3 :] + list(SCHEMES)[: rnd % 3]:
+        for scheme in names[rnd % len(names) :] + names[: rnd % len(names)]:
             measure(fp32, quantized(fp32, SCHEMES[scheme]), scheme, rnd, args, rows, moved)
             gc.collect()
         print(f"round {rnd + 1} done", flush=True)
