@@ -260,6 +260,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch's threads (default: as set up)")
+    p.add_argument("--tile-bytes", type=int, default=None, help="csm.gemm.TILE_BYTES (default: as set)")
     p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -271,7 +272,12 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"clock {args.clock}, rounds {args.rounds}, best of {args.repeats}", flush=True)
+    if args.tile_bytes:
+        gemm.TILE_BYTES = args.tile_bytes
+    print(
+        f"clock {args.clock}, rounds {args.rounds}, best of {args.repeats}, tile {gemm.TILE_BYTES} B",
+        flush=True,
+    )
     with cpu_kernels.forced(True):
         crossover(args) if args.rows else full(args)
 
