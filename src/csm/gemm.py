@@ -2,10 +2,11 @@
 widened tile by tile to the GEMM's dtype and multiplied by torch's GEMM (oneDNN, MKL).
 
 csm's weight-streaming kernels (cpu_kernels.py) convert each weight in registers once per block of 4 rows:
-right for a frame's 1-4 rows, bound by that conversion for a prompt's hundreds (~140 GFLOP/s on 2 cores
-where torch.mm does ~300 in fp32, BENCHMARKS.md "Prefill as a matrix product"). From `threshold(scheme,
-arithmetic)` rows on, a layer widens its weight `TILE_BYTES` at a time (a bounded temporary, no second copy
-of the model) and multiplies each tile with torch.mm.
+right for a frame's 1-4 rows, bound by that conversion for a prompt's hundreds (csm-1b's backbone over 512
+positions, one thread: 56 GFLOP/s streamed, 127 here, torch.mm 166 in fp32; BENCHMARKS.md "Prefill as a
+matrix product"). From `threshold(scheme, arithmetic)` rows on, a layer widens its weight `TILE_BYTES` at a
+time (a bounded temporary, no second copy of the model) and multiplies each tile with torch.mm. int8 and
+int4 streams multiply in 8-bit integers and stay ahead longer (int4 on a bf16 model always streams).
 
 The arithmetic follows the activations:
 - a float32 model (16-bit weights under fp32, the CPU default; int8 or int4 on an fp32 model) multiplies in
