@@ -3,6 +3,7 @@ products (after), per weight scheme, with torch.mm's dense rate measured in the 
 
     flock /tmp/csm-bench.lock python bench/bench_prefill.py            # 128 and 512 positions, every scheme
     flock /tmp/csm-bench.lock python bench/bench_prefill.py --rows     # the crossover per scheme, rows 1..512
+    ... --threads 1 --clock cpu    # one thread in CPU time: what a loaded, shared machine cannot spoil
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 flock /tmp/csm-bench.lock python bench/bench_prefill.py
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 ...   # on an AMX CPU: oneDNN as on one with avx512_bf16 only (Zen 4)
 
