@@ -17,9 +17,9 @@ import csm
 from csm import CsmForConditionalGeneration
 from csm.batching import BatchCore, RowJob
 from csm.checkpoint import CheckpointError
+from csm.gemm import THRESHOLD_WITHOUT_KERNELS
 from csm.generate import GenerationConfig, decode_rows
 from csm.quant import (
-    PREFILL_ROWS,
     Int4Linear,
     Int8Linear,
     Linear16,
@@ -73,7 +73,7 @@ def linear(n, k, seed=0):
 @pytest.mark.parametrize(
     "scheme,group_size", [("int8", None), ("int4", 32), ("int4", 128), ("bf16", None), ("fp16", None)]
 )
-@pytest.mark.parametrize("rows", [1, 3, 8, PREFILL_ROWS])  # decoding, and prefill (PyTorch's: a GEMM)
+@pytest.mark.parametrize("rows", [1, 3, 8, THRESHOLD_WITHOUT_KERNELS])  # decoding, and prefill (a GEMM)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_equals_the_product_with_its_dequantized_weight(scheme, group_size, rows, dtype):
     config = QuantConfig(scheme, group_size)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu_kernels
+from . import cpu_kernels, gemm
 
 
 class RMSNorm(nn.Module):
@@ -207,13 +207,21 @@ def linear_16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return y if bias is None else y + bias
 
 
+SIXTEEN_BIT_SCHEMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def fastest_linear(x, weight, bias, packed: PackedWeight | None, source) -> torch.Tensor:
     """x @ weight.T (+ bias) by the fastest path that can run it: a valid prepacked copy (`source` is what
-    it stays valid with), oneDNN on the plain fp32 weight, csm's 16-bit kernels, else `F.linear`."""
+    it stays valid with), oneDNN on the plain fp32 weight, a GEMM for a 16-bit weight's many rows (csm.gemm),
+    csm's 16-bit kernels, else `F.linear`."""
     if packed is not None and packed.usable(source, x):
         return packed_linear(x, packed.tensors[0], bias)
     if onednn_reads_plain(weight, x):
         return packed_linear(x, weight, bias)
+    scheme = SIXTEEN_BIT_SCHEMES.get(weight.dtype)
+    dtype = gemm.many_rows(x, scheme) if scheme is not None and weight.device.type == "cpu" else None
+    if dtype is not None:
+        return gemm.linear_16bit(x, weight, dtype, bias).to(x.dtype)
     if sixteen_bit_kernel(weight, x):
         return linear_16(x, weight, bias)
     return F.linear(x, weight, bias)

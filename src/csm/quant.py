@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_kernels
+from . import cpu_kernels, gemm
 from .checkpoint import CheckpointError
 
 SIXTEEN_BIT = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,12 +43,6 @@ GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel takes
 DEFAULT_GROUP_SIZE = 32
 FORMAT = "csm-weight-only-1"
 ALIGN = 64
-# From this many rows on (a long prompt's prefill), dequantizing the weight and one fp32 GEMM beat the int
-# kernels, which convert every weight again for each block of 4 rows (8192 x 2048 on this 2-core AVX2
-# machine: at 256 rows 140 ms against 183 for int8, 213 against 207 for int4; at 128 rows 112 against 90).
-# csm's kernels (cpu_kernels.py) need no such switch: they convert each weight once per 4 rows in registers,
-# which at 256 rows is as fast as oneDNN's prepacked fp32 GEMM and ~2x faster than dequantizing first.
-PREFILL_ROWS = 256
 aten = torch.ops.aten
 
 
@@ -264,10 +258,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _inference_only(self)
-        if _use_kernels(x):
+        dtype = gemm.many_rows(x, "int8")
+        if dtype is not None:  # a prompt's rows: a GEMM on the weights widened tile by tile
+            y = gemm.tiled_linear(x, self.out_features, gemm.int8(self.qweight), dtype)
+            y = (y * self.scales.to(dtype)).to(x.dtype)
+        elif _use_kernels(x):
             y = cpu_kernels.linear(x, self.qweight, "int8", self.scales.to(torch.bfloat16))
-        elif x.device.type == "cpu" and x.numel() >= PREFILL_ROWS * self.in_features:
-            y = (F.linear(x.float(), self.qweight.float()) * self.scales.float()).to(x.dtype)
         elif x.device.type == "cpu":
             y = aten._weight_int8pack_mm(_kernel_input(x), self.qweight, self.scales.to(torch.bfloat16))
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -378,10 +374,20 @@ class Int4Linear(nn.Module):
         _inference_only(self)
         if x.device.type != "cpu":
             raise RuntimeError("int4 weights run on the CPU only; move the model to the CPU or use int8")
-        if self.portable_layout and _use_kernels(x):
+        dtype = gemm.many_rows(x, "int4")
+        if dtype is not None:  # a prompt's rows: a GEMM on the weights widened tile by tile
+            if self.portable_layout:
+                (scales, zeros), unpack = self.scales_and_zeros, None
+            else:
+                sz = self.scales_and_zeros.transpose(0, 1)  # (N, K/g, 2)
+                scales, zeros = sz[..., 0], sz[..., 1]
+                unpack = functools.partial(unpack_int4, K=self.in_features)
+            tile = gemm.int4(self.packed, scales, zeros, self.group_size, unpack)
+            y = gemm.tiled_linear(x, self.out_features, tile, dtype).to(x.dtype)
+        elif self.portable_layout and _use_kernels(x):
             sz = self.scales_and_zeros.to(torch.bfloat16)
             y = cpu_kernels.linear(x, self.packed, "int4", sz[0], sz[1], self.group_size)
-        elif self.portable_layout or x.numel() >= PREFILL_ROWS * self.in_features:
+        elif self.portable_layout:  # csm's kernels turned off after loading
             y = F.linear(x.float(), self.dequantized()).to(x.dtype)
         else:
             sz = self.scales_and_zeros.to(torch.bfloat16)
@@ -417,9 +423,12 @@ class Linear16(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _inference_only(self)
         w = self.weight
-        if w.dtype in (torch.bfloat16, torch.float16) and _use_kernels(x):
+        dtype = gemm.many_rows(x, "fp16" if w.dtype == torch.float16 else "bf16")
+        if dtype is not None:  # a prompt's rows: a GEMM (on the weights widened tile by tile to fp32)
+            return gemm.linear_16bit(x, w, dtype, self.bias).to(x.dtype)
+        elif w.dtype in (torch.bfloat16, torch.float16) and _use_kernels(x):
             y = cpu_kernels.linear(x, w, w.dtype)
-        elif x.numel() >= PREFILL_ROWS * self.in_features or w.dtype == torch.float16:
+        elif w.dtype == torch.float16:
             y = F.linear(x.float(), w.float()).to(x.dtype)
         else:  # a few rows without csm's kernels: oneDNN's bf16 product
             y = F.linear(x.to(w.dtype), w).to(x.dtype)
