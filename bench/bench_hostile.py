@@ -108,8 +108,8 @@ def cases(port: int, flac: dict, valid_body: dict) -> dict:
             f"{name} as dialogue turn": post("/v1/audio/dialogue", json={"turns": turns}),
         }
 
-    json_head = b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    upload_head = b"POST /v1/voices HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    json_head = b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    upload_head = b"POST /v1/voices HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
     big = 100 << 20
     part = b'--b\r\nContent-Disposition: form-data; name="audio_file"; filename="a.wav"\r\n\r\n'
     mix = {
@@ -152,7 +152,7 @@ def slow_sockets(port: int, count: int, seconds: float, body: bool) -> collectio
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", port))
         if body:
-            s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n")
         else:
             s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\n")
         s.setblocking(False)

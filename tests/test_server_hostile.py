@@ -112,7 +112,7 @@ def test_a_bomb_whose_header_does_not_say_is_decoded_only_up_to_the_limit(server
 def test_a_body_declared_larger_than_the_limit_is_refused_before_it_is_sent(server):
     with socket.create_connection(address(server)) as sock:
         sock.sendall(
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: 104857600\r\n\r\n"
         )
         status, error = status_and_error(read_all(sock, 5))  # the server closes: no body is awaited
@@ -137,7 +137,7 @@ def chunked_flood(client, path: str, content_type: bytes, head: bytes, total: in
             pass  # the server answered and closed
 
     sock.sendall(
-        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type + b"\r\n"
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: " + content_type + b"\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     writer = threading.Thread(target=flood)
@@ -286,7 +286,7 @@ def test_a_silent_connection_and_an_idle_keep_alive_one_are_closed_too(server):
         assert read_all(silent, DEADLINE + 3) == b""  # nothing sent: closed without a response
         assert time.perf_counter() - start < DEADLINE + 2
     with socket.create_connection(address(server)) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         time.sleep(0.3)
         sock.sendall(b"GET /health HTTP/1.1\r\n")  # the second request's head never ends
         data = read_all(sock, DEADLINE + 8)
@@ -296,7 +296,7 @@ def test_a_silent_connection_and_an_idle_keep_alive_one_are_closed_too(server):
 def test_a_body_that_stops_arriving_gets_408(server):
     with socket.create_connection(address(server)) as sock:
         sock.sendall(
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"input": '
         )
         start = time.perf_counter()
@@ -308,7 +308,7 @@ def test_a_body_that_stops_arriving_gets_408(server):
 def test_a_body_trickled_a_byte_at_a_time_gets_408(server):
     with socket.create_connection(address(server)) as sock:
         sock.sendall(
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n"
         )
         start, answer = time.perf_counter(), b""

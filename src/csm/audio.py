@@ -91,6 +91,20 @@ def _open_source(source: str | os.PathLike | bytes) -> tuple[object, str]:
     return path, name
 
 
+def audio_header(source: str | os.PathLike | bytes) -> tuple[int, int, int | None]:
+    """A file's (sampling rate, channels, frames or None when its header does not say), from its header alone:
+    nothing is decoded. Raises ValueError when it is no audio file libsndfile reads."""
+    handle, name = _open_source(source)
+    try:
+        with sf.SoundFile(handle) as f:
+            frames = f.frames if 0 < f.frames < _UNKNOWN_FRAMES else None
+            return f.samplerate, f.channels, frames
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"could not read audio from {name} ({_libsndfile_message(e)}); wav, flac, ogg and mp3 are supported"
+        ) from None
+
+
 def _read_file(
     source: str | os.PathLike | bytes, max_seconds: float | None = None
 ) -> tuple[np.ndarray, int, str]:
