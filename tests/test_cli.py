@@ -399,3 +399,40 @@ def test_ctrl_c_writes_the_finished_sentences_as_a_valid_file_and_exits_130(ckpt
     audio = read(tmp_path / "long.wav")  # a valid file, not a torn one
     assert int(match[1]) >= 3 and len(audio) / 24000 == pytest.approx(float(match[2]), abs=0.05)
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+@pytest.fixture(scope="module")
+def hour_long(tmp_path_factory):
+    """An hour of silence as a small FLAC, once with a header that says so and once with one that does not."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hostile import silent_flac
+
+    folder = tmp_path_factory.mktemp("long")
+    (folder / "said.flac").write_bytes(silent_flac(1.0, rate=24_000, channels=1, claim=3600.0))
+    (folder / "unsaid.flac").write_bytes(silent_flac(70.0, claim=0.0))
+    return folder
+
+
+@pytest.mark.parametrize("clip", ["said.flac", "unsaid.flac"])
+@pytest.mark.parametrize("command", ["voice", "say", "batch"])
+def test_an_hour_long_clip_is_refused_in_one_line_everywhere(ckpt, tmp_path, hour_long, clip, command):
+    path = str(hour_long / clip)
+    if command == "voice":
+        args = ["voice", "create", "long", path, "Silence."]
+    elif command == "say":
+        args = ["say", "Hi.", "-o", "out.wav", "--model", str(ckpt), "--context", path, "Silence.",
+                "--device", "cpu"]  # fmt: skip
+    else:
+        line = {
+            "id": "a",
+            "turns": [{"speaker": 0, "text": "Silence.", "audio": path}, {"speaker": 1, "text": "Hi."}],
+        }
+        (tmp_path / "r.jsonl").write_text(__import__("json").dumps(line) + "\n")
+        args = ["batch", "r.jsonl", "-o", "out", "--model", str(ckpt), "--device", "cpu"]
+    result = run(args, tmp_path)
+    err = result.stderr.decode()
+    assert b"Traceback" not in result.stderr, err
+    assert "60 s" in err or "60 s" in (tmp_path / "out" / "manifest.jsonl").read_text(), err
+    assert not (tmp_path / "voices" / "long").exists()
+    if command != "batch":
+        assert result.returncode == 2, err

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import SAMPLING_RATE, load_audio, save_audio
+from .audio import MAX_CLIP_SECONDS, SAMPLING_RATE, load_audio, save_audio
 
 VOICE_FILE = "voice.json"
 CODES_FILE = "codes.pt"
@@ -79,12 +79,20 @@ class Voice:
         self.clips = clips
 
     @classmethod
-    def from_files(cls, name: str, speaker: int, clips: list[tuple[str | os.PathLike, str]]) -> Voice:
-        """A voice from audio files (any rate, any channels: resampled to 24 kHz mono) and their transcripts."""
+    def from_files(
+        cls,
+        name: str,
+        speaker: int,
+        clips: list[tuple[str | os.PathLike, str]],
+        max_seconds: float | None = MAX_CLIP_SECONDS,
+    ) -> Voice:
+        """A voice from audio files (any rate, any channels: resampled to 24 kHz mono) and their transcripts.
+        Each clip may hold `max_seconds` of audio (refused from its header, or while decoding: an hour of
+        silence in a small FLAC is never decoded into gigabytes)."""
         loaded = []
         for path, text in clips:
             try:
-                loaded.append((load_audio(path), text))
+                loaded.append((load_audio(path, max_seconds=max_seconds), text))
             except (ValueError, OSError) as e:
                 raise ValueError(f"cannot read clip {path}: {e}") from None
         return cls(name, speaker, loaded)
