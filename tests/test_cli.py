@@ -436,3 +436,33 @@ def test_an_hour_long_clip_is_refused_in_one_line_everywhere(ckpt, tmp_path, hou
     assert not (tmp_path / "voices" / "long").exists()
     if command != "batch":
         assert result.returncode == 2, err
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(tmp_path):
+    from csm.batch.output import _write_atomic
+    from csm.cli.common import write_audio
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in (
+        ".out.partial.wav",
+        ".out.partial-1.wav",
+        ".job.json.partial",
+        f".out.partial-{os.getpid()}.wav",
+    ):
+        (shared / name).symlink_to(victim)
+    write_audio(shared / "out.wav", np.zeros(2400, np.float32), 24000)
+    _write_atomic(shared / "job.json", b"{}")
+    from csm.batch.output import OutputDir
+
+    OutputDir.write_audio(type("D", (), {"path": shared})(), "line.wav", np.zeros(2400, np.float32), 24000)
+    assert victim.read_text() == "precious"
+    assert read(shared / "out.wav").shape == (2400,) and (shared / "job.json").read_text() == "{}"
+    assert read(shared / "line.wav").shape == (2400,)
+    left = sorted(p.name for p in shared.iterdir() if not p.is_symlink())
+    assert left == ["job.json", "line.wav", "out.wav"]  # no temporary file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (shared / "out.wav").stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would make it

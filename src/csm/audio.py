@@ -247,6 +247,51 @@ def audio_format(path: str | os.PathLike) -> tuple[str, str]:
     return fmt, subtype or sf.default_subtype(fmt)
 
 
+def save_audio_atomic(path: str | os.PathLike, audio, sampling_rate: int = SAMPLING_RATE, sync: bool = False):
+    """Write one waveform to `path` through a temporary file in its folder, then rename it into place: the
+    temporary file is made by `tempfile.mkstemp` (O_EXCL, an unpredictable name, mode 0600) and written through
+    its descriptor, so a symlink planted at a predictable name cannot redirect the write. The temporary name is
+    `.<stem>.partial-<random><suffix>`. Raises ValueError or OSError naming `path`, never the temporary file."""
+    import tempfile
+
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: folder {path.parent} does not exist")
+    fmt, subtype = audio_format(path)
+    waveform = _as_waveforms(audio, 1)[0]
+    if subtype not in _FLOAT_SUBTYPES:
+        waveform = np.clip(waveform, -1.0, 1.0)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.partial-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            try:
+                sf.write(f, waveform, sampling_rate, format=fmt, subtype=subtype)
+            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                raise ValueError(f"could not write {path} as {fmt}/{subtype}: {e}") from None
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a file made by open() would be
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask: read where Linux says it (setting it to read it would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_audio(
     audio: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
     path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
