@@ -269,3 +269,19 @@ def test_a_turn_that_cannot_fit_is_reported_at_its_line(ckpt, tmp_path, monkeypa
     assert main([*args, "--max-seconds", "170"]) == 2
     err = capsys.readouterr().err
     assert "talk.txt:3: the text and its context take" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("[٣] Hello.", "expected `.SPEAKER. text`"),
+        ("[²] Hello.", "expected"),
+        ("[" + "9" * 5000 + "] Hi.", "5000 digits"),
+    ],
+)
+def test_text_script_speaker_ids_are_ascii_digits_with_file_and_line(line, words):
+    from csm.dialogue import ScriptError, _text_turns
+
+    with pytest.raises(ScriptError, match=words) as e:
+        _text_turns("[0] First.\n" + line, "script.txt")
+    assert str(e.value).startswith("script.txt:2:") and len(str(e.value)) < 200

@@ -138,6 +138,23 @@ def same_origin(origin: str, host: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc.lower() == host.lower()
 
 
+def check_api_key(key: str | None) -> None:
+    """ValueError for a key no client could send or that would let anyone in: empty (an empty --api-key or
+    $CSM_API_KEY used to turn auth off silently), or not visible ASCII (HTTP headers carry bytes: a non-ASCII
+    key could never match)."""
+    if key is None:
+        return
+    if not key.strip():
+        raise ValueError(
+            "the API key is empty, which would let anyone in: give a key, or leave --api-key and $CSM_API_KEY unset"
+        )
+    if not all(0x21 <= ord(c) < 0x7F for c in key):
+        raise ValueError(
+            "the API key must be visible ASCII characters (no spaces, no accents): clients send it in an HTTP "
+            "header, where any other key could never match"
+        )
+
+
 def authorized(header: bytes, key: str) -> bool:
     """Whether an Authorization header carries `key` as a bearer token (the scheme in any case, RFC 9110)."""
     scheme, _, token = header.decode("latin-1").strip().partition(" ")
@@ -258,6 +275,7 @@ class RequestContext:
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app around a loaded model and processor; the scheduler runs while the app runs."""
     settings = settings or ServerSettings()
+    check_api_key(settings.api_key)
     scheduler = Scheduler(
         model,
         settings.max_batch_size,
