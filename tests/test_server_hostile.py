@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from fastapi import WebSocket  # at module level: this file's annotations are strings FastAPI resolves here
 from hostile import peak_rss_growth, silent_flac
 from serving import assert_error, demo_checkpoint, serve, speak
 
@@ -607,3 +608,29 @@ def test_voice_names_with_a_trailing_newline_are_refused(server, name):
 @pytest.mark.parametrize("voice", [True, False, {"id": True}])
 def test_a_boolean_voice_is_no_speaker_number(server, voice):
     assert_error(speak(server, voice=voice), 400)
+
+
+def test_a_websocket_from_another_origin_or_host_is_refused(server):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    async def echo(websocket: WebSocket):
+        await websocket.accept()
+        await websocket.send_text("hello")
+        await websocket.close()
+
+    app = server.app
+    if not any(getattr(r, "path", None) == "/test-ws" for r in app.router.routes):
+        app.add_api_websocket_route("/test-ws", echo)
+    host, port = address(server)
+    url = f"ws://{host}:{port}/test-ws"
+    with connect(url) as ws:  # no Origin (not a browser): served
+        assert ws.recv() == "hello"
+    with connect(url, origin=f"http://{host}:{port}") as ws:  # the server's own page
+        assert ws.recv() == "hello"
+    with pytest.raises(InvalidStatus) as e:
+        connect(url, origin="http://evil.example")
+    assert e.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as e:  # a name that resolves here (DNS rebinding), sent as the Host
+        connect("ws://attacker.example/test-ws", sock=socket.create_connection((host, port)))
+    assert e.value.response.status_code == 403

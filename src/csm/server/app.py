@@ -171,6 +171,14 @@ class RequestContext:
         self.app, self.settings, self.scheduler = app, settings, scheduler
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":  # a page elsewhere must not open one either (cross-site hijacking)
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1")
+            origin = headers.get(b"origin")
+            if not host_allowed(host, self.settings.allowed_hosts) or (
+                origin is not None and not same_origin(origin.decode("latin-1"), host)
+            ):
+                return await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
