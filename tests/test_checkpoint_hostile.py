@@ -55,9 +55,10 @@ def test_a_config_out_of_bounds_is_refused_before_building(demo, tmp_path, chang
     assert time.perf_counter() - start < 5
 
 
-def test_a_depth_decoder_config_is_bounded_too():
-    with pytest.raises(CheckpointError, match="num_hidden_layers"):
-        CsmConfig.from_dict({"depth_decoder_config": {"num_hidden_layers": 100000}})
+@pytest.mark.parametrize("part", ["depth_decoder_config", "codec_config"])
+def test_the_depth_decoder_and_codec_configs_are_bounded_too(part):
+    with pytest.raises(CheckpointError, match="num_hidden_layers is 100000"):
+        CsmConfig.from_dict({part: {"num_hidden_layers": 100000}})
 
 
 def write_safetensors(path, header: dict, data: bytes, length: int | None = None) -> None:
