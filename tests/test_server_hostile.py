@@ -555,6 +555,11 @@ def test_allowed_hosts_adds_names(server, monkeypatch):
     for host in ("tts.example.com", "a.corp.example", "corp.example:8000"):
         assert server.get("/health", headers={"host": host}).status_code == 200, host
     assert server.get("/health", headers={"host": "example.com"}).status_code == 400
+    body = {"input": "Hi.", "response_format": "wav"}
+    proxied = server.post("/v1/audio/speech", json=body, headers={"origin": "https://tts.example.com"})
+    assert proxied.status_code == 200  # the page of a name the operator allowed, behind a proxy
+    other_port = server.post("/v1/audio/speech", json=body, headers={"origin": "http://localhost:3000"})
+    assert_error(other_port, 403)  # another local page is another origin
 
 
 def test_a_cross_origin_page_cannot_plant_a_voice(server):

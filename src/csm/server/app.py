@@ -132,10 +132,17 @@ def host_allowed(host: str, allowed: list[str] | None) -> bool:
     return False
 
 
-def same_origin(origin: str, host: str) -> bool:
-    """Whether an Origin header is the page of this very server (its host and port as the request's Host)."""
+def same_origin(origin: str, host: str, allowed: list[str] | None = None) -> bool:
+    """Whether an Origin header is the page of this very server: its host and port are the request's Host, or
+    (behind a proxy that rewrites Host) its host is one of `allowed` by name (`--allowed-hosts`; "*" is not
+    enough: it says any Host, not any page)."""
     parts = urlsplit(origin)
-    return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc.lower() == host.lower()
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    if parts.netloc.lower() == host.lower():
+        return True
+    names = [a for a in allowed or [] if a != "*"]
+    return bool(names) and host_allowed(parts.netloc, names) and not host_allowed(parts.netloc, None)
 
 
 def check_api_key(key: str | None) -> None:
@@ -176,7 +183,8 @@ class RequestContext:
             host = headers.get(b"host", b"").decode("latin-1")
             origin = headers.get(b"origin")
             if not host_allowed(host, self.settings.allowed_hosts) or (
-                origin is not None and not same_origin(origin.decode("latin-1"), host)
+                origin is not None
+                and not same_origin(origin.decode("latin-1"), host, self.settings.allowed_hosts)
             ):
                 return await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
         if scope["type"] != "http":
@@ -215,7 +223,7 @@ class RequestContext:
                 )
             origin = headers.get(b"origin")
             if origin is not None and scope["method"] in STATE_CHANGING:
-                if not same_origin(origin.decode("latin-1"), host):
+                if not same_origin(origin.decode("latin-1"), host, self.settings.allowed_hosts):
                     raise ApiError(
                         403,
                         "cross-origin requests may not change anything: a web page of another site cannot use "
