@@ -639,3 +639,14 @@ def test_a_websocket_from_another_origin_or_host_is_refused(server):
     with pytest.raises(InvalidStatus) as e:  # a name that resolves here (DNS rebinding), sent as the Host
         connect("ws://attacker.example/test-ws", sock=socket.create_connection((host, port)))
     assert e.value.response.status_code == 403
+
+
+def test_a_request_naming_many_saved_voices_is_refused_before_reading_them(server, monkeypatch):
+    import csm.server.voice_store as store
+
+    monkeypatch.setattr(store.Voice, "load", lambda *a, **k: pytest.fail("a voice was read"))
+    context = [{"voice": f"v{i}"} for i in range(9)]
+    assert_error(speak(server, context=context), 400, "context")
+    turns = [{"speaker": i, "text": "Hi."} for i in range(9)]
+    voices = {str(i): f"v{i}" for i in range(9)}
+    assert_error(server.post("/v1/audio/dialogue", json={"turns": turns, "voices": voices}), 400, "voices")

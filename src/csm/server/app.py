@@ -66,6 +66,9 @@ class ServerSettings:
         120 * 48_000 * 2
     )  # their samples over all channels at their own rate: decode work
     decode_workers: int = 2  # threads that decode request clips (their own pool: never the routes')
+    max_request_voices: int = (
+        8  # saved voices one request may name (each read from disk, kept in every prompt)
+    )
     head_timeout: float = 10.0  # seconds for a request's line and headers (see limits.http_protocol)
     read_timeout: float = 30.0  # seconds a client may pause while sending a body
     max_transcript_chars: int = 1000  # a voice's transcript: the words of at most a minute of speech

@@ -115,6 +115,16 @@ class ClipBudget:
         return audio
 
 
+def check_voice_count(count: int, param: str, settings) -> None:
+    """400 when a request names more saved voices than `max_request_voices`, before any is read from disk
+    (each may hold minutes of clips, all kept in every prompt)."""
+    limit = getattr(settings, "max_request_voices", 8)
+    if count > limit:
+        raise ApiError(
+            400, f"{param} names {count} saved voices; a request may use at most {limit}", param=param
+        )
+
+
 def has_clips(body) -> bool:
     """Whether a speech or dialogue request carries audio to decode (then it is prepared in the decode pool)."""
     turns = getattr(body, "context", None) or getattr(body, "turns", None) or []
@@ -126,6 +136,7 @@ def context_turns(
 ) -> tuple[list[tuple[Voice, list[Turn]]], list[PlannedTurn]]:
     """A speech request's context: saved voices' clips (kept in every prompt) and given turns (history)."""
     voices, given, budget = [], [], ClipBudget(settings)
+    check_voice_count(sum(t.voice is not None for t in context or []), "context", settings)
     for i, turn in enumerate(context or []):
         at = f"context.{i}"
         if (turn.audio is None) == (turn.voice is None):
@@ -157,6 +168,7 @@ def dialogue_turns(
 ) -> tuple[list[tuple[Voice, list[Turn]]], list[PlannedTurn]]:
     """A dialogue request's voices (bound to speakers) and turns, checked."""
     speakers = sorted({t.speaker for t in body.turns})
+    check_voice_count(len(body.voices), "voices", settings)
     voices = []
     for key, name in body.voices.items():
         at = f"voices.{key}" if key.isascii() and key.isprintable() and len(key) <= 16 else "voices"
