@@ -281,7 +281,10 @@ def main() -> int:
         "--max-frames",
         "8",
     ]
-    server = subprocess.Popen([*cmd, *args.serve_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-hostile-server-{os.getpid()}.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 (the child writes it until the end)
+    server = subprocess.Popen([*cmd, *args.serve_args], stdout=subprocess.DEVNULL, stderr=log_file)
+    print(f"  server log: {log_path}", file=sys.stderr)
     base = f"http://127.0.0.1:{port}"
     valid = {"input": "A valid request among the hostile ones.", "response_format": "wav"}
     try:
@@ -349,7 +352,11 @@ def main() -> int:
             print(f"  {name}: {dict(ended)}", file=sys.stderr)
         time.sleep(1.0)
         sampling.set()
-        after = httpx.post(base + "/v1/audio/speech", json=valid, timeout=120).status_code
+        try:
+            after = httpx.post(base + "/v1/audio/speech", json=valid, timeout=120).status_code
+        except httpx.HTTPError as e:
+            after = type(e).__name__
+            subprocess.run(["py-spy", "dump", "--pid", str(server.pid)], check=False)  # where it stalls
         rss_end = proc_status(server.pid, "VmRSS")
         fds_end = open_fds(server.pid)
         print(
@@ -368,8 +375,13 @@ def main() -> int:
         )
     finally:
         server.terminate()
-        server.wait(timeout=60)
-        log = server.stderr.read().decode(errors="replace").splitlines()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            print("server: did not stop within 60 s of SIGTERM; killed")
+            server.kill()
+        log_file.close()
+        log = log_path.read_text(errors="replace").splitlines()
         errors = [line for line in log if "ERROR" in line]
         forged = [line for line in log if line.startswith("FORGED")]
         print(f"log lines an attacker wrote (a path with %0d%0a): {len(forged)}")

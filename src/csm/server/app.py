@@ -60,7 +60,7 @@ class ServerSettings:
     max_upload_seconds: float = MAX_CLIP_SECONDS  # checked from a clip's header, then while decoding it
     max_body_bytes: int = 32 * 1024 * 1024  # a JSON body: a clip at the upload limit in base64, and more
     max_inflight_bytes: int = 256 * 1024 * 1024  # all bodies being received at once; more get 503
-    max_connections: int = 128  # open connections (uvicorn's limit_concurrency); more get 503
+    max_connections: int = 512  # open connections (uvicorn's limit_concurrency); more get 503
     max_context_seconds: float = 120.0  # a request's context clips together (from their headers); more: 413
     max_context_samples: int = (
         120 * 48_000 * 2
