@@ -108,11 +108,73 @@ def cases(port: int, flac: dict, valid_body: dict) -> dict:
             f"{name} as dialogue turn": post("/v1/audio/dialogue", json={"turns": turns}),
         }
 
-    json_head = b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    upload_head = b"POST /v1/voices HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    json_head = b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    upload_head = (
+        b"POST /v1/voices HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    )
     big = 100 << 20
     part = b'--b\r\nContent-Disposition: form-data; name="audio_file"; filename="a.wav"\r\n\r\n'
+    keys = ("{" + ",".join(f'"k{i}":1' for i in range(2_600_000)) + "}").encode()  # issue 32: 31 MB
+    long_clip = base64.b64encode(flac["minute"]).decode()
+    wide_clip = base64.b64encode(flac["wide"]).decode()
+    body_31 = 31 << 20
+
+    def fast_then_trickled():  # 31 MiB at once, then a byte every 20 s (issue 32, item 2)
+        def trickle():
+            yield b" " * (body_31 - 100)
+            for _ in range(100):
+                time.sleep(20)
+                yield b" "
+
+        return raw_request(port, json_head + b"Content-Length: %d\r\n\r\n" % body_31, trickle(), 300)
+
+    def smuggle(head):
+        return lambda: raw_request(port, head, (), 10)
+
     mix = {
+        "31 MB JSON of 2.6 M keys": post(
+            "/v1/audio/speech", content=keys, headers={"content-type": "application/json"}
+        ),
+        "JSON nested 5000 deep": post(
+            "/v1/audio/speech",
+            content=b'{"input": "hi", "voice": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            headers={"content-type": "application/json"},
+        ),
+        "31 MiB body, then a byte / 20 s (x4 per repeat)": lambda: collections.Counter(
+            ThreadPoolExecutor(4).map(lambda _: fast_then_trickled(), range(4))
+        ),
+        "64 x 60 s context clips (359 KB)": post(
+            "/v1/audio/speech",
+            json={"input": "Hi.", "context": [{"text": "Hi.", "audio": long_clip}] * 64},
+        ),
+        "12 x 5 s 384 kHz 8-ch context clips": post(
+            "/v1/audio/speech",
+            json={"input": "Hi.", "context": [{"text": "Hi.", "audio": wide_clip}] * 12},
+        ),
+        "Host: attacker.example": post(
+            "/v1/audio/speech", json=valid_body, headers={"host": "attacker.example"}
+        ),
+        "cross-origin voice 'alloy'": post(
+            "/v1/voices",
+            files={"audio_file": ("a.flac", flac["second"], "audio/flac")},
+            data={"name": "alloy", "transcript": "Planted."},
+            headers={"origin": "http://evil.example"},
+        ),
+        "voice name 'alloy\\n'": post(
+            "/v1/voices",
+            files={"audio_file": ("a.flac", flac["second"], "audio/flac")},
+            data={"name": "alloy\n", "transcript": "Planted."},
+        ),
+        "voice true": post("/v1/audio/speech", json={**valid_body, "voice": True}),
+        "CL + TE, then a pipelined request": smuggle(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        ),
+        "obs-fold header": smuggle(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n folded\r\n\r\n"),
+        "bare LF head": smuggle(b"GET /health HTTP/1.1\nHost: localhost\n\n"),
+        "path with %0d%0a (log forging)": smuggle(
+            b"GET /x%0d%0aFORGED HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        ),
         **clip_cases("bomb (header: 60 min)", flac["header"]),
         **clip_cases("bomb (header: unknown)", flac["stream"]),
         "100 MB JSON, Content-Length": lambda: raw_request(
@@ -152,7 +214,7 @@ def slow_sockets(port: int, count: int, seconds: float, body: bool) -> collectio
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", port))
         if body:
-            s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n")
         else:
             s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\n")
         s.setblocking(False)
@@ -200,6 +262,9 @@ def main() -> int:
     made = time.time()
     real = silent_flac(3600.0)  # the issue's file: 60 minutes of 96 kHz stereo silence
     flac = {"header": real, "stream": claim_length(real, 0.0, 96_000)}  # the same, its length unknown
+    flac["minute"] = silent_flac(60.0, rate=24_000, channels=1)  # issue 32: 64 of them in a small body
+    flac["wide"] = silent_flac(5.0, rate=384_000, channels=8)  # issue 32: decoding work
+    flac["second"] = silent_flac(1.0, rate=24_000, channels=1)
     print(f"  {len(real) / 1e6:.2f} MB bomb in {time.time() - made:.0f} s", file=sys.stderr)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -216,7 +281,10 @@ def main() -> int:
         "--max-frames",
         "8",
     ]
-    server = subprocess.Popen([*cmd, *args.serve_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-hostile-server-{os.getpid()}.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 (the child writes it until the end)
+    server = subprocess.Popen([*cmd, *args.serve_args], stdout=subprocess.DEVNULL, stderr=log_file)
+    print(f"  server log: {log_path}", file=sys.stderr)
     base = f"http://127.0.0.1:{port}"
     valid = {"input": "A valid request among the hostile ones.", "response_format": "wav"}
     try:
@@ -240,6 +308,24 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        probes: list[tuple[float, float]] = []  # (when sent, seconds to answer) of /health, every 0.5 s
+
+        def probe():
+            with httpx.Client(timeout=120) as client:
+                while not sampling.wait(0.5):
+                    t = time.time()
+                    try:
+                        client.get(base + "/health")
+                        probes.append((t, time.time() - t))
+                    except httpx.HTTPError:
+                        probes.append((t, float("inf")))
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+
+        def health_max(t0: float, t1: float) -> float:
+            return max((took for t, took in probes if t0 <= t <= t1), default=float("nan"))
+
         rows = []
         mix = cases(port, flac, valid)
         for name, attack in mix.items():
@@ -247,10 +333,13 @@ def main() -> int:
             reset_peak()
             with ThreadPoolExecutor(args.repeat) as pool:
                 statuses = list(pool.map(lambda _, a=attack: a(), range(args.repeat)))
+            counted = collections.Counter()
+            for status in statuses:  # a case may count several requests itself
+                counted.update(status if isinstance(status, collections.Counter) else [status])
             time.sleep(0.5)  # a refused body is still being read and dropped
             case_peak = proc_status(server.pid, "VmHWM")
             peak = max(peak, case_peak)
-            rows.append((name, collections.Counter(statuses), time.time() - t0, case_peak))
+            rows.append((name, counted, time.time() - t0, case_peak, health_max(t0, time.time())))
             print(f"  {name}: {dict(rows[-1][1])}", file=sys.stderr)
         for body in (False, True):
             t0 = time.time()
@@ -259,22 +348,26 @@ def main() -> int:
             name = f"{args.slow_sockets} sockets trickling a {'body' if body else 'head'}"
             case_peak = proc_status(server.pid, "VmHWM")
             peak = max(peak, case_peak)
-            rows.append((name, ended, time.time() - t0, case_peak))
+            rows.append((name, ended, time.time() - t0, case_peak, health_max(t0, time.time())))
             print(f"  {name}: {dict(ended)}", file=sys.stderr)
         time.sleep(1.0)
         sampling.set()
-        after = httpx.post(base + "/v1/audio/speech", json=valid, timeout=120).status_code
+        try:
+            after = httpx.post(base + "/v1/audio/speech", json=valid, timeout=120).status_code
+        except httpx.HTTPError as e:
+            after = type(e).__name__
+            subprocess.run(["py-spy", "dump", "--pid", str(server.pid)], check=False)  # where it stalls
         rss_end = proc_status(server.pid, "VmRSS")
         fds_end = open_fds(server.pid)
         print(
             f"model {args.model}, each case x{args.repeat} at once, {os.cpu_count()} CPUs, "
             f"server flags: {' '.join(args.serve_args) or '(defaults)'}"
         )
-        print("| case | statuses | seconds | server peak RSS MB |")
-        print("|---|---|---|---|")
-        for name, statuses, took, case_peak in rows:
+        print("| case | statuses | seconds | server peak RSS MB | slowest /health s |")
+        print("|---|---|---|---|---|")
+        for name, statuses, took, case_peak, slowest in rows:
             shown = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
-            print(f"| {name} | {shown} | {took:.1f} | {case_peak:.0f} |")
+            print(f"| {name} | {shown} | {took:.1f} | {case_peak:.0f} | {slowest:.2f} |")
         print()
         print(
             f"server RSS: {rss_start:.0f} MB before, peak {peak:.0f} MB, {rss_end:.0f} MB after; "
@@ -282,10 +375,16 @@ def main() -> int:
         )
     finally:
         server.terminate()
-        server.wait(timeout=60)
-        errors = [
-            line for line in server.stderr.read().decode(errors="replace").splitlines() if "ERROR" in line
-        ]
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            print("server: did not stop within 60 s of SIGTERM; killed")
+            server.kill()
+        log_file.close()
+        log = log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in log if "ERROR" in line]
+        forged = [line for line in log if line.startswith("FORGED")]
+        print(f"log lines an attacker wrote (a path with %0d%0a): {len(forged)}")
         for line in itertools.islice(errors, 10):
             print("server:", line)
     return 0

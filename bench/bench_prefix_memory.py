@@ -52,8 +52,20 @@ def main() -> None:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "CSM_VOICES_DIR": tmp}
-        cmd = [sys.executable, "-m", "csm", "serve", "--model", str(checkpoint), "--port", str(port),
-               "--prefix-cache-mb", str(args.mb), "--max-frames", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "csm",
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--prefix-cache-mb",
+            str(args.mb),
+            "--max-frames",
+            "2",
+        ]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -67,7 +79,9 @@ def main() -> None:
                         "input": "Hi.",
                         "response_format": "pcm",
                         "seed": 1,
-                        "context": [{"text": f"Voice number {i} speaking here.", "audio": clips[i % len(clips)]}],
+                        "context": [
+                            {"text": f"Voice number {i} speaking here.", "audio": clips[i % len(clips)]}
+                        ],
                     }
                     c.post("/v1/audio/speech", json=body).raise_for_status()
                     if i + 1 == args.warmup:
@@ -83,8 +97,10 @@ def main() -> None:
                             flush=True,
                         )
                 rss = rss_mb(proc.pid)
-                print(f"RSS growth after the warm-up: {rss - base_rss:.0f} MB; bound {args.mb:g} MB "
-                      f"({(rss - base_rss) / max(args.mb, 1e-9):.2f}x the bound)")
+                print(
+                    f"RSS growth after the warm-up: {rss - base_rss:.0f} MB; bound {args.mb:g} MB "
+                    f"({(rss - base_rss) / max(args.mb, 1e-9):.2f}x the bound)"
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=30)

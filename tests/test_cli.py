@@ -666,3 +666,70 @@ def test_finetune_on_an_absent_gpu_is_one_line_before_any_work(tmp_path, monkeyp
     assert code == 2 and err == ["csm: error: --device cuda: device 'cuda' asked for, but this machine has no "
                                  "CUDA GPU usable by torch"], err  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def hour_long(tmp_path_factory):
+    """An hour of silence as a small FLAC, once with a header that says so and once with one that does not."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hostile import silent_flac
+
+    folder = tmp_path_factory.mktemp("long")
+    (folder / "said.flac").write_bytes(silent_flac(1.0, rate=24_000, channels=1, claim=3600.0))
+    (folder / "unsaid.flac").write_bytes(silent_flac(70.0, claim=0.0))
+    return folder
+
+
+@pytest.mark.parametrize("clip", ["said.flac", "unsaid.flac"])
+@pytest.mark.parametrize("command", ["voice", "say", "batch"])
+def test_an_hour_long_clip_is_refused_in_one_line_everywhere(ckpt, tmp_path, hour_long, clip, command):
+    path = str(hour_long / clip)
+    if command == "voice":
+        args = ["voice", "create", "long", path, "Silence."]
+    elif command == "say":
+        args = ["say", "Hi.", "-o", "out.wav", "--model", str(ckpt), "--context", path, "Silence.",
+                "--device", "cpu"]  # fmt: skip
+    else:
+        line = {
+            "id": "a",
+            "turns": [{"speaker": 0, "text": "Silence.", "audio": path}, {"speaker": 1, "text": "Hi."}],
+        }
+        (tmp_path / "r.jsonl").write_text(__import__("json").dumps(line) + "\n")
+        args = ["batch", "r.jsonl", "-o", "out", "--model", str(ckpt), "--device", "cpu"]
+    result = run(args, tmp_path)
+    err = result.stderr.decode()
+    assert b"Traceback" not in result.stderr, err
+    assert "60 s" in err or "60 s" in (tmp_path / "out" / "manifest.jsonl").read_text(), err
+    assert not (tmp_path / "voices" / "long").exists()
+    if command != "batch":
+        assert result.returncode == 2, err
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(tmp_path):
+    from csm.batch.output import _write_atomic
+    from csm.cli.common import write_audio
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in (
+        ".out.partial.wav",
+        ".out.partial-1.wav",
+        ".job.json.partial",
+        f".out.partial-{os.getpid()}.wav",
+    ):
+        (shared / name).symlink_to(victim)
+    write_audio(shared / "out.wav", np.zeros(2400, np.float32), 24000)
+    _write_atomic(shared / "job.json", b"{}")
+    from csm.batch.output import OutputDir
+
+    OutputDir.write_audio(type("D", (), {"path": shared})(), "line.wav", np.zeros(2400, np.float32), 24000)
+    assert victim.read_text() == "precious"
+    assert read(shared / "out.wav").shape == (2400,) and (shared / "job.json").read_text() == "{}"
+    assert read(shared / "line.wav").shape == (2400,)
+    left = sorted(p.name for p in shared.iterdir() if not p.is_symlink())
+    assert left == ["job.json", "line.wav", "out.wav"]  # no temporary file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (shared / "out.wav").stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would make it

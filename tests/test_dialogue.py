@@ -325,3 +325,19 @@ def test_no_room_for_the_mix_is_refused_before_the_model_loads(tmp_path, monkeyp
     code = main(["dialogue", "talk.txt", "-o", "talk.wav", "--model", "no-such-model"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "-o talk.wav: 0.1 MB free in" in err[-1], err
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("[٣] Hello.", "expected `.SPEAKER. text`"),
+        ("[²] Hello.", "expected"),
+        ("[" + "9" * 5000 + "] Hi.", "5000 digits"),
+    ],
+)
+def test_text_script_speaker_ids_are_ascii_digits_with_file_and_line(line, words):
+    from csm.dialogue import ScriptError, _text_turns
+
+    with pytest.raises(ScriptError, match=words) as e:
+        _text_turns("[0] First.\n" + line, "script.txt")
+    assert str(e.value).startswith("script.txt:2:") and len(str(e.value)) < 200

@@ -109,9 +109,9 @@ def test_the_longest_stored_prefix_is_found_segment_by_segment():
     hit = store.lookup(b, cuts(b, 7, None), b"w")
     assert hit.positions == 7 and hit.hidden is None
     assert torch.cat([store.kv(blk) for blk in hit.blocks], 3)[0, 0, 0, :, 0].tolist() == list(range(7))
-    assert torch.cat([kv for blk in hit.blocks for kv, _ in store.pieces(blk)], 3)[0, 0, 0, :, 1].tolist() == [
-        7, 1, 2, 7, 3, 4, 5
-    ]
+    assert torch.cat([kv for blk in hit.blocks for kv, _ in store.pieces(blk)], 3)[
+        0, 0, 0, :, 1
+    ].tolist() == [7, 1, 2, 7, 3, 4, 5]
     # A changed first turn: nothing matches, though later segments are equal (keys chain).
     c = fake_content([[1, 3], [3, 4, 5], [6]])
     assert store.lookup(c, cuts(c, 7, None), b"w").positions == 0

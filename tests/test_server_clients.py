@@ -128,7 +128,7 @@ def chaos_client(server, i: int) -> tuple[str, object]:
     body = json.dumps({"input": "Going away soon. " * 10, "response_format": "pcm"}).encode()
     raw = socket.create_connection(("127.0.0.1", port))
     raw.sendall(
-        b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )

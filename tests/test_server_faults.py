@@ -151,7 +151,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_row_freed(checkpoint, tm
         stalled.connect(("127.0.0.1", port))
         body = json.dumps({"input": "A long answer. " * 40, "response_format": "pcm"}).encode()
         stalled.sendall(
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )  # and never read

@@ -326,3 +326,53 @@ def test_bad_server_flags_are_one_line_errors_before_loading(tmp_path, flags, wa
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and wanted in errors[0], r.stderr
+
+
+# ---- issue 32: API keys, voices made on disk --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", "   ", "clé", "a b", "tab\tkey"])
+def test_an_empty_or_non_ascii_api_key_is_refused_before_the_model_loads(key, tmp_path):
+    from csm.server.app import ServerSettings, check_api_key, create_app
+
+    with pytest.raises(ValueError, match="API key"):
+        check_api_key(key)
+    with pytest.raises(ValueError, match="API key"):
+        create_app(None, None, ServerSettings(api_key=key, voices_dir=str(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, "-m", "csm", "serve", "--model", str(tmp_path / "none"), "--api-key", key],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and b"--api-key" in result.stdout + result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def make_voice_on_disk(root, name, clips: int, seconds: float, audio_name=None):
+    folder = root / name
+    folder.mkdir(parents=True)
+    sf.write(folder / "clip.wav", np.zeros(int(seconds * 24000), np.float32), 24000)
+    entries = [{"audio": audio_name or "clip.wav", "text": "Silence."} for _ in range(clips)]
+    (folder / "voice.json").write_text(json.dumps({"name": name, "speaker": 0, "clips": entries}))
+
+
+def test_a_cached_voice_is_bounded_by_its_bytes_and_voices_on_disk_by_their_clips(tmp_path):
+    from csm.server.speech import ApiError
+    from csm.server.voice_store import VoiceStore, voice_bytes
+
+    store = VoiceStore(tmp_path, cache_size=8, cache_bytes=3 * 24000 * 4 + 1000, max_seconds=60.0)
+    make_voice_on_disk(tmp_path, "small", 1, 2.0)
+    make_voice_on_disk(tmp_path, "big", 2, 2.0)  # 4 s: more than the cache's bytes
+    make_voice_on_disk(tmp_path, "many", 200, 0.5)  # 200 clips: refused unread
+    make_voice_on_disk(tmp_path, "long", 1, 61.0)  # over max_seconds
+    make_voice_on_disk(tmp_path, "climbs", 1, 1.0, audio_name="../small/clip.wav")
+    assert store.get("small").seconds == 2.0 and store.get("big").seconds == 4.0
+    assert store.cached() == ["small"] and store.cached_bytes() <= store.cache_bytes
+    assert voice_bytes(store.get("big")) > store.cache_bytes
+    for name in ("many", "long", "climbs"):
+        with pytest.raises(ApiError) as e:
+            store.get(name)
+        assert e.value.status == 500 and "damaged" in e.value.message
+    make_voice_on_disk(tmp_path, "second", 1, 1.0)
+    store.get("second")
+    assert store.cached() == ["small", "second"] and store.cached_bytes() <= store.cache_bytes

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from fastapi import WebSocket  # at module level: this file's annotations are strings FastAPI resolves here
 from hostile import peak_rss_growth, silent_flac
 from serving import assert_error, demo_checkpoint, serve, speak
 
@@ -112,7 +113,7 @@ def test_a_bomb_whose_header_does_not_say_is_decoded_only_up_to_the_limit(server
 def test_a_body_declared_larger_than_the_limit_is_refused_before_it_is_sent(server):
     with socket.create_connection(address(server)) as sock:
         sock.sendall(
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: 104857600\r\n\r\n"
         )
         status, error = status_and_error(read_all(sock, 5))  # the server closes: no body is awaited
@@ -137,7 +138,7 @@ def chunked_flood(client, path: str, content_type: bytes, head: bytes, total: in
             pass  # the server answered and closed
 
     sock.sendall(
-        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type + b"\r\n"
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: " + content_type + b"\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     writer = threading.Thread(target=flood)
@@ -286,7 +287,7 @@ def test_a_silent_connection_and_an_idle_keep_alive_one_are_closed_too(server):
         assert read_all(silent, DEADLINE + 3) == b""  # nothing sent: closed without a response
         assert time.perf_counter() - start < DEADLINE + 2
     with socket.create_connection(address(server)) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         time.sleep(0.3)
         sock.sendall(b"GET /health HTTP/1.1\r\n")  # the second request's head never ends
         data = read_all(sock, DEADLINE + 8)
@@ -296,7 +297,7 @@ def test_a_silent_connection_and_an_idle_keep_alive_one_are_closed_too(server):
 def test_a_body_that_stops_arriving_gets_408(server):
     with socket.create_connection(address(server)) as sock:
         sock.sendall(
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"input": '
         )
         start = time.perf_counter()
@@ -308,7 +309,7 @@ def test_a_body_that_stops_arriving_gets_408(server):
 def test_a_body_trickled_a_byte_at_a_time_gets_408(server):
     with socket.create_connection(address(server)) as sock:
         sock.sendall(
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n"
         )
         start, answer = time.perf_counter(), b""
@@ -368,3 +369,284 @@ def test_undecodable_audio_errors_hold_no_memory_address(server):
     r = server.post("/v1/voices", files=files, data={"name": "junk", "transcript": "Hi."})
     assert_error(r, 400, "audio_file")
     assert " at 0x" not in r.json()["error"]["message"]
+
+
+# ---- issue 32: the next layer ----------------------------------------------------------------------------
+
+
+def raw_request(server, head: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(address(server)) as sock:
+        sock.sendall(head)
+        return read_all(sock, timeout)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (
+            "{" + ",".join(f'"k{i}":1' for i in range(80_000)) + "}",
+            "JSON separators",
+        ),  # counted, never parsed
+        (
+            "{" + ",".join(f'"k{i}":1' for i in range(5000)) + "}",
+            "keys and values",
+        ),  # parsed, never validated
+        ('{"input": "hi", "voice": ' + "[" * 12 + "]" * 12 + "}", "nests deeper"),
+        ('{"input": "hi", "voice": ' + "[" * 5000 + "]" * 5000 + "}", "nests deeper"),
+    ],
+)
+def test_a_json_body_of_many_keys_or_deep_nesting_is_a_400_before_validation(server, body, words):
+    start = time.perf_counter()
+    response = server.post(
+        "/v1/audio/speech", content=body.encode(), headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400)
+    assert words in response.json()["error"]["message"]
+    assert time.perf_counter() - start < 2.0
+
+
+def test_json_bodies_are_parsed_off_the_event_loop(server, monkeypatch):
+    # A slow parse (here: made slow on purpose) must not hold the event loop: /health answers meanwhile.
+    import csm.server.limits as limits
+
+    real = limits.parse_json_body
+
+    def slow(raw):
+        time.sleep(1.5)
+        return real(raw)
+
+    monkeypatch.setattr(limits, "parse_json_body", slow)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", speak(server, input="Hi.")))
+    worker.start()
+    time.sleep(0.3)
+    start = time.perf_counter()
+    assert server.get("/health").status_code == 200
+    assert time.perf_counter() - start < 0.5
+    worker.join(30)
+    assert result["r"].status_code == 200
+
+
+def test_a_body_sent_fast_then_trickled_gets_408_within_two_windows(server):
+    # The old rule averaged from the start: 100 KB at once bought 100 s of trickling at 1 KB/s.
+    with socket.create_connection(address(server)) as sock:
+        sock.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200000\r\n\r\n" + b" " * 100_000
+        )
+        start, answer = time.perf_counter(), b""
+        sock.settimeout(0.3)
+        while not answer and time.perf_counter() - start < 10 * DEADLINE + 5:
+            try:
+                sock.sendall(b" ")
+                answer = sock.recv(65536)
+            except TimeoutError:
+                pass
+        status, error = status_and_error(answer + read_all(sock, 2))
+    assert status == 408 and "bytes/s" in error["message"]
+    assert time.perf_counter() - start < 3 * DEADLINE + 2
+
+
+@pytest.fixture(scope="module")
+def tight(checkpoint, tmp_path_factory):
+    with serve(
+        checkpoint,
+        tmp_path_factory.mktemp("tight"),
+        max_batch_size=2,
+        max_body_bytes=LIMIT,
+        max_upload_bytes=UPLOAD,
+        max_inflight_bytes=2 * LIMIT,
+        max_connections=6,
+        head_timeout=5.0,
+        read_timeout=5.0,
+    ) as c:
+        yield c
+
+
+def test_bodies_in_flight_together_are_capped_with_a_503(tight):
+    head = (
+        b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {LIMIT - 10}\r\n\r\n".encode()
+    )
+    held = [socket.create_connection(address(tight)) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(head + b" " * 1000)
+        time.sleep(0.3)
+        status, error = status_and_error(raw_request(tight, head + b" " * 1000, 3))
+        assert status == 503 and "retry shortly" in error["message"]
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    assert tight.get("/health").status_code == 200  # the held bytes were given back
+
+
+def test_connections_past_the_cap_get_503(tight):
+    held = [socket.create_connection(address(tight)) for _ in range(6)]
+    try:
+        time.sleep(0.3)
+        data = raw_request(tight, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", 3)
+        assert data.startswith(b"HTTP/1.1 503 ")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    assert tight.get("/health").status_code == 200
+
+
+def test_context_audio_is_capped_per_request_from_the_headers_before_decoding(server):
+    settings = server.app.state.settings
+    clip = base64.b64encode(silent_flac(60.0, rate=24_000, channels=1)).decode()
+    context = [{"text": "Silence.", "audio": clip} for _ in range(64)]  # 64 minutes in a small body
+    with peak_rss_growth() as growth:
+        start = time.perf_counter()
+        response = speak(server, context=context)
+        took = time.perf_counter() - start
+    assert_error(response, 413, f"context.{int(settings.max_context_seconds // 60)}.audio")
+    assert "together" in response.json()["error"]["message"]
+    assert took < 2.0 and growth() < 150  # the third clip's header is over the budget: nothing decoded
+
+
+def test_clips_whose_headers_do_not_say_are_held_to_the_request_budget_while_decoding(server, monkeypatch):
+    settings = server.app.state.settings
+    monkeypatch.setattr(settings, "max_context_seconds", 50.0)
+    given = base64.b64encode(silent_flac(20.0, rate=24_000, channels=1)).decode()  # says 20 s: 30 s left
+    clip = base64.b64encode(silent_flac(59.0, rate=24_000, channels=1, claim=0.0)).decode()  # under 60 s
+    response = speak(server, context=[{"text": "Silence.", "audio": a} for a in (given, clip)])
+    assert_error(response, 413, "context.1.audio")
+    assert "together" in response.json()["error"]["message"]
+
+
+def test_high_rate_many_channel_clips_count_their_decoding_work(server):
+    clip = base64.b64encode(silent_flac(4.0, rate=384_000, channels=8)).decode()
+    response = speak(server, context=[{"text": "Silence.", "audio": clip}])  # 4 s, but 12 M samples
+    assert_error(response, 413, "context.0.audio")
+
+
+def test_a_full_queue_answers_429_before_any_clip_is_decoded(server, bombs, monkeypatch):
+    monkeypatch.setattr(server.app.state.settings, "max_queue", 0)
+    calls = []
+    import csm.server.dialogue as server_dialogue
+
+    monkeypatch.setattr(server_dialogue, "load_audio", lambda *a, **k: calls.append(1))
+    clip = base64.b64encode(bombs["stream"]).decode()
+    response = speak(server, context=[{"text": "Silence.", "audio": clip}])
+    assert_error(response, 429)
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    "host", ["attacker.example", "attacker.example:8000", "", "localhost.attacker.example"]
+)
+def test_a_host_header_not_naming_the_server_is_refused(server, host):
+    response = server.get("/v1/voices", headers={"host": host})
+    assert_error(response, 400)
+    assert response.json()["error"]["code"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1:9", "[::1]:8000", "10.1.2.3", "api.localhost"])
+def test_ip_literals_and_localhost_are_served(server, host):
+    assert server.get("/health", headers={"host": host}).status_code == 200
+
+
+def test_allowed_hosts_adds_names(server, monkeypatch):
+    monkeypatch.setattr(server.app.state.settings, "allowed_hosts", ["tts.example.com", ".corp.example"])
+    for host in ("tts.example.com", "a.corp.example", "corp.example:8000"):
+        assert server.get("/health", headers={"host": host}).status_code == 200, host
+    assert server.get("/health", headers={"host": "example.com"}).status_code == 400
+    body = {"input": "Hi.", "response_format": "wav"}
+    proxied = server.post("/v1/audio/speech", json=body, headers={"origin": "https://tts.example.com"})
+    assert proxied.status_code == 200  # the page of a name the operator allowed, behind a proxy
+    other_port = server.post("/v1/audio/speech", json=body, headers={"origin": "http://localhost:3000"})
+    assert_error(other_port, 403)  # another local page is another origin
+
+
+def test_a_cross_origin_page_cannot_plant_a_voice(server):
+    files = {"audio_file": ("a.flac", silent_flac(1.0, rate=24_000, channels=1), "audio/flac")}
+    data = {"name": "alloy", "transcript": "Planted."}
+    response = server.post("/v1/voices", files=files, data=data, headers={"origin": "http://evil.example"})
+    assert_error(response, 403)
+    assert response.json()["error"]["code"] == "cross_origin"
+    assert "alloy" not in server.get("/v1/voices").json()["voices"]
+    null = server.post("/v1/audio/speech", json={"input": "hi"}, headers={"origin": "null"})
+    assert_error(null, 403)
+    base = str(server.base_url)
+    same = server.post(
+        "/v1/audio/speech", json={"input": "Hi.", "response_format": "wav"}, headers={"origin": base}
+    )
+    assert same.status_code == 200  # the server's own page
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n folded\r\n\r\n",
+        b"GET /health HTTP/1.1\nHost: localhost\n\n",
+    ],
+    ids=["cl-and-te", "obs-fold", "bare-lf"],
+)
+def test_ambiguous_framing_is_a_400_and_the_connection_closes(server, head):
+    data = raw_request(server, head, 3)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert data.count(b"HTTP/1.1 ") == 1  # nothing pipelined after it is answered
+
+
+def test_the_access_log_escapes_control_characters(server, caplog):
+    with caplog.at_level("INFO", logger="csm.access"):
+        raw_request(server, b"GET /x%0d%0aFORGED%1b[31m HTTP/1.1\r\nHost: localhost\r\n\r\n", 1)
+        time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "csm.access" and "FORGED" in r.getMessage()]
+    assert lines and all("\n" not in line and "\r" not in line and "\x1b" not in line for line in lines)
+
+
+@pytest.mark.parametrize("name", ["alloy\n", "alloy\r\n", "alloy\x00"])
+def test_voice_names_with_a_trailing_newline_are_refused(server, name):
+    files = {"audio_file": ("a.flac", silent_flac(1.0, rate=24_000, channels=1), "audio/flac")}
+    response = server.post("/v1/voices", files=files, data={"name": name, "transcript": "Hi."})
+    assert_error(response, 400, "name")
+    assert_error(speak(server, voice=name), 400, "voice")
+
+
+@pytest.mark.parametrize("voice", [True, False, {"id": True}])
+def test_a_boolean_voice_is_no_speaker_number(server, voice):
+    assert_error(speak(server, voice=voice), 400)
+
+
+def test_a_websocket_from_another_origin_or_host_is_refused(server):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    async def echo(websocket: WebSocket):
+        await websocket.accept()
+        await websocket.send_text("hello")
+        await websocket.close()
+
+    app = server.app
+    if not any(getattr(r, "path", None) == "/test-ws" for r in app.router.routes):
+        app.add_api_websocket_route("/test-ws", echo)
+    host, port = address(server)
+    url = f"ws://{host}:{port}/test-ws"
+    with connect(url) as ws:  # no Origin (not a browser): served
+        assert ws.recv() == "hello"
+    with connect(url, origin=f"http://{host}:{port}") as ws:  # the server's own page
+        assert ws.recv() == "hello"
+    with pytest.raises(InvalidStatus) as e:
+        connect(url, origin="http://evil.example")
+    assert e.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as e:  # a name that resolves here (DNS rebinding), sent as the Host
+        connect("ws://attacker.example/test-ws", sock=socket.create_connection((host, port)))
+    assert e.value.response.status_code == 403
+
+
+def test_a_request_naming_many_saved_voices_is_refused_before_reading_them(server, monkeypatch):
+    import csm.server.voice_store as store
+
+    monkeypatch.setattr(store.Voice, "load", lambda *a, **k: pytest.fail("a voice was read"))
+    context = [{"voice": f"v{i}"} for i in range(9)]
+    assert_error(speak(server, context=context), 400, "context")
+    turns = [{"speaker": i, "text": "Hi."} for i in range(9)]
+    voices = {str(i): f"v{i}" for i in range(9)}
+    assert_error(server.post("/v1/audio/dialogue", json={"turns": turns, "voices": voices}), 400, "voices")

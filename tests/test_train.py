@@ -375,3 +375,35 @@ def test_torchrun_two_processes_match_one_process(tiny, dataset, tmp_path, lora_
     b = CsmForConditionalGeneration.from_pretrained(tmp_path / "two").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+class Planted:
+    """A pickle that runs code when unpickled (as a planted optimizer.pt would)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo planted > planted.txt",))
+
+
+def test_resume_never_unpickles_code_from_a_planted_optimizer_file(tmp_path, monkeypatch):
+    from csm.train.recipe import load_optimizer_state, save_optimizer_state
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [Planted()]}, path)
+    with pytest.raises(ValueError, match="not loaded"):
+        load_optimizer_state(path)
+    assert not (tmp_path / "planted.txt").exists()
+    with pytest.raises(ValueError, match="not a tensor"):
+        save_optimizer_state({"state": {}, "param_groups": [Interrupt()]}, path)
+    torch.save({"anything": 1}, path)
+    with pytest.raises(ValueError, match="not an optimizer state"):
+        load_optimizer_state(path)
+    # What the trainer saves round-trips through weights_only=True.
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), betas=(0.9, 0.95))
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    save_optimizer_state(opt.state_dict(), path)
+    assert load_optimizer_state(path)["param_groups"][0]["betas"] == (0.9, 0.95)

@@ -107,6 +107,20 @@ def _open_source(source: str | os.PathLike | bytes) -> tuple[object, str]:
     return path, name
 
 
+def audio_header(source: str | os.PathLike | bytes) -> tuple[int, int, int | None]:
+    """A file's (sampling rate, channels, frames or None when its header does not say), from its header alone:
+    nothing is decoded. Raises ValueError when it is no audio file libsndfile reads."""
+    handle, name = _open_source(source)
+    try:
+        with sf.SoundFile(handle) as f:
+            frames = f.frames if 0 < f.frames < _UNKNOWN_FRAMES else None
+            return f.samplerate, f.channels, frames
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"could not read audio from {name} ({_libsndfile_message(e)}); wav, flac, ogg and mp3 are supported"
+        ) from None
+
+
 def _read_file(
     source: str | os.PathLike | bytes, max_seconds: float | None = None
 ) -> tuple[np.ndarray, int, str]:
@@ -242,6 +256,68 @@ def audio_format(path: str | os.PathLike) -> tuple[str, str]:
         if not fmt or fmt not in sf.available_formats():
             raise ValueError(f"cannot tell the audio format of {path}: use .wav, .flac, .ogg, .opus or .mp3")
     return fmt, subtype or sf.default_subtype(fmt)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Encoded audio (`data`) into `path` as `save_audio_atomic` writes a waveform: through a temporary file
+    of mkstemp's in its folder (O_EXCL, an unpredictable name), renamed into place."""
+    import tempfile
+
+    path = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.partial-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_audio_atomic(path: str | os.PathLike, audio, sampling_rate: int = SAMPLING_RATE, sync: bool = False):
+    """Write one waveform to `path` through a temporary file in its folder, then rename it into place: the
+    temporary file is made by `tempfile.mkstemp` (O_EXCL, an unpredictable name, mode 0600) and written through
+    its descriptor, so a symlink planted at a predictable name cannot redirect the write. The temporary name is
+    `.<stem>.partial-<random><suffix>`. Raises ValueError or OSError naming `path`, never the temporary file."""
+    import tempfile
+
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: folder {path.parent} does not exist")
+    fmt, subtype = audio_format(path)
+    waveform = _as_waveforms(audio, 1)[0]
+    if subtype not in _FLOAT_SUBTYPES:
+        waveform = np.clip(waveform, -1.0, 1.0)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.partial-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            try:
+                sf.write(f, waveform, sampling_rate, format=fmt, subtype=subtype)
+            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                raise ValueError(f"could not write {path} as {fmt}/{subtype}: {e}") from None
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a file made by open() would be
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask: read where Linux says it (setting it to read it would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_audio(

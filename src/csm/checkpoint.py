@@ -122,6 +122,13 @@ def weight_files(folder: Path) -> list[Path]:
     if not index.is_file():
         raise CheckpointError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
     weight_map = read_json(folder, WEIGHTS_INDEX_NAME).get("weight_map", {})
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    for shard in set(weight_map.values()):  # confined to the folder: never `../elsewhere.safetensors`
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{index} lists a shard {str(shard)[:80]!r} that is not a file name in {folder}"
+            )
     files = [folder / shard for shard in sorted(set(weight_map.values()))]
     for file in files:
         if not file.is_file():
@@ -139,8 +146,13 @@ def load_safetensors(
     """
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
+        with open(file, "rb") as f:
+            read_header(f, file)  # checked as safetensors checks it, with one-line errors
         if transform is None:
-            state.update(load_file(file, device=str(device)))
+            try:
+                state.update(load_file(file, device=str(device)))
+            except Exception as e:  # safetensors' own check, in case it finds more than ours
+                raise CheckpointError(f"{file} is not a valid safetensors file: {e}") from None
             continue
         for name, tensor in _read_one_by_one(file, device):
             state.update(transform(name, tensor))
@@ -152,11 +164,71 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}  # fmt: skip
 
 
-def read_header(f) -> tuple[int, dict]:
-    """A safetensors file's header length and its tensor entries (name -> dtype, shape, data_offsets)."""
-    size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(size))
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+def read_header(f, file: Path | str | None = None) -> tuple[int, dict]:
+    """A safetensors file's header length and its tensor entries (name -> dtype, shape, data_offsets), checked
+    as safetensors checks them before anything is read: a header length within the file (and 100 MB), JSON
+    of entries with a known dtype, a shape of non-negative integers and data_offsets that match it, the
+    tensors' bytes back to back, none shared or overlapping, ending at the file's end. CheckpointError (one
+    line, naming the file and the tensor) otherwise."""
+    name = str(file or getattr(f, "name", "the weights file"))
+    file_size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointError(f"{name} is not a safetensors file: it is {file_size} bytes long")
+    size = int.from_bytes(raw, "little")
+    if size > min(MAX_HEADER_BYTES, file_size - 8):
+        raise CheckpointError(
+            f"{name}: its header claims {size} bytes, more than the file holds or safetensors allows"
+        )
+    try:
+        header = json.loads(f.read(size))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{name}: its header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: its header is not a JSON object of tensors")
     header.pop("__metadata__", None)
+    data_size, spans = file_size - 8 - size, []
+    for key, v in header.items():
+        where = f"{name}: tensor {key[:80]!r}"
+        if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= set(v):
+            raise CheckpointError(f"{where} lacks its dtype, shape or data_offsets")
+        dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+        if dtype not in _ITEM_BYTES:
+            raise CheckpointError(f"{where} has an unknown dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
+            raise CheckpointError(f"{where} has a shape that is not a list of sizes: {str(shape)[:60]}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise CheckpointError(f"{where} has data_offsets {str(offsets)[:60]} outside the file's data")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * _ITEM_BYTES[dtype]:
+            raise CheckpointError(f"{where}: its data_offsets span {offsets[1] - offsets[0]} bytes, its shape "
+                                  f"{shape} of {dtype} needs {numel * _ITEM_BYTES[dtype]}")  # fmt: skip
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for start, stop, key in sorted(spans):
+        if start != end:
+            what = "overlaps another tensor" if start < end else "leaves a gap before it"
+            raise CheckpointError(
+                f"{name}: tensor {key[:80]!r} {what} (safetensors stores them back to back)"
+            )
+        end = stop
+    if end != data_size:
+        raise CheckpointError(
+            f"{name}: the tensors end at byte {end} of the data, the file holds {data_size}"
+        )
     return size, header
 
 
@@ -166,7 +238,7 @@ def stored_float_dtype(folder: Path) -> torch.dtype | None:
     totals: dict[torch.dtype, int] = {}
     for file in weight_files(folder):
         with open(file, "rb") as f:
-            _, header = read_header(f)
+            _, header = read_header(f, file)
         for v in header.values():
             dtype = _DTYPES.get(v["dtype"])
             if dtype is not None and dtype.is_floating_point:
@@ -180,7 +252,7 @@ def _read_one_by_one(file: Path, device):
     closed, so a quantizing load would peak at the quantized model plus the whole file. Files with dtypes
     this does not know are read through safetensors."""
     with open(file, "rb") as f:
-        size, header = read_header(f)
+        size, header = read_header(f, file)
         if torch.device(device).type != "cpu" or any(v["dtype"] not in _DTYPES for v in header.values()):
             with safe_open(file, framework="pt", device=str(device)) as st:
                 yield from ((name, st.get_tensor(name)) for name in st.keys())
@@ -192,6 +264,15 @@ def _read_one_by_one(file: Path, device):
             if f.readinto(memoryview(buffer.numpy())) != end - start:
                 raise CheckpointError(f"{file} is truncated: {name} is cut short")
             yield name, buffer.view(_DTYPES[v["dtype"]]).view(v["shape"])
+
+
+def tensor_names(folder: Path) -> set[str]:
+    """The names of every tensor of a checkpoint, from its (checked) safetensors headers alone."""
+    names: set[str] = set()
+    for file in weight_files(folder):
+        with open(file, "rb") as f:
+            names.update(read_header(f, file)[1])
+    return names
 
 
 def save_safetensors(state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -33,6 +33,37 @@ def _rope_parameters(d: dict) -> dict:
     return params
 
 
+# What any CSM (or a test's tiny one) may have: a config outside these is refused before anything is built.
+_BOUNDS = {
+    "num_hidden_layers": (0, 256),  # 0: a degenerate model tests build
+    "hidden_size": (1, 65_536),
+    "intermediate_size": (1, 262_144),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 1024),
+    "max_position_embeddings": (1, 1 << 20),
+    "vocab_size": (1, 1 << 20),
+    "text_vocab_size": (1, 1 << 22),
+    "num_codebooks": (1, 64),
+    "backbone_hidden_size": (1, 65_536),
+}
+
+
+def check_layers(config, names) -> None:
+    """CheckpointError when the config's layer counts are not the layers the weights hold (checked from the
+    safetensors headers, before the model is built: a config may not make it build 100,000 layers)."""
+    import re
+
+    for prefix, cfg in (("backbone_model", config), ("depth_decoder.model", config.depth_decoder_config)):
+        pattern = re.compile(re.escape(prefix) + r"\.layers\.(\d+)\.")
+        found = {int(m.group(1)) for n in names if (m := pattern.match(n))}
+        if found and max(found) + 1 != cfg.num_hidden_layers:
+            raise CheckpointError(
+                f"config.json says {cfg.num_hidden_layers} layers for {prefix}, the weights hold "
+                f"{max(found) + 1}: the config and the weights do not belong together"
+            )
+
+
 class _SubConfigs:
     """`Config.sub_configs`, read on the class or an instance: the nested configs' names and classes."""
 
@@ -94,11 +125,35 @@ class _JsonConfig(ReferenceConfigMethods):
         folder = resolve_checkpoint(path_or_repo_id, allow_patterns=[CONFIG_NAME])
         return cls.from_dict(read_json(folder))
 
+    def _check_bounds(self) -> None:
+        """Refuse sizes no CSM has (a planted config.json could ask for 100,000 layers, 10^9 positions, 0 heads
+        or -1 layers) before anything is built: one CheckpointError naming the field and its range."""
+        for name, (low, high) in _BOUNDS.items():
+            if not hasattr(self, name):
+                continue
+            value = getattr(self, name)
+            if value is None and name in ("head_dim", "num_key_value_heads"):
+                continue
+            if type(value) is not int or not low <= value <= high:
+                raise CheckpointError(
+                    f"{self.model_type} config: {name} is {str(value)[:40]}; it must be an integer from {low} to "
+                    f"{high}: the checkpoint's config.json is damaged or not a CSM config"
+                )
+        eps = getattr(self, "rms_norm_eps", 1e-5)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise CheckpointError(f"{self.model_type} config: rms_norm_eps is {eps!r}; it must be in (0, 1)")
+
     def _complete_llama_fields(self) -> None:
         """Derive what a Llama config may leave out, and refuse what our block does not implement."""
+        self._check_bounds()
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads or self.head_dim < 1:
+            raise CheckpointError(
+                f"{self.model_type} config: {self.num_attention_heads} attention heads cannot share "
+                f"{self.num_key_value_heads} key/value heads of {self.head_dim} dims"
+            )
         if self.hidden_act != "silu":
             raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported; CSM uses 'silu'")
 

@@ -26,7 +26,7 @@ import numpy as np
 
 MANIFEST_KIND = "csm.dialogue"
 TURN_KEYS = ("speaker", "text", "audio")
-_TEXT_TURN = re.compile(r"^\[\s*(\d+)\s*\]\s*(.*)$")
+_TEXT_TURN = re.compile(r"\[\s*([0-9]+)\s*\]\s*(.*)")  # fullmatch; ASCII digits only: `[٣]` is no id
 _JSON_LIST = re.compile(r"^\s*\[\s*[{\]]")
 
 
@@ -79,14 +79,24 @@ def _text_turns(source: str, name: str) -> list[ScriptTurn]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        match = _TEXT_TURN.match(line)
+        match = _TEXT_TURN.fullmatch(line)
         if match is None:
             raise ScriptError(
                 f"{name}:{n}: expected `[SPEAKER] text`, like `[0] Hello there.`; got {line!r:.60}"
             )
         if not match.group(2).strip():
             raise ScriptError(f"{name}:{n}: the turn of speaker {match.group(1)} has no text")
-        turns.append(ScriptTurn(int(match.group(1)), match.group(2).strip(), None, n))
+        from .conversation import speaker_id
+
+        digits = match.group(1)
+        try:  # never int() of thousands of digits
+            speaker = speaker_id(digits)
+        except ValueError:
+            shown = digits if len(digits) <= 12 else f"{digits[:12]}... ({len(digits)} digits)"
+            raise ScriptError(
+                f"{name}:{n}: speaker id {shown} is too large; ids have at most 9 digits"
+            ) from None
+        turns.append(ScriptTurn(speaker, match.group(2).strip(), None, n))
     if not turns:
         raise ScriptError(f"{name}:1: the script has no turns (lines like `[0] Hello there.`)")
     return turns

@@ -23,8 +23,9 @@ from .checkpoint import (
     resolve_checkpoint,
     save_safetensors,
     stored_float_dtype,
+    tensor_names,
 )
-from .config import CsmConfig, CsmDepthDecoderConfig
+from .config import CsmConfig, CsmDepthDecoderConfig, check_layers
 from .generate import (
     GENERATION_DEFAULTS,
     CsmGenerateOutput,
@@ -639,7 +640,8 @@ class CsmForConditionalGeneration(nn.Module):
         )
         raw = read_json(folder, CONFIG_NAME)
         stored = raw.pop("quantization", None)
-        config = CsmConfig.from_dict(raw)
+        config = CsmConfig.from_dict(raw)  # its sizes bounded (config._check_bounds)
+        check_layers(config, tensor_names(folder))  # headers checked; before anything is built or read
         if quantize == "auto":
             quantize = auto_scheme(stored, stored_float_dtype(folder), device or "cpu", resolved)
         quant = quant_config(cls, config, stored, quantize, group_size, folder / CONFIG_NAME)

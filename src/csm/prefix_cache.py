@@ -111,8 +111,10 @@ class Pages:
         self.free: list[int] = []
 
     def fits(self, kv: torch.Tensor) -> bool:
-        return kv.dtype == self.dtype and kv.device == self.device and kv.shape[:3] + kv.shape[4:] == (
-            self.shape[:3] + self.shape[4:]
+        return (
+            kv.dtype == self.dtype
+            and kv.device == self.device
+            and kv.shape[:3] + kv.shape[4:] == (self.shape[:3] + self.shape[4:])
         )
 
     @property

@@ -227,6 +227,101 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+TEMPLATE_SECONDS = 2.0  # a chat template's render may take this long (a planted template may loop for ever)
+TEMPLATE_MAX_CHARS = 1 << 21  # and make this much text, or any one string or list this long
+
+
+class TemplateLimit(jinja2.exceptions.SecurityError):
+    """A chat template passed its time budget or output cap."""
+
+
+def _too_big(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > TEMPLATE_MAX_CHARS
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > TEMPLATE_MAX_CHARS:
+        raise TemplateLimit(
+            f"the chat template made a value of {len(value)} items, over {TEMPLATE_MAX_CHARS}"
+        )
+    return value
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with sizes bounded: `*` and `**` that would make a string or list (or a
+    number) past TEMPLATE_MAX_CHARS are refused before they are computed, as are calls given such a number
+    (`'x'.ljust(10**10)`); `_render_bounded` adds the time budget and the output cap."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if (
+                isinstance(seq, (str, list, tuple))
+                and isinstance(n, int)
+                and len(seq) * n > TEMPLATE_MAX_CHARS
+            ):
+                raise TemplateLimit(
+                    f"the chat template repeats a value {n} times, past {TEMPLATE_MAX_CHARS} items"
+                )
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise TemplateLimit("the chat template raises a number to a power over 64")
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+        if any(_too_big(a) for a in (*args, *kwargs.values())):
+            raise TemplateLimit(f"the chat template passes a number over {TEMPLATE_MAX_CHARS} to a call")
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+
+def _bounded_filter(f):
+    import functools
+
+    @functools.wraps(f)
+    def bounded(*args, **kwargs):
+        if any(_too_big(a) for a in (*args, *kwargs.values())):
+            raise TemplateLimit(f"the chat template passes a number over {TEMPLATE_MAX_CHARS} to a filter")
+        return _check_size(f(*args, **kwargs))
+
+    return bounded
+
+
+def _render_bounded(template: jinja2.Template, **variables) -> str:
+    """`template.render(**variables)` within TEMPLATE_SECONDS and TEMPLATE_MAX_CHARS of output: the template's
+    own code (jinja compiles it to Python in "<template>") is traced, so that a loop that makes no output is
+    stopped too. Where a tracer is installed already (a debugger, coverage), only the size limits apply."""
+    import sys
+    import time
+
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+    ticks = [0]
+
+    def local(frame, event, arg):
+        ticks[0] += 1
+        if ticks[0] % 512 == 0 and time.monotonic() > deadline:
+            raise TemplateLimit(f"the chat template ran past its {TEMPLATE_SECONDS:g} s budget")
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    traced = sys.gettrace() is None
+    if traced:
+        sys.settrace(calls)
+    try:
+        out, size = [], 0
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise TemplateLimit(f"the chat template made more than {TEMPLATE_MAX_CHARS} characters")
+            out.append(piece)
+        return "".join(out)
+    finally:
+        if traced:
+            sys.settrace(None)
+
+
 def _compile_template(source: str) -> jinja2.Template:
     """Compile a chat template in a sandbox, with the globals chat templates expect."""
 
@@ -244,10 +339,9 @@ def _compile_template(source: str) -> jinja2.Template:
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -617,7 +711,7 @@ class CsmProcessor:
             text["text"] += _OPEN_END
             messages[-1]["content"] = content
         try:
-            out = template.render(messages=messages, tools=None, documents=None,
+            out = _render_bounded(template, messages=messages, tools=None, documents=None,
                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)  # fmt: skip
         except jinja2.exceptions.TemplateError as e:
             raise ConversationError(f"the chat template rejected {where}: {e}") from None

@@ -15,13 +15,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audio import SAMPLING_RATE, load_audio, save_audio
+from .audio import MAX_CLIP_SECONDS, SAMPLING_RATE, load_audio, save_audio
 
 if TYPE_CHECKING:
     import torch
 
 VOICE_FILE = "voice.json"
 CODES_FILE = "codes.pt"
+
+
+MAX_VOICE_CLIPS = 64  # clips a voice file may list
+MAX_VOICE_FILE_BYTES = 1 << 20  # a voice.json: names and transcripts
 
 
 def voices_dir() -> Path:
@@ -82,12 +86,20 @@ class Voice:
         self.clips = clips
 
     @classmethod
-    def from_files(cls, name: str, speaker: int, clips: list[tuple[str | os.PathLike, str]]) -> Voice:
-        """A voice from audio files (any rate, any channels: resampled to 24 kHz mono) and their transcripts."""
+    def from_files(
+        cls,
+        name: str,
+        speaker: int,
+        clips: list[tuple[str | os.PathLike, str]],
+        max_seconds: float | None = MAX_CLIP_SECONDS,
+    ) -> Voice:
+        """A voice from audio files (any rate, any channels: resampled to 24 kHz mono) and their transcripts.
+        Each clip may hold `max_seconds` of audio (refused from its header, or while decoding: an hour of
+        silence in a small FLAC is never decoded into gigabytes)."""
         loaded = []
         for path, text in clips:
             try:
-                loaded.append((load_audio(path), text))
+                loaded.append((load_audio(path, max_seconds=max_seconds), text))
             except (ValueError, OSError) as e:
                 raise ValueError(f"cannot read clip {path}: {e}") from None
         return cls(name, speaker, loaded)
@@ -125,16 +137,39 @@ class Voice:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, store_codes: bool = True) -> Voice:
+    def load(
+        cls,
+        folder: str | os.PathLike,
+        store_codes: bool = True,
+        max_seconds: float | None = None,
+        max_clips: int = MAX_VOICE_CLIPS,
+    ) -> Voice:
         """Read a voice folder written by `save` (or `csm voice create`); with `store_codes=False` the codes
-        encoded for it are kept in memory only and nothing is written into the folder."""
+        encoded for it are kept in memory only and nothing is written into the folder. Clips are files of the
+        folder itself (never a path out of it); with `max_seconds`, all clips together may hold that much audio
+        (checked from each header, then while decoding); more than `max_clips` clips are refused unread."""
         folder = Path(folder).expanduser()
         file = folder / VOICE_FILE
         if not file.is_file():
             raise FileNotFoundError(f"no voice at {folder}: {VOICE_FILE} is missing")
+        if file.stat().st_size > MAX_VOICE_FILE_BYTES:
+            raise ValueError(
+                f"{file} is {file.stat().st_size} bytes; a voice file is at most {MAX_VOICE_FILE_BYTES}"
+            )
         try:
             meta = json.loads(file.read_text())
-            clips = [(load_audio(folder / c["audio"]), c["text"]) for c in meta["clips"]]
+            entries = meta["clips"]
+            if not isinstance(entries, list) or len(entries) > max_clips:
+                raise ValueError(f"{file} lists {len(entries)} clips; a voice may have at most {max_clips}")
+            clips, left = [], max_seconds
+            for c in entries:
+                name = c["audio"]
+                if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                    raise ValueError(f"{file}: clip {name!r} is not a file name in the voice's folder")
+                audio = load_audio(folder / name, max_seconds=left)
+                if left is not None:
+                    left -= len(audio) / SAMPLING_RATE
+                clips.append((audio, c["text"]))
             voice = cls(meta.get("name", folder.name), int(meta.get("speaker", 0)), clips, folder=folder)
             voice.store_codes = store_codes
         except (KeyError, TypeError, json.JSONDecodeError) as e:

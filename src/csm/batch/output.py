@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,18 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}{PARTIAL}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`data` into `path` through a temporary file of mkstemp's (O_EXCL, an unpredictable name) in its folder:
+    a symlink planted at a predictable name is never written through."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{PARTIAL}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     _fsync_dir(path.parent)
 
 
@@ -199,17 +206,9 @@ class OutputDir:
 
     def write_audio(self, filename: str, audio: np.ndarray, sampling_rate: int) -> Path:
         """Write `DIR/filename` under a temporary name in the same folder, sync it, then rename it into place."""
-        from ..audio import save_audio
+        from ..audio import save_audio_atomic
 
         path = self.path / filename
-        stem, dot, ext = filename.rpartition(".")
-        tmp = self.path / f".{stem}{PARTIAL}-{os.getpid()}{dot}{ext}"
-        try:
-            save_audio(audio, tmp, sampling_rate=sampling_rate)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_audio_atomic(path, audio, sampling_rate, sync=True)  # mkstemp's temporary file (O_EXCL)
         _fsync_dir(self.path)
         return path

@@ -145,6 +145,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_clip_header(path: Path, where: str) -> None:
+    """ValueError when a clip's header says it is longer than a context clip may be (checked with the line,
+    before the model loads; the runner reads it bounded too, for a header that does not say or lies)."""
+    from ..audio import MAX_CLIP_SECONDS, audio_header
+
+    rate, _, frames = audio_header(path)
+    if frames is not None and frames / rate > MAX_CLIP_SECONDS:
+        raise ValueError(
+            f"{where}: clip {path.name} is {frames / rate:.1f} s long; the limit is {MAX_CLIP_SECONDS:g} s: trim it"
+        )
+
+
 def _check_dialogue(obj: dict, base: Path, find_voice) -> tuple[list[dict], dict[str, str], float]:
     """A dialogue line's turns, voices and pause, checked as `csm dialogue` checks a script (csm.dialogue)."""
     from ..conversation import PAUSE_SECONDS, dialogue_turns, speaker_id
@@ -169,6 +181,7 @@ def _check_dialogue(obj: dict, base: Path, find_voice) -> tuple[list[dict], dict
                 raise ValueError(f"turn {i}: {e}") from None
             if not path.is_file():
                 raise ValueError(f"turn {i}: clip not found: {path}")
+            check_clip_header(path, f"turn {i}")
             audio = str(path.resolve())
         turns.append({"speaker": speaker, "text": text, "audio": audio})
     if all(t["audio"] is not None for t in turns):

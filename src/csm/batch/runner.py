@@ -214,14 +214,19 @@ class Synthesizer:
     def _dialogue(self, request: LineRequest, out: OutputDir, on_row) -> None:
         """A dialogue line, spoken by `csm.conversation.converse` as `csm dialogue` speaks a script: turn by
         turn, each in the context of the ones before (one line at a time, not batched with others)."""
+        from ..audio import MAX_CLIP_SECONDS, load_audio
         from ..conversation import converse
 
         s, started = self.settings, time.perf_counter()
         options = {**s.sampling(), "max_seconds": s.max_seconds}
         try:
+            turns = [  # clips read bounded, as `csm dialogue` reads them (an hour of silence is refused)
+                {**t, "audio": load_audio(t["audio"], max_seconds=MAX_CLIP_SECONDS)} if t.get("audio") else t
+                for t in request.turns
+            ]
             talk = converse(
                 self.pipe,
-                request.turns,
+                turns,
                 voices={int(k): v for k, v in (request.voices or {}).items()},
                 seed=request.seed,
                 pause=request.pause,

@@ -303,25 +303,21 @@ def check_folder(path: str | os.PathLike, flag: str) -> None:
 def write_audio(path: str | os.PathLike, audio, rate: int) -> None:
     """Write an audio file through a temporary name in its folder, then rename it into place: an interrupted
     run leaves no torn file; errors name the file asked for, never the temporary one; Ctrl-C waits."""
-    from ..audio import save_audio
+    from ..audio import save_audio_atomic, write_bytes_atomic
 
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
-    try:
+    try:  # a temporary file of mkstemp's (O_EXCL, unpredictable): a planted symlink is never written through
         if path.suffix.lower() == ".aac":
             encoder = aac_encoder()(rate)
-            tmp.write_bytes(encoder.push(audio) + encoder.finish())
+            write_bytes_atomic(path, encoder.push(audio) + encoder.finish())
         else:
-            save_audio(audio, tmp, sampling_rate=rate)
-        os.replace(tmp, path)
+            save_audio_atomic(path, audio, rate)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: libsndfile's ("System error.")
         reason = (e.strerror if isinstance(e, OSError) else str(e)) or type(e).__name__
-        tmp.unlink(missing_ok=True)  # before keeping the audio elsewhere: it may free the space needed
         kept = keep_unsaved(audio, rate)
-        raise CliError(f"cannot write {path}: {reason.replace(str(tmp), str(path))}{kept}") from None
+        raise CliError(f"cannot write {path}: {reason}{kept}") from None
     finally:
-        tmp.unlink(missing_ok=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 

@@ -56,6 +56,13 @@ def add_parser(sub) -> None:
         "--api-key", default=os.environ.get("CSM_API_KEY"), help="require this bearer key ($CSM_API_KEY)"
     )
     serve.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated host names the server answers to besides IP addresses and localhost (a leading "
+        "'.' takes subdomains; '*': any): other Host headers get 400, against DNS rebinding",
+    )
+    serve.add_argument(
         "--served-model-name",
         default=None,
         help="the model id /v1/models lists (default: the hub id given to --model, or its folder's name)",

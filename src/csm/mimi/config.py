@@ -13,6 +13,32 @@ from typing import Any
 from ..checkpoint import CONFIG_NAME, CheckpointError, read_json, resolve_checkpoint
 from ..config import ReferenceConfigMethods
 
+_BOUNDS = {  # what any Mimi (or a test's tiny one) may have
+    "sampling_rate": (1, 384_000),
+    "audio_channels": (1, 8),
+    "hidden_size": (1, 16_384),
+    "num_filters": (1, 4096),
+    "num_residual_layers": (0, 16),
+    "kernel_size": (1, 64),
+    "last_kernel_size": (1, 64),
+    "residual_kernel_size": (1, 64),
+    "dilation_growth_rate": (1, 16),
+    "compress": (1, 64),
+    "codebook_size": (1, 1 << 16),
+    "codebook_dim": (1, 16_384),
+    "num_quantizers": (1, 64),
+    "vector_quantization_hidden_dimension": (1, 16_384),
+    "num_semantic_quantizers": (0, 64),
+    "upsample_groups": (1, 16_384),
+    "num_hidden_layers": (0, 64),
+    "intermediate_size": (1, 65_536),
+    "num_attention_heads": (1, 256),
+    "num_key_value_heads": (1, 256),
+    "head_dim": (1, 1024),
+    "max_position_embeddings": (1, 1 << 20),
+    "sliding_window": (1, 1 << 20),
+}
+
 
 @dataclass
 class MimiConfig(ReferenceConfigMethods):
@@ -59,10 +85,28 @@ class MimiConfig(ReferenceConfigMethods):
     # Older checkpoints (kyutai/mimi) state the frame rate; newer ones derive it from the strides.
     frame_rate_override: float | None = None
 
+    def _check_bounds(self) -> None:
+        """Refuse sizes no Mimi has before anything is built (a planted codec_config could ask for 100,000 layers):
+        a ValueError naming the field and its range."""
+        for name, (low, high) in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in ("head_dim", "codebook_dim"):
+                continue
+            if type(value) is not int or not low <= value <= high:
+                raise CheckpointError(
+                    f"codec config: {name} is {str(value)[:40]}; it must be an integer from {low} to {high}"
+                )
+        ratios = self.upsampling_ratios
+        if not 1 <= len(ratios) <= 8 or not all(type(r) is int and 1 <= r <= 64 for r in ratios):
+            raise CheckpointError(
+                f"codec config: upsampling_ratios {str(ratios)[:60]} must be 1-8 integers from 1 to 64"
+            )
+
     def __post_init__(self) -> None:
         if not hasattr(self, "extra"):
             self.extra = {}
         self.upsampling_ratios = list(self.upsampling_ratios or [8, 6, 5, 4])
+        self._check_bounds()
         if self.codebook_dim is None:
             self.codebook_dim = self.hidden_size
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads

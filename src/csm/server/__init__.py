@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .app import ServerSettings, create_app
+from .app import ServerSettings, check_api_key, create_app
 from .drain import run_server
 from .limits import uvicorn_config
 
@@ -78,6 +78,14 @@ def main(args: argparse.Namespace) -> int:
             setattr(settings, name, value)
     if getattr(args, "max_voices_mb", None) is not None:
         settings.max_voices_bytes = int(args.max_voices_mb * 1024 * 1024)
+    try:  # before the model loads
+        check_api_key(settings.api_key)
+    except ValueError as e:
+        print(f"--api-key: {e}")
+        return 2
+    allowed = getattr(args, "allowed_hosts", None)
+    if allowed:
+        settings.allowed_hosts = [h.strip() for h in allowed.split(",") if h.strip()]
     if settings.max_batch_size < 1:
         print(f"--max-batch-size must be >= 1, got {settings.max_batch_size}")
         return 2

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import re
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +37,8 @@ from .web import add_page
 
 log = logging.getLogger("csm.server")
 access = logging.getLogger("csm.access")
-REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces (fullmatch)
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 @dataclass
@@ -57,16 +60,28 @@ class ServerSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_seconds: float = MAX_CLIP_SECONDS  # checked from a clip's header, then while decoding it
     max_body_bytes: int = 32 * 1024 * 1024  # a JSON body: a clip at the upload limit in base64, and more
+    max_inflight_bytes: int = 256 * 1024 * 1024  # all bodies being received at once; more get 503
+    max_connections: int = 512  # open connections (uvicorn's limit_concurrency); more get 503
+    max_context_seconds: float = 120.0  # a request's context clips together (from their headers); more: 413
+    max_context_samples: int = (
+        120 * 48_000 * 2
+    )  # their samples over all channels at their own rate: decode work
+    decode_workers: int = 2  # threads that decode request clips (their own pool: never the routes')
+    max_request_voices: int = (
+        8  # saved voices one request may name (each read from disk, kept in every prompt)
+    )
     head_timeout: float = 10.0  # seconds for a request's line and headers (see limits.http_protocol)
     read_timeout: float = 30.0  # seconds a client may pause while sending a body
     max_transcript_chars: int = 1000  # a voice's transcript: the words of at most a minute of speech
     max_voices: int = 100  # voices saved through the API; more get 409
     max_voices_bytes: int = 512 * 1024 * 1024  # disk the voices folder may take; more gets 409
     voice_cache: int = 8  # saved voices kept in memory (the last used); others are read from disk when used
+    voice_cache_bytes: int = 64 * 1024 * 1024  # their audio and codes together; a voice larger is not cached
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
     prefix_cache_mb: float | None = None  # the prefix store's bound (csm.prefix_cache); None: its default
     prefill_chunk: int | str | None = "auto"  # a joining prompt's positions per step (csm.batching)
+    allowed_hosts: list[str] | None = None  # Host names served besides IP literals and localhost; ["*"]: any
 
 
 def error_response(
@@ -88,6 +103,71 @@ class ClientStalled(Exception):
     """The client read nothing for `stall_timeout` seconds."""
 
 
+def log_safe(text: str, limit: int = 512) -> str:
+    """`text` for a log line: control characters (CR, LF, ESC...) and non-ASCII escaped, so that a client cannot
+    write a line of its own choosing into the log; cut at `limit` characters."""
+    shown = text.encode("ascii", "backslashreplace").decode("ascii")
+    shown = "".join(c if 0x20 <= ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in shown)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def host_allowed(host: str, allowed: list[str] | None) -> bool:
+    """Whether a request's Host header names this server: an IP literal, localhost (or *.localhost), or one of
+    `allowed` ("*": any; ".example.com": the domain and its subdomains). A page on another domain cannot
+    reach a server through a name it controls (DNS rebinding) since its name is not on the list."""
+    if allowed and "*" in allowed:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    for entry in allowed or []:
+        entry = entry.lower()
+        if name == entry or (entry.startswith(".") and (name.endswith(entry) or name == entry[1:])):
+            return True
+    return False
+
+
+def same_origin(origin: str, host: str, allowed: list[str] | None = None) -> bool:
+    """Whether an Origin header is the page of this very server: its host and port are the request's Host, or
+    (behind a proxy that rewrites Host) its host is one of `allowed` by name (`--allowed-hosts`; "*" is not
+    enough: it says any Host, not any page)."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    if parts.netloc.lower() == host.lower():
+        return True
+    names = [a for a in allowed or [] if a != "*"]
+    return bool(names) and host_allowed(parts.netloc, names) and not host_allowed(parts.netloc, None)
+
+
+def check_api_key(key: str | None) -> None:
+    """ValueError for a key no client could send or that would let anyone in: empty (an empty --api-key or
+    $CSM_API_KEY used to turn auth off silently), or not visible ASCII (HTTP headers carry bytes: a non-ASCII
+    key could never match)."""
+    if key is None:
+        return
+    if not key.strip():
+        raise ValueError(
+            "the API key is empty, which would let anyone in: give a key, or leave --api-key and $CSM_API_KEY unset"
+        )
+    if not all(0x21 <= ord(c) < 0x7F for c in key):
+        raise ValueError(
+            "the API key must be visible ASCII characters (no spaces, no accents): clients send it in an HTTP "
+            "header, where any other key could never match"
+        )
+
+
 def authorized(header: bytes, key: str) -> bool:
     """Whether an Authorization header carries `key` as a bearer token (the scheme in any case, RFC 9110)."""
     scheme, _, token = header.decode("latin-1").strip().partition(" ")
@@ -104,11 +184,21 @@ class RequestContext:
         self.app, self.settings, self.scheduler = app, settings, scheduler
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":  # a page elsewhere must not open one either (cross-site hijacking)
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1")
+            origin = headers.get(b"origin")
+            if not host_allowed(host, self.settings.allowed_hosts) or (
+                origin is not None
+                and not same_origin(origin.decode("latin-1"), host, self.settings.allowed_hosts)
+            ):
+                return await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"], state["cleanup"] = rid, []
         started, status, outcome = False, 0, ""
@@ -129,6 +219,24 @@ class RequestContext:
             await send(message)
 
         try:
+            host = headers.get(b"host", b"").decode("latin-1")
+            if not host_allowed(host, self.settings.allowed_hosts):
+                raise ApiError(
+                    400,
+                    f"this server does not answer to the host {log_safe(host, 80)!r}: use its address, or start "
+                    "it with --allowed-hosts NAME",
+                    code="host_not_allowed",
+                )
+            origin = headers.get(b"origin")
+            if origin is not None and scope["method"] in STATE_CHANGING:
+                if not same_origin(origin.decode("latin-1"), host, self.settings.allowed_hosts):
+                    raise ApiError(
+                        403,
+                        "cross-origin requests may not change anything: a web page of another site cannot use "
+                        "this server (send the request from its own page, or without an Origin header)",
+                        "permission_error",
+                        code="cross_origin",
+                    )
             key = self.settings.api_key
             if key and scope["path"].startswith("/v1/"):
                 if not authorized(dict(scope["headers"]).get(b"authorization", b""), key):
@@ -154,7 +262,12 @@ class RequestContext:
         except Exception as e:
             if started:  # the client sees an incomplete response, never a clean short file
                 outcome = " aborted"
-                log.error("request %s failed after audio was sent, transfer aborted: %s", rid, e)
+                log.error(
+                    "request %s failed after audio was sent, transfer aborted: %s",
+                    rid,
+                    log_safe(f"{type(e).__name__}: {e}"),
+                    exc_info=not isinstance(e, ApiError),
+                )
             else:
                 if not isinstance(e, ApiError):
                     log.exception("request %s failed", rid)
@@ -172,8 +285,8 @@ class RequestContext:
             prefix = f" prefix={speech.reused}/{speech.prompt_len}" if speech is not None else ""
             access.info(
                 '"%s %s" %d%s %.3fs client=%s:%s rid=%s%s',
-                scope["method"],
-                scope["path"],
+                log_safe(scope["method"], 16),
+                log_safe(scope["path"]),
                 status,
                 outcome,
                 time.perf_counter() - t0,
@@ -187,6 +300,7 @@ class RequestContext:
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app around a loaded model and processor; the scheduler runs while the app runs."""
     settings = settings or ServerSettings()
+    check_api_key(settings.api_key)
     if settings.prefix_cache_mb is not None:
         set_store_bytes(model, int(settings.prefix_cache_mb * (1 << 20)))
     scheduler = Scheduler(
@@ -223,6 +337,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         max_body_bytes=settings.max_body_bytes,
         max_upload_bytes=settings.max_upload_bytes,
         read_timeout=settings.read_timeout,
+        max_inflight_bytes=settings.max_inflight_bytes,
     )
     app.add_middleware(
         RequestContext, settings=settings, scheduler=scheduler

@@ -7,7 +7,7 @@ import base64
 import binascii
 import logging
 
-from ..audio import SAMPLING_RATE, AudioTooLong, load_audio
+from ..audio import MAX_BOUNDED_RATE, SAMPLING_RATE, AudioTooLong, audio_header, load_audio
 from ..chunking import split_sentences
 from ..conversation import dialogue_manifest
 from ..planner import Turn, voice_turns
@@ -33,24 +33,110 @@ def read_clip(raw: bytes, param: str, settings):
         raise ApiError(400, f"cannot read {param}: {e}", param=param) from None
 
 
-def decode_clip(data: str, param: str, settings):
-    """A base64 audio file from a request as 24 kHz float32 (see `read_clip`); 413 when too large."""
-    if len(data) > settings.max_upload_bytes * 4 // 3 + 4:
-        raise ApiError(413, f"{param} is larger than {settings.max_upload_bytes} bytes", param=param)
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
+class ClipBudget:
+    """A request's clips (context turns, given dialogue turns) against one budget for the whole request:
+    `max_context_seconds` of audio and `max_context_samples` samples over all channels at the files' own rates
+    (the work of decoding them). `add` reads each clip's header and refuses (413) before anything is decoded
+    when the headers already say too much; `decode` then decodes each clip within what is left, so that a
+    header that lies or does not say cannot pass the budget either."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.seconds, self.samples = settings.max_context_seconds, settings.max_context_samples
+        self.clips: dict[str, tuple[bytes, int, int, float]] = {}
+
+    def _too_much(self, param: str) -> ApiError:
+        s = self.settings
+        return ApiError(
+            413,
+            f"{param} takes the request's clips past their limit of {s.max_context_seconds:g} s of audio "
+            f"({s.max_context_samples} samples over all channels) together: send fewer or shorter clips, at "
+            "48 kHz or less",
+            param=param,
+        )
+
+    def add(self, data: str, param: str) -> None:
+        """Check a base64 clip's size and header; nothing is decoded."""
+        settings = self.settings
+        if len(data) > settings.max_upload_bytes * 4 // 3 + 4:
+            raise ApiError(413, f"{param} is larger than {settings.max_upload_bytes} bytes", param=param)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(
+                400, f"{param} must be base64 of an audio file (wav, flac, ogg, mp3)", param=param
+            ) from None
+        try:
+            rate, channels, frames = audio_header(raw)
+        except ValueError as e:
+            raise ApiError(400, f"cannot read {param}: {e}", param=param) from None
+        if rate > MAX_BOUNDED_RATE:
+            raise ApiError(
+                400,
+                f"cannot read {param}: its sampling rate is {rate} Hz; the limit is {MAX_BOUNDED_RATE} Hz",
+                param=param,
+            )
+        seconds = (frames or 0) / rate
+        if seconds > settings.max_upload_seconds:
+            raise ApiError(
+                413,
+                f"{param} is {seconds:.1f} s long; the limit is {settings.max_upload_seconds:g} s: send a "
+                "shorter clip",
+                param=param,
+            )
+        self.seconds -= seconds
+        self.samples -= (frames or 0) * channels
+        if self.seconds < 0 or self.samples < 0:
+            raise self._too_much(param)
+        self.clips[param] = (raw, rate, channels, seconds)
+
+    def decode(self, param: str):
+        """Decode a clip `add` checked, within the request's budget left (see `read_clip`)."""
+        raw, rate, channels, seconds = self.clips.pop(param)
+        self.seconds += seconds  # its share, held since `add`, is now counted by what decodes
+        self.samples += round(seconds * rate) * channels
+        allowed = min(self.settings.max_upload_seconds, self.seconds, self.samples / (rate * channels))
+        try:
+            audio = load_audio(raw, max_seconds=allowed)
+        except AudioTooLong as e:
+            if allowed < self.settings.max_upload_seconds:
+                raise self._too_much(param) from None
+            length = (
+                f"is {e.seconds:.1f} s long" if e.seconds is not None else f"holds more than {e.limit:g} s"
+            )
+            raise ApiError(
+                413, f"{param} {length}; the limit is {e.limit:g} s: send a shorter clip", param=param
+            ) from None
+        except ValueError as e:
+            raise ApiError(400, f"cannot read {param}: {e}", param=param) from None
+        used = len(audio) / SAMPLING_RATE
+        self.seconds -= used
+        self.samples -= round(used * rate) * channels
+        return audio
+
+
+def check_voice_count(count: int, param: str, settings) -> None:
+    """400 when a request names more saved voices than `max_request_voices`, before any is read from disk
+    (each may hold minutes of clips, all kept in every prompt)."""
+    limit = getattr(settings, "max_request_voices", 8)
+    if count > limit:
         raise ApiError(
-            400, f"{param} must be base64 of an audio file (wav, flac, ogg, mp3)", param=param
-        ) from None
-    return read_clip(raw, param, settings)
+            400, f"{param} names {count} saved voices; a request may use at most {limit}", param=param
+        )
+
+
+def has_clips(body) -> bool:
+    """Whether a speech or dialogue request carries audio to decode (then it is prepared in the decode pool)."""
+    turns = getattr(body, "context", None) or getattr(body, "turns", None) or []
+    return any(getattr(t, "audio", None) is not None for t in turns)
 
 
 def context_turns(
     context: list[ContextTurn], resolve_voice, settings
 ) -> tuple[list[tuple[Voice, list[Turn]]], list[PlannedTurn]]:
     """A speech request's context: saved voices' clips (kept in every prompt) and given turns (history)."""
-    voices, given = [], []
+    voices, given, budget = [], [], ClipBudget(settings)
+    check_voice_count(sum(t.voice is not None for t in context or []), "context", settings)
     for i, turn in enumerate(context or []):
         at = f"context.{i}"
         if (turn.audio is None) == (turn.voice is None):
@@ -68,10 +154,12 @@ def context_turns(
             continue
         if turn.text is None or not turn.text.strip():
             raise ApiError(400, f"{at}.text: the words spoken in the audio are needed", param=f"{at}.text")
-        clip = decode_clip(turn.audio, f"{at}.audio", settings)
+        budget.add(turn.audio, f"{at}.audio")  # every header is checked before any clip is decoded
         who = turn.speaker if turn.speaker is not None else 0
         text = " ".join(turn.text.split())
-        given.append(PlannedTurn(who, text, given=Turn(who, text, clip)))
+        given.append(PlannedTurn(who, text, given=Turn(who, text, None), param=f"{at}.audio"))
+    for planned in given:
+        planned.given.audio = budget.decode(planned.param)
     return voices, given
 
 
@@ -80,6 +168,7 @@ def dialogue_turns(
 ) -> tuple[list[tuple[Voice, list[Turn]]], list[PlannedTurn]]:
     """A dialogue request's voices (bound to speakers) and turns, checked."""
     speakers = sorted({t.speaker for t in body.turns})
+    check_voice_count(len(body.voices), "voices", settings)
     voices = []
     for key, name in body.voices.items():
         at = f"voices.{key}" if key.isascii() and key.isprintable() and len(key) <= 16 else "voices"
@@ -94,7 +183,7 @@ def dialogue_turns(
         if voice is None:
             raise ApiError(400, f"{at} must name a saved voice", param=at)
         voices.append((voice, voice_turns(voice, speaker=speaker)))
-    turns = []
+    turns, budget = [], ClipBudget(settings)
     for i, turn in enumerate(body.turns):
         text = " ".join(turn.text.split())
         if not text:
@@ -106,8 +195,9 @@ def dialogue_turns(
                 param=f"turns.{i}.text",
             )
         if turn.audio is not None:
-            clip = decode_clip(turn.audio, f"turns.{i}.audio", settings)
-            turns.append(PlannedTurn(turn.speaker, text, given=Turn(turn.speaker, text, clip)))
+            budget.add(turn.audio, f"turns.{i}.audio")  # every header is checked before any clip is decoded
+            given = Turn(turn.speaker, text, None)
+            turns.append(PlannedTurn(turn.speaker, text, given=given, param=f"turns.{i}.audio"))
         else:
             seed = None if body.seed is None else body.seed + i
             chunks = split_sentences(text, settings.max_chunk_chars)
@@ -116,6 +206,9 @@ def dialogue_turns(
         raise ApiError(
             400, "every turn has its audio: give at least one turn without audio to speak", param="turns"
         )
+    for planned in turns:
+        if planned.given is not None:
+            planned.given.audio = budget.decode(planned.param)
     return voices, turns
 
 

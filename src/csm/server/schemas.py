@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from .encode import FORMATS, MEDIA_TYPES
 
@@ -28,7 +28,7 @@ class VoiceRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | int = Field(
+    id: StrictStr | StrictInt = Field(
         description="a saved voice's name, one of OpenAI's voice names, or a speaker number"
     )
 
@@ -40,7 +40,11 @@ class ContextTurn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     speaker: int | None = Field(
-        None, ge=0, le=999, description="who spoke it (default: the voice's speaker for `voice`, else 0)"
+        None,
+        ge=0,
+        le=999,
+        strict=True,
+        description="who spoke it (default: the voice's speaker for `voice`, else 0)",
     )
     text: str | None = Field(None, min_length=1, max_length=4096, description="the words spoken in `audio`")
     audio: str | None = Field(
@@ -61,13 +65,13 @@ class SpeechRequest(BaseModel):
     input: str = Field(
         min_length=1, max_length=4096, description="the text to speak (the server may set a lower limit)"
     )
-    voice: str | int | VoiceRef = Field(
+    voice: StrictStr | StrictInt | VoiceRef = Field(
         "0",
         description='a saved voice (see /v1/voices), one of OpenAI\'s voice names ("alloy", ...: each speaks '
         'as a speaker number, see /v1/voices) or a speaker number such as "0"',
     )
     instructions: str | None = Field(
-        None, description="accepted for compatibility; CSM takes no instructions"
+        None, max_length=4096, description="accepted for compatibility; CSM takes no instructions"
     )
     response_format: Literal[FORMATS] = Field("mp3", description="audio format of the response")
     speed: float = Field(1.0, ge=0.25, le=4.0, description="playback speed by resampling (pitch follows)")
@@ -103,7 +107,7 @@ class DialogueTurn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    speaker: int = Field(ge=0, le=999, description="speaker id")
+    speaker: int = Field(ge=0, le=999, strict=True, description="speaker id")
     text: str = Field(min_length=1, max_length=4096, description="the words")
     audio: str | None = Field(
         None, min_length=1, description="base64 of an audio file of `text` spoken: a turn that happened"
@@ -119,6 +123,7 @@ class DialogueRequest(BaseModel):
     turns: list[DialogueTurn] = Field(min_length=1, max_length=64, description="the turns, in order")
     voices: dict[str, str] = Field(
         default_factory=dict,
+        max_length=64,
         description='speaker id -> saved voice, e.g. {"0": "alice"}: its clips stay in every turn\'s context',
     )
     pause: float = Field(0.3, ge=0.0, le=10.0, description="seconds of silence between spoken turns")
@@ -262,6 +267,7 @@ def errors(*statuses: int) -> dict:
     text = {
         400: "invalid request (`param` names the field)",
         401: "missing or wrong API key",
+        403: "a cross-origin request that would change something",
         404: "unknown model or voice",
         408: "the request head or body did not arrive in time",
         409: "the name is taken",

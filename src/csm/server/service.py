@@ -4,6 +4,7 @@ becomes a scheduler job."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,8 @@ from ..audio import SAMPLING_RATE
 from ..generate import GenerationConfig
 from ..planner import Turn, encode_turns, plan_prompt
 from ..voice import VOICE_FILE, Voice, voices_dir
+from .dialogue import has_clips
+from .limits import in_pool, pool
 from .scheduler import Scheduler, SpeechJob
 from .schemas import OPENAI_MODELS, OPENAI_VOICES, VoiceRef
 from .speech import (
@@ -28,7 +31,7 @@ from .speech import (
 )
 from .voice_store import VoiceStore
 
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch (`$` matches before a newline)
 
 
 def frames_for_text(text: str, frame_rate: float) -> int:
@@ -44,8 +47,33 @@ class Service:
         self.model, self.processor, self.settings, self.scheduler = model, processor, settings, scheduler
         self.root = Path(settings.voices_dir).expanduser() if settings.voices_dir else voices_dir()
         self.voices = VoiceStore(
-            self.root, settings.max_voices, settings.max_voices_bytes, settings.voice_cache
+            self.root,
+            settings.max_voices,
+            settings.max_voices_bytes,
+            settings.voice_cache,
+            getattr(settings, "voice_cache_bytes", 64 << 20),
+            2 * settings.max_upload_seconds,
         )
+        self.preparing = 0  # requests admitted and being checked (their clips decoded), not yet queued
+        pool("decode", getattr(settings, "decode_workers", 2))
+
+    async def prepare(self, fn, body):
+        """`fn(self, body)`, a request's checks, once it is admitted: 429 at once when the queue (waiting
+        requests, and those being prepared) is full, before any clip is decoded. A request with clips is
+        prepared in the decode pool (a few threads of its own), so that decoding cannot starve other requests
+        nor the threads the routes share."""
+        waiting = self.scheduler.waiting.qsize() + self.preparing
+        if waiting >= self.settings.max_queue:
+            raise ApiError(
+                429, "the server is busy: too many requests waiting; retry shortly", "rate_limit_error"
+            )
+        self.preparing += 1
+        try:
+            if has_clips(body):
+                return await in_pool("decode", fn, self, body)
+            return await asyncio.to_thread(fn, self, body)
+        finally:
+            self.preparing -= 1
 
     def resolve_voice(self, value: Any, param: str = "voice") -> tuple[int, Voice | None]:
         """A speaker number (ASCII digits), a saved voice, or one of OpenAI's voice names (a saved voice of
@@ -55,7 +83,7 @@ class Service:
         speaker = speaker_number(value, param)
         if speaker is not None:
             return speaker, None
-        if not isinstance(value, str) or not VOICE_NAME.match(value):
+        if not isinstance(value, str) or not VOICE_NAME.fullmatch(value):
             raise ApiError(
                 400,
                 "voice must be a saved voice name, one of OpenAI's voice names or a speaker number "

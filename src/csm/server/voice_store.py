@@ -31,13 +31,29 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+def voice_bytes(voice: Voice) -> int:
+    """Memory a voice holds: its clips' audio and the codes encoded for them."""
+    audio = sum(a.nbytes for a, _ in voice.clips)
+    codes = sum(c.numel() * c.element_size() for cs in voice._codes.values() for c in cs)
+    return audio + codes
+
+
 class VoiceStore:
     """Voices in `root`, one folder each. At most `max_voices` voices and `max_bytes` bytes on disk are made
     through `create`; `get` reads a voice's folder again when its voice.json changed, keeps the last
     `cache_size` voices used in memory, and says 404 for one that is gone. Messages never name a server path."""
 
-    def __init__(self, root: Path, max_voices: int = 100, max_bytes: int = 512 << 20, cache_size: int = 8):
+    def __init__(
+        self,
+        root: Path,
+        max_voices: int = 100,
+        max_bytes: int = 512 << 20,
+        cache_size: int = 8,
+        cache_bytes: int = 64 << 20,
+        max_seconds: float = 120.0,
+    ):
         self.root, self.max_voices, self.max_bytes, self.cache_size = root, max_voices, max_bytes, cache_size
+        self.cache_bytes, self.max_seconds = cache_bytes, max_seconds
         self._cache: OrderedDict[str, tuple[int, Voice]] = OrderedDict()  # name -> (voice.json mtime, voice)
         self._lock = threading.Lock()  # the caps' check and the rename into place are one step
 
@@ -65,8 +81,8 @@ class VoiceStore:
             if hit is not None and hit[0] == stamp:
                 self._cache.move_to_end(name)
                 return hit[1]
-        try:
-            voice = Voice.load(self.root / name)
+        try:  # bounded: a voice made on disk by hand may list any clips (see Voice.load)
+            voice = Voice.load(self.root / name, max_seconds=self.max_seconds)
         except (
             Exception
         ) as e:  # the server's data is broken: say which voice, log where (never to the client)
@@ -82,11 +98,21 @@ class VoiceStore:
         return voice
 
     def _remember(self, name: str, stamp: int, voice: Voice) -> None:
+        """Keep `voice` in memory, within `cache_size` voices and `cache_bytes` bytes of their audio and codes
+        (least recently used out first; a voice larger than the whole budget is not kept)."""
         with self._lock:
+            self._cache.pop(name, None)
+            if voice_bytes(voice) > self.cache_bytes:
+                return
             self._cache[name] = (stamp, voice)
-            self._cache.move_to_end(name)
-            while len(self._cache) > self.cache_size:
+            while len(self._cache) > self.cache_size or (
+                sum(voice_bytes(v) for _, v in self._cache.values()) > self.cache_bytes
+            ):
                 self._cache.popitem(last=False)
+
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return sum(voice_bytes(v) for _, v in self._cache.values())
 
     def create(self, name: str, speaker: int, audio: np.ndarray, transcript: str) -> Voice:
         """Save a new voice: written aside, then renamed into place, so a racing create of the same name gets

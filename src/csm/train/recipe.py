@@ -212,7 +212,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         save_safetensors(weights, tmp)
         (tmp / "model.safetensors").rename(tmp / TRAINABLE_NAME)
-        torch.save(optim, tmp / OPTIMIZER_NAME)
+        save_optimizer_state(optim, tmp / OPTIMIZER_NAME)
         state = {
             "step": step,
             "global_batch": global_batch,
@@ -238,9 +238,55 @@ def load_checkpoint(folder: Path, net, optimizer, config: FinetuneConfig, global
             f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use the same settings or a new --out"
         )
     weights = load_file(folder / TRAINABLE_NAME)
-    optim = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=False)
+    optim = load_optimizer_state(folder / OPTIMIZER_NAME)
     dist.load_state(net, optimizer, weights, optim)
     return int(state["step"])
+
+
+PLAIN = (torch.Tensor, str, int, float, bool, type(None))
+
+
+def check_plain(value, where: str = "state", depth: int = 0) -> None:
+    """Raise ValueError unless `value` holds only tensors, numbers, strings, None, lists, tuples and dicts
+    (what an optimizer's state is, and what `torch.load(weights_only=True)` reads)."""
+    if depth > 16:
+        raise ValueError(f"{where} nests too deep")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise ValueError(f"{where} has a key of type {type(k).__name__}")
+            check_plain(v, f"{where}.{k}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]", depth + 1)
+    elif not isinstance(value, PLAIN):
+        raise ValueError(f"{where} is a {type(value).__name__}, not a tensor or a plain value")
+
+
+def save_optimizer_state(optim: dict, path: Path) -> None:
+    """The optimizer's state (tensors and plain values only, checked) in a file `torch.load(weights_only=True)`
+    reads: resuming never unpickles code."""
+    check_plain(optim, "optimizer state")
+    torch.save(optim, path)
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """What `save_optimizer_state` wrote, read with `weights_only=True`: a file holding anything but tensors and
+    plain values (a planted pickle that would run code) is refused with a ValueError, never run."""
+    import pickle
+
+    try:
+        optim = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot resume from {path}: it holds more than tensors and plain values, or is damaged ({first[:200]}); "
+            "it is not loaded (that could run code): remove that checkpoint folder, or start a new --out"
+        ) from None
+    if not isinstance(optim, dict) or set(optim) != {"state", "param_groups"}:
+        raise ValueError(f"cannot resume from {path}: it is not an optimizer state saved by csm finetune")
+    check_plain(optim, "optimizer state")
+    return optim
 
 
 def export(

@@ -3,18 +3,17 @@ before, the mix streamed back as each turn is made."""
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..dialogue import dialogue_events, dialogue_json, dialogue_turns
 from ..encode import MEDIA_TYPES
+from ..limits import json_route
 from ..schemas import DIALOGUE_RESPONSES, DialogueRequest
 from ..service import Service, ServiceDep
 from ..speech import SpeechPlan, audio_bytes
 
-router = APIRouter()
+router = APIRouter(route_class=json_route())
 
 
 def prepare_dialogue(service: Service, body: DialogueRequest) -> SpeechPlan:
@@ -29,7 +28,7 @@ def prepare_dialogue(service: Service, body: DialogueRequest) -> SpeechPlan:
 async def dialogue(body: DialogueRequest, request: Request, service: ServiceDep):
     """Extra: speak a dialogue, each turn in the context of the ones before; the mix streams back as each
     turn is made, with `pause` seconds between turns (`sse`: with each turn's times; `json`: all at once)."""
-    plan = await asyncio.to_thread(prepare_dialogue, service, body)
+    plan = await service.prepare(prepare_dialogue, body)  # 429 before decoding; clips in the decode pool
     speech = await service.start(plan, request)
     stream = audio_bytes(speech.audio(), body.response_format, 1.0)
     headers = {"X-Accel-Buffering": "no"}

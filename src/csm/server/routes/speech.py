@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -11,13 +9,14 @@ from ...chunking import split_sentences
 from ...planner import voice_turns
 from ..dialogue import context_turns
 from ..encode import MEDIA_TYPES
+from ..limits import json_route
 from ..schemas import SPEECH_RESPONSES, SpeechRequest
 from ..service import Service, ServiceDep
 from ..speech import ApiError, PlannedTurn, SpeechPlan, audio_bytes, sse_events
 
 SPEED_HEADER = "resample: speed > 1 plays faster and higher, < 1 slower and lower (pitch follows)"
 
-router = APIRouter()
+router = APIRouter(route_class=json_route())
 
 
 def prepare(service: Service, body: SpeechRequest) -> SpeechPlan:
@@ -47,7 +46,7 @@ def prepare(service: Service, body: SpeechRequest) -> SpeechPlan:
 @router.post("/v1/audio/speech", response_class=Response, responses=SPEECH_RESPONSES)
 async def speech(body: SpeechRequest, request: Request, service: ServiceDep):
     """Speak `input`; the audio streams back as it is made (OpenAI's `audio.speech.create`)."""
-    plan = await asyncio.to_thread(prepare, service, body)
+    plan = await service.prepare(prepare, body)  # 429 before decoding; clips in the decode pool
     speech = await service.start(plan, request)  # a failure before the first audio is still an error status
     stream = audio_bytes(speech.audio(), body.response_format, body.speed)
     headers = {"X-Accel-Buffering": "no", "X-Speed-Method": SPEED_HEADER if body.speed != 1.0 else "none"}

@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from ...audio import SAMPLING_RATE
 from ..dialogue import read_clip
+from ..limits import in_pool
 from ..schemas import OPENAI_VOICES, VoiceCard, VoiceCreated, VoiceList, errors
 from ..service import VOICE_NAME, ServiceDep
 from ..speech import ApiError
@@ -41,7 +42,7 @@ async def create_voice(
     speaker: Annotated[int, Form(ge=0, le=999, description="the speaker number it speaks as")] = 0,
 ):
     settings = service.settings
-    if not VOICE_NAME.match(name) or name.isdigit():
+    if not VOICE_NAME.fullmatch(name) or name.isdigit():
         raise ApiError(
             400, "name must be 1-64 letters, digits, '_', '-' or '.', not only digits", param="name"
         )
@@ -60,7 +61,7 @@ async def create_voice(
         raise ApiError(
             413, f"audio_file is larger than {settings.max_upload_bytes} bytes", param="audio_file"
         )
-    audio = await asyncio.to_thread(read_clip, data, "audio_file", settings)  # bounded: see read_clip
+    audio = await in_pool("decode", read_clip, data, "audio_file", settings)  # bounded: see read_clip
     seconds = len(audio) / SAMPLING_RATE
     service.check_voice_fits(audio, transcript, speaker)
     await asyncio.to_thread(service.voices.create, name, speaker, audio, transcript)
