@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..voice import voices_dir
 from .app import ServerSettings, create_app
 from .drain import run_server
 from .limits import uvicorn_config
@@ -71,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
         "max_voices",
         "stall_timeout",
         "batched_decode",
+        "metrics_public",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -85,6 +87,16 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("csm.server").warning(
             "listening on %s without --api-key: anyone who can reach it can use it", host
         )
+    if not getattr(args, "ray", False) and (
+        getattr(args, "replicas", None) or getattr(args, "autoscale", None)
+    ):
+        print("--replicas and --autoscale go with --ray")
+        return 2
+    if getattr(args, "ray", False):
+        from ..ray_serve import run
+
+        settings.voices_dir = settings.voices_dir or str(voices_dir())  # one folder for every replica
+        return run(args, settings)
     try:
         app = load_app(
             args.model,

@@ -25,7 +25,8 @@ from ..chunking import MAX_CHUNK_CHARS
 from .docs import add_docs
 from .errors import PARSE_FAILED, parse_failure_message, validation_message
 from .limits import BodyLimit
-from .routes import dialogue, speech, status, voices
+from .metrics import ServerMetrics
+from .routes import dialogue, metrics, speech, status, voices
 from .scheduler import Scheduler
 from .schemas import errors
 from .service import VOICE_NAME, Service, frames_for_text  # noqa: F401 (kept importable from here)
@@ -64,6 +65,7 @@ class ServerSettings:
     voice_cache: int = 8  # saved voices kept in memory (the last used); others are read from disk when used
     voices_dir: str | None = None  # default: $CSM_VOICES_DIR or ~/.local/share/csm/voices
     api_key: str | None = None
+    metrics_public: bool = False  # GET /metrics without the API key (for a scraper inside a private network)
 
 
 def error_response(
@@ -107,11 +109,13 @@ class RequestContext:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
-        state["request_id"], state["cleanup"] = rid, []
-        started, status, outcome = False, 0, ""
+        state["request_id"], state["cleanup"], state["t0"] = rid, [], t0
+        started, status, outcome, error_body = False, 0, "", None
 
         async def send_with_id(message):
-            nonlocal started, status
+            nonlocal started, status, error_body
+            if status >= 400 and message["type"] == "http.response.body" and error_body is None:
+                error_body = message.get("body", b"")  # the error's JSON, for csm_errors_total's code
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
                 message = {
@@ -127,14 +131,15 @@ class RequestContext:
 
         try:
             key = self.settings.api_key
-            if key and scope["path"].startswith("/v1/"):
+            path = scope["path"]
+            if key and (path.startswith("/v1/") or (path == "/metrics" and not self.settings.metrics_public)):
                 if not authorized(dict(scope["headers"]).get(b"authorization", b""), key):
                     raise ApiError(
                         401,
                         "missing or wrong API key: send `Authorization: Bearer <key>`",
                         "authentication_error",
                     )
-            if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
+            if self.scheduler.draining and path not in ("/health", "/v1/stats", "/metrics"):
                 # expected while draining: answered, but not logged as a failure
                 message = "the server is shutting down; retry on another instance"
                 return await error_response(503, message, "server_error")(scope, receive, send_with_id)
@@ -164,6 +169,8 @@ class RequestContext:
         finally:
             for cleanup in state["cleanup"]:
                 cleanup()
+            route = getattr(scope.get("route"), "path", None) or "other"  # a template: never a raw path
+            self.scheduler.metrics.answered(route, status, error_body)
             client = scope.get("client") or ("-", 0)
             access.info(
                 '"%s %s" %d%s %.3fs client=%s:%s rid=%s',
@@ -188,6 +195,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         settings.max_queue,
         settings.chunk_frames,
         batched_decode=settings.batched_decode,
+        metrics=ServerMetrics(),
     )
 
     @asynccontextmanager
@@ -209,6 +217,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     app.state.scheduler, app.state.settings = scheduler, settings
     app.state.service = Service(model, processor, settings, scheduler)
     app.state.voices = app.state.service.voices
+    app.state.metrics = scheduler.metrics  # sessions: app.state.metrics.sessions_open.inc() / .dec()
+    scheduler.metrics.watch(scheduler, app.state.service)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=settings.max_body_bytes,
@@ -220,7 +230,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     )  # outermost: ids on all answers
     add_page(app)
     add_docs(app)
-    for router in (status.router, voices.router, speech.router, dialogue.router):
+    for router in (status.router, voices.router, speech.router, dialogue.router, metrics.router):
         app.include_router(router)
 
     @app.exception_handler(ApiError)

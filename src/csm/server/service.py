@@ -5,6 +5,7 @@ becomes a scheduler job."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -150,6 +151,11 @@ class Service:
         )
         request.state.cleanup.append(speech.cancel)
         await speech.start()
+        t0, metrics = request.state.t0, self.scheduler.metrics
+        metrics.time_to_first_audio.observe(time.perf_counter() - t0)
+        request.state.cleanup.append(
+            lambda: metrics.spoke(speech.samples / SAMPLING_RATE, time.perf_counter() - t0)
+        )
         return speech
 
 
