@@ -23,6 +23,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -92,6 +93,7 @@ class ServerMetrics:
         )
         self.frames = Counter("csm_frames", "frames generated (rate(): frames per second)", registry=r)
         self.sessions_open = Gauge("csm_sessions_open", "WebSocket sessions open", registry=r)
+        self.replica = Info("csm_replica", "which Ray Serve replica this is (csm serve --ray)", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         PlatformCollector(registry=r)
 
