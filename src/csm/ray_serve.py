@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import random
 import signal
@@ -158,6 +159,30 @@ def deployment(
         .options(**options)
         .bind(model, settings, device, dtype, quantize)
     )
+
+
+def app_builder(args: dict):
+    """The application for a Ray Serve config file (KubeRay's RayService): `import_path: csm.ray_serve:app_builder`
+    with `args:` model (default $CSM_MODEL), device, dtype, quantize, replicas, and any `ServerSettings` field
+    (api_key, max_batch_size, voices_dir, ...; voices_dir defaults to $CSM_VOICES_DIR). The config's
+    `deployments:` section overrides replicas and resources as usual."""
+    import dataclasses
+
+    from csm.server import ServerSettings, model_id
+    from csm.voice import voices_dir
+
+    args = dict(args or {})
+    model = str(args.pop("model", None) or os.environ.get("CSM_MODEL", "sesame/csm-1b"))
+    device, dtype, quantize = (args.pop(k, None) for k in ("device", "dtype", "quantize"))
+    replicas = int(args.pop("replicas", 2))
+    fields = {f.name for f in dataclasses.fields(ServerSettings)}
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise ValueError(f"unknown args for csm.ray_serve:app_builder: {', '.join(unknown)}")
+    settings = ServerSettings(model_name=model_id(model), model_path=model, **args)
+    settings.voices_dir = settings.voices_dir or str(voices_dir())
+    settings.api_key = settings.api_key or os.environ.get("CSM_API_KEY")
+    return deployment(model, asdict(settings), device, dtype, quantize, replicas=replicas)
 
 
 def run(args, settings) -> int:
