@@ -51,6 +51,17 @@ def test_replicas_without_ray_is_a_one_line_error(capsys):
     assert "MIN <= MAX" in capsys.readouterr().err
 
 
+def test_serve_ray_without_ray_installed_says_how_to_install_it(capsys, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from csm.ray_serve import run
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    assert run(SimpleNamespace(model="m"), ServerSettings()) == 1
+    assert "pip install 'csm-speech[ray]'" in capsys.readouterr().out
+
+
 # ---- 2 replicas on a local Ray ----------------------------------------------------------------------
 
 
