@@ -118,6 +118,8 @@ class ServerMetrics:
     def stepped(self, rows: int, frames: int, gap: float | None) -> None:
         """A scheduler step advanced `rows` rows by `frames` frames; `gap` since the step before, when rows ran
         through both."""
+        if not rows:  # every row left before the step (cancelled): nothing ran
+            return
         self.batch_rows.observe(rows)
         self.frames.inc(frames)
         if gap is not None:
