@@ -193,6 +193,9 @@ def run(args, settings) -> int:
     except ImportError as e:
         print(f"`csm serve --ray` needs the ray extra ({e.name or e}): pip install 'csm-speech[ray]'")
         return 1
+    from csm.voice import voices_dir
+
+    settings.voices_dir = settings.voices_dir or str(voices_dir())  # one folder for every replica
     ray.init(ignore_reinit_error=True, logging_level="WARNING")
     host = getattr(args, "host", None) or "127.0.0.1"
     port = getattr(args, "port", None)

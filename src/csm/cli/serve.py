@@ -158,4 +158,7 @@ def cmd_serve(args) -> int:
         raise CliError(
             f"`csm serve` needs the server extra ({e.name or e}): pip install 'csm-speech[server]'"
         ) from None
-    return int(server.main(args) or 0)
+    launch = None
+    if getattr(args, "ray", False):
+        from ..ray_serve import run as launch
+    return int(server.main(args, launch) or 0)

@@ -6,7 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..voice import voices_dir
 from .app import ServerSettings, create_app
 from .drain import run_server
 from .limits import uvicorn_config
@@ -51,9 +50,10 @@ def load_app(
     return create_app(model, processor, settings)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, launch=None) -> int:
     """Run the server: `csm serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--api-key KEY]`; on SIGTERM
-    it stops admitting (503), lets in-flight requests finish within `--shutdown-grace` seconds, and exits 0."""
+    it stops admitting (503), lets in-flight requests finish within `--shutdown-grace` seconds, and exits 0.
+    `launch(args, settings)`, when given, runs the checked settings instead (`csm serve --ray`)."""
     try:
         import uvicorn  # noqa: F401  (checked before loading the model)
     except ImportError:
@@ -87,16 +87,11 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("csm.server").warning(
             "listening on %s without --api-key: anyone who can reach it can use it", host
         )
-    if not getattr(args, "ray", False) and (
-        getattr(args, "replicas", None) or getattr(args, "autoscale", None)
-    ):
+    if launch is None and (getattr(args, "replicas", None) or getattr(args, "autoscale", None)):
         print("--replicas and --autoscale go with --ray")
         return 2
-    if getattr(args, "ray", False):
-        from ..ray_serve import run
-
-        settings.voices_dir = settings.voices_dir or str(voices_dir())  # one folder for every replica
-        return run(args, settings)
+    if launch is not None:
+        return launch(args, settings)
     try:
         app = load_app(
             args.model,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,9 +28,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
 
 # seconds: a frame takes ~20 ms on a GPU, ~80 ms (tiny model) to ~400 ms (csm-1b) on a 2-core CPU
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -97,7 +93,7 @@ class ServerMetrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         PlatformCollector(registry=r)
 
-    def watch(self, scheduler: Scheduler, service=None) -> None:
+    def watch(self, scheduler, service=None) -> None:
         """Read the scheduler's (and the service's voices' and prefix cache's) state at every scrape."""
         self.registry.register(StateCollector(scheduler, service))
 
@@ -149,7 +145,7 @@ class StateCollector:
     """Gauges read at scrape time: rows, queue, voices, the scheduler's outcomes, and the prefix cache (when the
     model has one: `model.prefix_cache.stats()` -> hits, misses, positions_saved, bytes, entries)."""
 
-    def __init__(self, scheduler: Scheduler, service=None):
+    def __init__(self, scheduler, service=None):  # a csm.server.scheduler.Scheduler
         self.scheduler, self.service = scheduler, service
 
     def collect(self):
