@@ -175,3 +175,50 @@ def test_a_real_prometheus_scrapes_metrics_with_the_api_key(checkpoint, tmp_path
             proc.terminate()
             proc.wait(timeout=30)
     assert '"endpoint":"/v1/audio/speech"' in found and '"status":"200"' in found
+
+
+def bucket_counts(samples: dict, name: str) -> dict[float, float]:
+    return {float(dict(k[1])["le"]): v for k, v in samples.items() if k[0] == f"{name}_bucket"}
+
+
+@pytest.mark.slow  # ~6 s: a 20 s clip encoded and prefilled while 120 frames stream
+def test_a_joining_prefill_shows_in_the_running_rows_inter_frame_gap(checkpoint, tmp_path):
+    """The gap histogram is what issue 30's "streams never stall" goal reads: a request whose long context is
+    prefilled while another streams makes that stream wait at least as long as the prefill took."""
+    import base64
+    import io
+    import threading
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, (0.1 * np.sin(np.arange(24000 * 20) / 7)).astype(np.float32), 24000, format="WAV")
+    clip = base64.b64encode(buf.getvalue()).decode()
+    with serve(checkpoint, tmp_path, max_frames=120, max_seq_len=2048) as client:
+        first_audio = threading.Event()
+
+        def runner():
+            body = {"model": "csm", "input": "A long stream.", "response_format": "pcm"}
+            with client.stream("POST", "/v1/audio/speech", json=body) as r:
+                for _ in r.iter_bytes():
+                    first_audio.set()
+
+        thread = threading.Thread(target=runner)
+        thread.start()
+        assert first_audio.wait(30)
+        context = [{"speaker": 1, "text": "Twenty seconds of a tone.", "audio": clip}]
+        assert speak(client, response_format="pcm", context=context).status_code == 200
+        thread.join(60)
+        samples = scrape(client)
+    prefill, gaps = (
+        bucket_counts(samples, "csm_prefill_seconds"),
+        bucket_counts(samples, "csm_inter_frame_gap_seconds"),
+    )
+    total_prefills, total_gaps = prefill[float("inf")], gaps[float("inf")]
+    assert total_prefills == 2 and total_gaps > 10
+    # the longest prefill took more than b seconds, for the largest bucket bound b it does not fit under ...
+    b = max(le for le, n in prefill.items() if n < total_prefills)
+    # ... so a gap of the running row is longer than b (the smallest gap bound at or above b misses one)
+    above = min(le for le in gaps if le >= b)
+    assert gaps[above] < total_gaps, (b, gaps)
