@@ -181,7 +181,7 @@ def bucket_counts(samples: dict, name: str) -> dict[float, float]:
     return {float(dict(k[1])["le"]): v for k, v in samples.items() if k[0] == f"{name}_bucket"}
 
 
-@pytest.mark.slow  # ~6 s: a 20 s clip encoded and prefilled while 120 frames stream
+@pytest.mark.slow  # ~6 s: a 20 s clip encoded and prefilled while another request streams
 def test_a_joining_prefill_shows_in_the_running_rows_inter_frame_gap(checkpoint, tmp_path):
     """The gap histogram is what issue 30's "streams never stall" goal reads: a request whose long context is
     prefilled while another streams makes that stream wait at least as long as the prefill took."""
@@ -195,20 +195,23 @@ def test_a_joining_prefill_shows_in_the_running_rows_inter_frame_gap(checkpoint,
     buf = io.BytesIO()
     sf.write(buf, (0.1 * np.sin(np.arange(24000 * 20) / 7)).astype(np.float32), 24000, format="WAV")
     clip = base64.b64encode(buf.getvalue()).decode()
-    with serve(checkpoint, tmp_path, max_frames=120, max_seq_len=2048) as client:
-        first_audio = threading.Event()
+    with serve(checkpoint, tmp_path, max_frames=400, max_seq_len=2048) as client:
+        first_audio, joined = threading.Event(), threading.Event()
 
-        def runner():
-            body = {"model": "csm", "input": "A long stream.", "response_format": "pcm"}
-            with client.stream("POST", "/v1/audio/speech", json=body) as r:
+        def runner():  # streams (up to 400 frames) until the joining request is done, then hangs up
+            body = {"model": "csm", "input": "A stream that runs while another request joins. " * 2}
+            with client.stream("POST", "/v1/audio/speech", json={**body, "response_format": "pcm"}) as r:
                 for _ in r.iter_bytes():
                     first_audio.set()
+                    if joined.is_set():
+                        break
 
         thread = threading.Thread(target=runner)
         thread.start()
         assert first_audio.wait(30)
         context = [{"speaker": 1, "text": "Twenty seconds of a tone.", "audio": clip}]
         assert speak(client, response_format="pcm", context=context).status_code == 200
+        joined.set()
         thread.join(60)
         samples = scrape(client)
     prefill, gaps = (
