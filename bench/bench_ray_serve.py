@@ -141,6 +141,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request before it counts as hung")
     p.add_argument("--voices", default="/tmp/csm-bench-ray-voices")
     args = p.parse_args()
+    signal.signal(
+        signal.SIGTERM, lambda *_: sys.exit(1)
+    )  # `timeout` stops us: the finally blocks stop the servers
     if args.model is None:
         from csm.demo import write_demo_checkpoint
 
