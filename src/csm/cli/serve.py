@@ -47,6 +47,44 @@ def port(text: str) -> int:
     return value
 
 
+def replicas_range(text: str) -> tuple[int, int]:
+    """An argparse type: MIN:MAX replicas, 1 <= MIN <= MAX."""
+    low, sep, high = text.partition(":")
+    try:
+        low, high = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, such as 1:4, got {text!r}") from None
+    if not sep or not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def ray_args(serve) -> None:
+    ray = serve.add_argument_group("replicas on Ray Serve (needs the ray extra)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: N replicas, each with its own model, behind Ray's HTTP proxy; requests "
+        "of one session (X-Session-Id, X-Conversation-Id) go to one replica. Joins $RAY_ADDRESS, else starts "
+        "a local Ray",
+    )
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=positive_int, default=None, help="replicas with --ray (default: 2)")
+    scale.add_argument(
+        "--autoscale",
+        type=replicas_range,
+        default=None,
+        metavar="MIN:MAX",
+        help="with --ray: between MIN and MAX replicas, one full batch of ongoing requests per replica",
+    )
+    ray.add_argument(
+        "--cpus-per-replica", type=seconds, default=None, help="Ray CPUs each replica reserves (default: 1)"
+    )
+    ray.add_argument(
+        "--gpus-per-replica", type=grace, default=None, help="Ray GPUs each replica reserves (default: 0)"
+    )
+
+
 def add_parser(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible speech server (needs the `server` extra)")
     common.add_model_args(serve)
@@ -120,6 +158,13 @@ def add_parser(sub) -> None:
         "so a request that begins as an earlier one did prefills only what is new; 0 turns it off "
         "(default: $CSM_PREFIX_CACHE_MB or 1024)",
     )
+    serve.add_argument(
+        "--metrics-public",
+        action="store_true",
+        default=None,
+        help="serve GET /metrics (Prometheus) without the API key, for a scraper on a private network",
+    )
+    ray_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -164,4 +209,7 @@ def cmd_serve(args) -> int:
         raise CliError(
             f"`csm serve` needs the server extra ({e.name or e}): pip install 'csm-speech[server]'"
         ) from None
-    return int(server.main(args) or 0)
+    launch = None
+    if getattr(args, "ray", False):
+        from ..ray_serve import run as launch
+    return int(server.main(args, launch) or 0)

@@ -50,9 +50,10 @@ def load_app(
     return create_app(model, processor, settings)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, launch=None) -> int:
     """Run the server: `csm serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--api-key KEY]`; on SIGTERM
-    it stops admitting (503), lets in-flight requests finish within `--shutdown-grace` seconds, and exits 0."""
+    it stops admitting (503), lets in-flight requests finish within `--shutdown-grace` seconds, and exits 0.
+    `launch(args, settings)`, when given, runs the checked settings instead (`csm serve --ray`)."""
     try:
         import uvicorn  # noqa: F401  (checked before loading the model)
     except ImportError:
@@ -72,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
         "stall_timeout",
         "batched_decode",
         "prefix_cache_mb",
+        "metrics_public",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -94,6 +96,11 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("csm.server").warning(
             "listening on %s without --api-key: anyone who can reach it can use it", host
         )
+    if launch is None and (getattr(args, "replicas", None) or getattr(args, "autoscale", None)):
+        print("--replicas and --autoscale go with --ray")
+        return 2
+    if launch is not None:
+        return launch(args, settings)
     try:
         app = load_app(
             args.model,

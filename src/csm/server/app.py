@@ -28,7 +28,8 @@ from ..prefix_cache import set_store_bytes
 from .docs import add_docs
 from .errors import PARSE_FAILED, parse_failure_message, validation_message
 from .limits import BodyLimit
-from .routes import dialogue, speech, status, voices
+from .metrics import ServerMetrics
+from .routes import dialogue, metrics, speech, status, voices
 from .scheduler import Scheduler
 from .schemas import errors
 from .service import VOICE_NAME, Service, frames_for_text  # noqa: F401 (kept importable from here)
@@ -82,6 +83,7 @@ class ServerSettings:
     prefix_cache_mb: float | None = None  # the prefix store's bound (csm.prefix_cache); None: its default
     prefill_chunk: int | str | None = "auto"  # a joining prompt's positions per step (csm.batching)
     allowed_hosts: list[str] | None = None  # Host names served besides IP literals and localhost; ["*"]: any
+    metrics_public: bool = False  # GET /metrics without the API key (for a scraper inside a private network)
 
 
 def error_response(
@@ -200,11 +202,13 @@ class RequestContext:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
-        state["request_id"], state["cleanup"] = rid, []
-        started, status, outcome = False, 0, ""
+        state["request_id"], state["cleanup"], state["t0"] = rid, [], t0
+        started, status, outcome, error_body = False, 0, "", None
 
         async def send_with_id(message):
-            nonlocal started, status
+            nonlocal started, status, error_body
+            if status >= 400 and message["type"] == "http.response.body" and error_body is None:
+                error_body = message.get("body", b"")  # the error's JSON, for csm_errors_total's code
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
                 message = {
@@ -238,14 +242,15 @@ class RequestContext:
                         code="cross_origin",
                     )
             key = self.settings.api_key
-            if key and scope["path"].startswith("/v1/"):
+            path = scope["path"]
+            if key and (path.startswith("/v1/") or (path == "/metrics" and not self.settings.metrics_public)):
                 if not authorized(dict(scope["headers"]).get(b"authorization", b""), key):
                     raise ApiError(
                         401,
                         "missing or wrong API key: send `Authorization: Bearer <key>`",
                         "authentication_error",
                     )
-            if self.scheduler.draining and scope["path"] not in ("/health", "/v1/stats"):
+            if self.scheduler.draining and path not in ("/health", "/v1/stats", "/metrics"):
                 # expected while draining: answered, but not logged as a failure
                 message = "the server is shutting down; retry on another instance"
                 return await error_response(503, message, "server_error")(scope, receive, send_with_id)
@@ -280,6 +285,8 @@ class RequestContext:
         finally:
             for cleanup in state["cleanup"]:
                 cleanup()
+            route = getattr(scope.get("route"), "path", None) or "other"  # a template: never a raw path
+            self.scheduler.metrics.answered(route, status, error_body)
             client = scope.get("client") or ("-", 0)
             speech = state.get("speech")  # prompt positions found in the prefix store / all of them
             prefix = f" prefix={speech.reused}/{speech.prompt_len}" if speech is not None else ""
@@ -311,6 +318,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         settings.chunk_frames,
         batched_decode=settings.batched_decode,
         prefill_chunk=settings.prefill_chunk,
+        metrics=ServerMetrics(),
     )
 
     @asynccontextmanager
@@ -332,6 +340,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     app.state.scheduler, app.state.settings = scheduler, settings
     app.state.service = Service(model, processor, settings, scheduler)
     app.state.voices = app.state.service.voices
+    app.state.metrics = scheduler.metrics  # sessions: app.state.metrics.sessions_open.inc() / .dec()
+    scheduler.metrics.watch(scheduler, app.state.service)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=settings.max_body_bytes,
@@ -344,7 +354,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     )  # outermost: ids on all answers
     add_page(app)
     add_docs(app)
-    for router in (status.router, voices.router, speech.router, dialogue.router):
+    for router in (status.router, voices.router, speech.router, dialogue.router, metrics.router):
         app.include_router(router)
 
     @app.exception_handler(ApiError)

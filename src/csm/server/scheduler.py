@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ..batching import BatchCore, RowJob
 from ..generate import GenerationConfig
 from ..prefix_cache import prefix_stats
+from .metrics import ServerMetrics
 
 log = logging.getLogger("csm.server")
 
@@ -78,8 +79,11 @@ class Scheduler:
         chunk_frames: int = 4,
         batched_decode: bool = True,
         prefill_chunk: int | str | None = "auto",
+        metrics: ServerMetrics | None = None,
     ):
         self.model, self.batched_decode, self.prefill_chunk = model, batched_decode, prefill_chunk
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self._last_step: float | None = None  # when the last step ended with rows still running
         self.max_batch_size, self.chunk_frames = max_batch_size, chunk_frames
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         self.waiting: queue.Queue[SpeechJob] = queue.Queue(maxsize=max_queue)
@@ -181,7 +185,9 @@ class Scheduler:
             if job is None:
                 return
             try:
+                started = time.perf_counter()
                 core.add(job)
+                self.metrics.admitted(job, started)
             except Exception as e:
                 self._fail(job, e, "preparing")
 
@@ -202,7 +208,11 @@ class Scheduler:
             if core.job(b).cancelled.is_set():
                 self.cancelled += 1
                 core.remove(b)
-        for event in core.step():
+        rows, frames, events = len(core.live_rows()), core.frames_generated, core.step()
+        now, last = time.perf_counter(), self._last_step
+        self.metrics.stepped(rows, core.frames_generated - frames, None if last is None else now - last)
+        self._last_step = now if core.live_rows() else None
+        for event in events:
             job = event.job
             if event.kind == "audio":
                 job.send(event.audio)

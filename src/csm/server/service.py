@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -184,6 +185,11 @@ class Service:
         request.state.cleanup.append(speech.cancel)
         request.state.speech = speech  # the access log reads its prompt positions and those reused
         await speech.start()
+        t0, metrics = request.state.t0, self.scheduler.metrics
+        metrics.time_to_first_audio.observe(time.perf_counter() - t0)
+        request.state.cleanup.append(
+            lambda: metrics.spoke(speech.samples / SAMPLING_RATE, time.perf_counter() - t0)
+        )
         return speech
 
 

@@ -4,5 +4,6 @@ status.py     GET /health, /v1/stats, /v1/models
 voices.py     GET and POST /v1/voices
 speech.py     POST /v1/audio/speech
 dialogue.py   POST /v1/audio/dialogue
+metrics.py    GET /metrics (Prometheus)
 (the web page at / is csm/server/web.py)
 """
