@@ -183,4 +183,7 @@ def uvicorn_config(app, **options):
     (`head_timeout`): how every server of ours must be run (plain `uvicorn.Config` has no such deadline)."""
     import uvicorn
 
-    return uvicorn.Config(app, http=http_protocol(app.state.settings.head_timeout), **options)
+    settings = app.state.settings
+    # uvicorn closes with 1009 past ws_max_size; below it, the session's own limit answers with a clear reason
+    options.setdefault("ws_max_size", 2 * settings.max_session_message_bytes)
+    return uvicorn.Config(app, http=http_protocol(settings.head_timeout), **options)

@@ -45,6 +45,11 @@ class Service:
         self.voices = VoiceStore(
             self.root, settings.max_voices, settings.max_voices_bytes, settings.voice_cache
         )
+        self.sessions: dict = {}  # realtime sessions open (routes/session.py): id -> csm.server.session.Session
+
+    @property
+    def sessions_open(self) -> int:
+        return len(self.sessions)
 
     def resolve_voice(self, value: Any, param: str = "voice") -> tuple[int, Voice | None]:
         """A speaker number (ASCII digits), a saved voice, or one of OpenAI's voice names (a saved voice of
@@ -134,6 +139,7 @@ class Service:
             backbone=plan.config.backbone,
             depth_decoder=plan.config.depth_decoder,
             seed=None if spoken.seed is None else spoken.seed + index,
+            carried_kept=len(prompt.carried),
         )
 
     async def start(self, plan: SpeechPlan, request: Request) -> SpeechStream:

@@ -4,5 +4,6 @@ status.py     GET /health, /v1/stats, /v1/models
 voices.py     GET and POST /v1/voices
 speech.py     POST /v1/audio/speech
 dialogue.py   POST /v1/audio/dialogue
+session.py    WebSocket /v1/audio/session (a realtime session for voice agents)
 (the web page at / is csm/server/web.py)
 """
