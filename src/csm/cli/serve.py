@@ -103,6 +103,19 @@ def add_parser(sub) -> None:
         "--no-batched-decode each request has a decoder of its own, and a seeded request's audio is bit "
         "for bit the same alone or batched",
     )
+    serve.add_argument(
+        "--max-sessions",
+        type=count,
+        default=None,
+        help="realtime sessions (WebSocket /v1/audio/session) open at once; more are closed with 1013 "
+        "(default: 16)",
+    )
+    serve.add_argument(
+        "--session-idle-timeout",
+        type=seconds,
+        default=None,
+        help="seconds a session may send nothing while nothing is said before it expires (1008; default: 60)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
 

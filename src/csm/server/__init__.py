@@ -71,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
         "max_voices",
         "stall_timeout",
         "batched_decode",
+        "max_sessions",
+        "session_idle_timeout",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -51,6 +51,7 @@ log = logging.getLogger("csm.server")
 
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 frames per second
 CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR, CLOSE_TRY_LATER = 1008, 1009, 1011, 1013
+MAX_WAITING = 256  # sentences and turns queued behind the one being said (bounds a flood of text)
 
 
 class SessionClosed(Exception):
@@ -234,6 +235,8 @@ class Session:
         decode = decode_clip if msg.audio_format == "wav" else self._pcm16  # off the event loop
         clip = await asyncio.to_thread(decode, msg.audio, "audio", self.settings)
         self._end_reply()  # a user turn ends the reply before it (its text is spoken first)
+        if self.ops.qsize() >= MAX_WAITING:
+            raise SessionClosed(CLOSE_POLICY, f"more than {MAX_WAITING} sentences and turns wait to be said")
         turn_id = self._next_id()
         await self.ops.put(("user", turn_id, Turn(msg.speaker, text, clip)))
 
@@ -281,6 +284,8 @@ class Session:
         self.ops.put_nowait(("end", agent))
 
     async def _queue_sentence(self, agent: AgentTurn, sentence: str) -> None:
+        if self.ops.qsize() >= MAX_WAITING:
+            raise SessionClosed(CLOSE_POLICY, f"more than {MAX_WAITING} sentences and turns wait to be said")
         agent.sentences.append(sentence)
         await self.ops.put(("sentence", agent, len(agent.sentences) - 1))
 
@@ -302,8 +307,16 @@ class Session:
     async def truncate(self, msg: Truncate) -> None:
         if msg.turn_id >= self.turn_count:
             raise ApiError(400, f"truncate: there is no turn {msg.turn_id} yet", param="turn_id")
-        await self.cancel()  # a reply still being said stops first; the cut happens once it is recorded
+        if self._unended(msg.turn_id):
+            await self.cancel()  # a reply still being said stops first; the cut happens once it is recorded
         await self.ops.put(("truncate", msg.turn_id, msg.played_samples))
+
+    def _unended(self, turn_id: int) -> bool:
+        """Whether `turn_id` is a reply still taking text, being said or waiting to be."""
+        replies = [self.agent, self.current] + [
+            op[1] for op in self.ops._queue if op[0] in ("sentence", "end")
+        ]
+        return any(r is not None and r.id == turn_id and not r.ended for r in replies)
 
     def _next_id(self) -> int:
         self.turn_count += 1
@@ -347,7 +360,11 @@ class Session:
         )
         carried = [*self.history, *agent.done]
         left = self.settings.max_frames - agent.frames
-        job = await asyncio.to_thread(self.service.job_for, plan, 0, j, carried, left)
+        try:
+            job = await asyncio.to_thread(self.service.job_for, plan, 0, j, carried, left)
+        except ApiError as e:  # a sentence that leaves no room to speak: said, and skipped
+            await self.send({"type": "error", "error": {"message": e.message, "param": "text"}})
+            return
         dropped, older = len(carried) - job.carried_kept, len(self.history)  # as Conversation trims
         self.history, agent.done = self.history[dropped:], agent.done[max(0, dropped - older) :]
         if dropped:  # a reply that left the window can no longer be truncated: its audio is let go
