@@ -43,6 +43,7 @@ from ..audio import SAMPLING_RATE
 from ..chunking import _CLAUSE_END, _SENTENCE_END, MIN_CHUNK_CHARS, CrossfadeStream, split_sentences
 from ..generate import GenerationConfig
 from ..planner import Turn, voice_turns
+from ..voice import encode_audio
 from .dialogue import decode_clip
 from .scheduler import QueueFull, SpeechJob, Unavailable
 from .speech import ApiError, PlannedTurn, SpeechPlan, speaker_number
@@ -333,6 +334,8 @@ class Session:
                 kind = op[0]
                 if kind == "user":
                     _, turn_id, turn = op
+                    # encoded now, while the agent's reply is still being written: not before its first audio
+                    turn.codes = await asyncio.to_thread(encode_audio, self.service.model, turn.audio)
                     self.history.append(turn)
                     self._check_memory()
                     frames = int(np.ceil(len(turn.audio) / SAMPLES_PER_FRAME))
