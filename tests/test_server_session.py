@@ -16,7 +16,7 @@ from serving import SAMPLES_PER_FRAME, demo_checkpoint, serve
 
 from csm import pipeline
 from csm.chunking import split_sentences
-from csm.client.session import SessionClient, SessionError
+from csm.client.session import SessionClient, SessionError, wav_bytes
 from csm.server import service as server_service
 from csm.server.session import SentenceBuffer, parse_message
 from csm.server.speech import ApiError
@@ -165,11 +165,19 @@ def test_float32_audio_is_the_pcm16_audio_at_full_precision(server):
 def test_a_session_gives_the_codes_of_a_conversation_with_the_same_seed(
     server, checkpoint, monkeypatch, sampling
 ):
+    voices = server.app.state.service.root
+    if not (voices / "ava").exists():  # a saved voice, bound to the agent in both
+        files = {"audio_file": ("clip.wav", wav_bytes(user_clip(0.4, 180.0)), "audio/wav")}
+        created = server.post(
+            "/v1/voices", files=files, data={"name": "ava", "transcript": "Hello, Ava here."}
+        )
+        assert created.status_code == 201, created.text
     jobs = spy_jobs(server, monkeypatch)
     second = "Sure, noon works for me too."
 
     async def go():
-        async with await SessionClient.connect(ws_url(server), seed=11, speaker=0, **sampling) as s:
+        start = dict(seed=11, speaker=0, voices={0: "ava"}, **sampling)
+        async with await SessionClient.connect(ws_url(server), **start) as s:
             await s.user_turn(USER, user_clip(0.6))
             await s.speak(REPLY)
             await s.user_turn(second, user_clip(0.3, 330.0), speaker=1)
@@ -177,7 +185,7 @@ def test_a_session_gives_the_codes_of_a_conversation_with_the_same_seed(
 
     run(go())
     tts = pipeline("text-to-audio", model=str(checkpoint), device="cpu")
-    conv = tts.conversation(seed=11, max_new_tokens=FRAMES, **sampling)
+    conv = tts.conversation(voices={0: str(voices / "ava")}, seed=11, max_new_tokens=FRAMES, **sampling)
     conv.add(1, USER, audio=user_clip(0.6))
     conv.say(0, REPLY)
     conv.add(1, second, audio=user_clip(0.3, 330.0))
