@@ -365,3 +365,9 @@ def test_a_session_needs_the_api_key(checkpoint, tmp_path):
                 return s.session_id
 
         assert run(go())
+
+
+def test_the_api_docs_say_where_the_session_is(server):
+    info = server.get("/openapi.json").json()["info"]
+    assert "ws://HOST/v1/audio/session" in info["description"]
+    assert server.get("/health").json()["sessions_open"] == 0
