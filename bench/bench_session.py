@@ -141,10 +141,18 @@ def main() -> int:
     p.add_argument("--cancel-frames", type=int, default=200)
     p.add_argument("--user-seconds", type=float, default=4.0)
     p.add_argument("--delta-ms", type=float, default=20.0)
+    p.add_argument(
+        "--encode-on-reply",
+        action="store_true",
+        help="as before: a user turn's clip is encoded on the scheduler thread when the reply's first sentence "
+        "is prepared, not when the turn arrives",
+    )
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     settings = ServerSettings(chunk_frames=1, max_frames=4000, max_batch_size=2)
     server_service.frames_for_text = lambda text, rate: args.frames
+    if args.encode_on_reply:
+        server_session.encode_audio = lambda model, audio: None  # the job's embed encodes it instead
     t = time.perf_counter()
     if args.size == "tiny":
         from csm.demo import write_demo_checkpoint
@@ -154,7 +162,8 @@ def main() -> int:
     else:
         app = full_size_app(settings, args.dtype)
     print(
-        f"size={args.size} dtype={args.dtype} threads={torch.get_num_threads()} load {time.perf_counter() - t:.1f} s"
+        f"size={args.size} dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"encode_on_reply={args.encode_on_reply} load {time.perf_counter() - t:.1f} s"
     )
 
     jobs, cancelled_at = [], {"frames": -1}
