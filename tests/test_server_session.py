@@ -371,3 +371,26 @@ def test_the_api_docs_say_where_the_session_is(server):
     info = server.get("/openapi.json").json()["info"]
     assert "ws://HOST/v1/audio/session" in info["description"]
     assert server.get("/health").json()["sessions_open"] == 0
+
+
+def test_a_client_that_stops_reading_is_closed_with_1008(checkpoint, tmp_path, monkeypatch):
+    with serve(
+        checkpoint, tmp_path, sndbuf=4096, stall_timeout=1.0, max_frames=3000, chunk_frames=1
+    ) as client:
+        monkeypatch.setattr(server_service, "frames_for_text", lambda text, frame_rate: 3000)
+
+        async def go():
+            async with websockets.connect(ws_url(client), max_queue=1, max_size=None) as ws:
+                await ws.send(json.dumps({"type": "session.start"}))
+                await ws.send(json.dumps({"type": "text.delta", "text": REPLY}))
+                await ws.send(json.dumps({"type": "flush"}))
+                await asyncio.sleep(4)  # reads nothing
+                try:
+                    while True:
+                        await ws.recv()
+                except websockets.ConnectionClosed as e:
+                    return e.rcvd.code, e.rcvd.reason
+
+        code, reason = run(go())
+        assert code == 1008 and "read nothing" in reason
+        assert client.app.state.scheduler.stats()["active"] == 0  # its row was freed

@@ -7,6 +7,7 @@ Limits, each ending the session with a close code and a reason the client can re
   refuses: an unknown voice...), no message for `session_idle_timeout` seconds while nothing is being said;
 - 1009 (too big): a message over `max_session_message_bytes`, or a session holding more than
   `max_session_audio_bytes` of audio;
+- 1008 too for a client that reads nothing for `stall_timeout` seconds while audio waits to be sent;
 - 1011: the scheduler failed while speaking.
 A message refused later (a bad field, an unreadable clip) gets an `error` message; the session goes on.
 """
@@ -48,14 +49,20 @@ access = logging.getLogger("csm.access")
 class Connection:
     """Sends on one WebSocket, one message at a time (audio and acknowledgements come from two tasks)."""
 
-    def __init__(self, websocket: WebSocket):
+    def __init__(self, websocket: WebSocket, stall_timeout: float):
         self.websocket, self.lock, self.closed = websocket, asyncio.Lock(), False
+        self.stall_timeout = stall_timeout
 
     async def send(self, message: dict, unless=None) -> None:
         async with self.lock:
             if self.closed or (unless is not None and unless()):
                 return
-            await self.websocket.send_text(json.dumps(message))
+            try:
+                await asyncio.wait_for(self.websocket.send_text(json.dumps(message)), self.stall_timeout)
+            except asyncio.TimeoutError:
+                raise SessionClosed(
+                    CLOSE_POLICY, f"the client read nothing for {self.stall_timeout:g} s"
+                ) from None
 
     async def close(self, code: int, reason: str) -> None:
         async with self.lock:
@@ -90,7 +97,8 @@ async def session(websocket: WebSocket):
     service = websocket.app.state.service
     settings, scheduler = service.settings, service.scheduler
     await websocket.accept()
-    conn, sid, t0, outcome = Connection(websocket), uuid.uuid4().hex[:16], time.perf_counter(), "ended"
+    conn, sid = Connection(websocket, settings.stall_timeout), uuid.uuid4().hex[:16]
+    t0, outcome = time.perf_counter(), "ended"
     tasks: list[asyncio.Task] = []
     state: Session | None = None
     try:
