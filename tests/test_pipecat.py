@@ -107,3 +107,27 @@ def test_pointed_at_a_server_session_the_user_turn_is_context_and_audio_comes_ba
     assert audio and all(f.sample_rate == 24000 for f in audio)
     assert sum(len(f.audio) // 2 for f in audio) == 6 * 1920
     assert len(jobs) == 1 and jobs[0].carried_kept == 1  # the user's turn was in the reply's context
+
+
+def test_an_interruption_cancels_the_server_sessions_turn(checkpoint, tmp_path):
+    long = "This is a long answer that the user will not let me finish."
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        serve(checkpoint, tmp_path, max_frames=3000, chunk_frames=1) as client,
+    ):
+        mp.setattr(server_service, "frames_for_text", lambda text, rate: 3000 if text == long else 6)
+        url = str(client.base_url).replace("http://", "ws://") + "/v1/audio/session"
+        tts = CsmTTSService(url=url, seed=4)
+        frames = [
+            *reply(long),
+            SleepFrame(0.5),
+            InterruptionFrame(),
+            *user_frames("Wait, stop."),
+            *reply("Okay, I stopped."),
+            SleepFrame(1.0),
+        ]
+        down, _ = asyncio.run(run_test(tts, frames_to_send=frames))
+        assert client.app.state.scheduler.cancelled == 1  # the long sentence's row was stopped
+    cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
+    after = [f for f in down[cut:] if isinstance(f, TTSAudioRawFrame)]
+    assert sum(len(f.audio) // 2 for f in after) == 6 * 1920  # the next reply, whole
