@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 import websockets
-from serving import SAMPLES_PER_FRAME, demo_checkpoint, serve
+from serving import SAMPLES_PER_FRAME, demo_checkpoint, serve, speak
 
 from csm import pipeline
 from csm.chunking import split_sentences
@@ -161,9 +162,13 @@ def test_float32_audio_is_the_pcm16_audio_at_full_precision(server):
 # ---- the same conversation as Conversation ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampling", [{"do_sample": False}, {}], ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "sampling, batched",
+    [({"do_sample": False}, False), ({}, False), ({}, True)],
+    ids=["greedy", "seeded", "seeded-batched-with-http-requests"],
+)
 def test_a_session_gives_the_codes_of_a_conversation_with_the_same_seed(
-    server, checkpoint, monkeypatch, sampling
+    server, checkpoint, monkeypatch, sampling, batched
 ):
     voices = server.app.state.service.root
     if not (voices / "ava").exists():  # a saved voice, bound to the agent in both
@@ -183,7 +188,25 @@ def test_a_session_gives_the_codes_of_a_conversation_with_the_same_seed(
             await s.user_turn(second, user_clip(0.3, 330.0), speaker=1)
             await s.speak("Great. Then we are settled, see you at noon!")
 
-    run(go())
+    if batched:  # HTTP requests share the scheduler's steps with the session's sentences all along
+        done = threading.Event()
+
+        def others():
+            while not done.is_set():
+                assert speak(server, response_format="pcm").status_code == 200
+
+        before = dict(server.app.state.scheduler.stats()["active_rows_histogram"])
+        pool = [threading.Thread(target=others)]  # one: two rows at once means a session row beside it
+        [t.start() for t in pool]
+        try:
+            run(go())
+        finally:
+            done.set()
+            [t.join() for t in pool]
+        rows = server.app.state.scheduler.stats()["active_rows_histogram"]
+        assert any(int(k) >= 2 and v > before.get(k, 0) for k, v in rows.items())
+    else:
+        run(go())
     tts = pipeline("text-to-audio", model=str(checkpoint), device="cpu")
     conv = tts.conversation(voices={0: str(voices / "ava")}, seed=11, max_new_tokens=FRAMES, **sampling)
     conv.add(1, USER, audio=user_clip(0.6))
@@ -191,6 +214,7 @@ def test_a_session_gives_the_codes_of_a_conversation_with_the_same_seed(
     conv.add(1, second, audio=user_clip(0.3, 330.0))
     conv.say(0, "Great. Then we are settled, see you at noon!")
     expected = [t.codes for t in conv.history if t.speaker == 0]
+    jobs = [j for j in jobs if j.request_id.startswith("session-")]
     n = len(split_sentences(REPLY))  # its sentences' jobs, then the second reply's (one sentence)
     assert n == 2 and len(jobs) == n + 1
     got = [torch.cat([torch.stack(j.codes) for j in jobs[:n]]), torch.stack(jobs[n].codes)]
