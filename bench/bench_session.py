@@ -55,7 +55,9 @@ def full_size_app(settings: ServerSettings, dtype: str):
     from csm.processor import CsmProcessor
 
     torch.manual_seed(0)
-    model = CsmForConditionalGeneration(CsmConfig()).eval()
+    # the demo tokenizer's special ids (no real tokenizer offline); the sizes are csm-1b's
+    ids = dict(bos_token_id=1, pad_token_id=2, eos_token_id=0, audio_token_id=2, audio_eos_token_id=3)
+    model = CsmForConditionalGeneration(CsmConfig(**ids)).eval()
     with torch.no_grad():
         model.lm_head.weight[2048:] = 0  # as a trained model would: never pick ids the codec lacks
         model.depth_decoder.codebooks_head.weight[..., 2048:] = 0
