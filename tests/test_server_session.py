@@ -5,9 +5,11 @@ truncate, limits and close codes, and the same codes as a `Conversation` with th
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -418,3 +420,34 @@ def test_a_client_that_stops_reading_is_closed_with_1008(checkpoint, tmp_path, m
         code, reason = run(go())
         assert code == 1008 and "read nothing" in reason
         assert client.app.state.scheduler.stats()["active"] == 0  # its row was freed
+
+
+def test_many_idle_sessions_all_expire_and_let_go_of_their_turns(checkpoint, tmp_path):
+    with serve(checkpoint, tmp_path, session_idle_timeout=1.0, max_sessions=40) as client:
+        service = client.app.state.service
+
+        async def opened():
+            s = await SessionClient.connect(ws_url(client))
+            await s.user_turn(USER, user_clip(0.5))
+            assert (await s.recv())["type"] == "user.turn.added"
+            return s
+
+        async def closed(s):
+            try:
+                async for _ in s.events():
+                    pass
+            except SessionError as e:
+                return e.code
+
+        async def many():
+            sessions = await asyncio.gather(*[opened() for _ in range(30)])
+            held = [weakref.ref(state) for state in service.sessions.values()]
+            return held, await asyncio.gather(*[closed(s) for s in sessions])
+
+        held, codes = run(many())
+        assert len(held) == 30 and codes == [1008] * 30
+        deadline = time.time() + 5
+        while service.sessions_open and time.time() < deadline:
+            time.sleep(0.02)
+        gc.collect()
+        assert service.sessions_open == 0 and not [r for r in held if r() is not None]  # their audio let go
