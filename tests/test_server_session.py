@@ -451,3 +451,14 @@ def test_many_idle_sessions_all_expire_and_let_go_of_their_turns(checkpoint, tmp
             time.sleep(0.02)
         gc.collect()
         assert service.sessions_open == 0 and not [r for r in held if r() is not None]  # their audio let go
+
+
+def test_serve_takes_the_session_limits():
+    from csm.cli import build_parser
+    from csm.server import ServerSettings
+
+    args = build_parser().parse_args(["serve", "--max-sessions", "3", "--session-idle-timeout", "5"])
+    assert (args.max_sessions, args.session_idle_timeout) == (3, 5.0)
+    assert {"max_sessions", "session_idle_timeout"} <= set(vars(ServerSettings()))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--session-idle-timeout", "0"])
