@@ -442,6 +442,7 @@ class Session:
             agent.said = [m[0] for m in made]
             agent.starts = np.cumsum([0] + [len(cs) for _, _, cs in made])[:-1].tolist()
             self.recorded[agent.id] = (agent, turn)
+        agent.made, agent.done = [], []  # the turn holds its audio and codes now: no second copy
         self._check_memory()
         event = {"type": "turn.done", "turn_id": agent.id, "text": text, "frames": len(codes)}
         await self.send({**event, "cancelled": agent.cancelled})
