@@ -21,7 +21,8 @@ from csm import pipeline
 from csm.chunking import split_sentences
 from csm.client.session import SessionClient, SessionError, wav_bytes
 from csm.server import service as server_service
-from csm.server.session import SentenceBuffer, parse_message
+from csm.server.session import SentenceBuffer
+from csm.server.session_messages import parse_message
 from csm.server.speech import ApiError
 
 FRAMES = 4  # each sentence may take 4 frames (as if the model said end-of-audio there)

@@ -5,7 +5,7 @@ complete, through the server's scheduler (batched with every other request), in 
 conversation so far, as `csm.Conversation` would speak it: same planning, same seeds (turn i: seed + i,
 its sentence j: seed + i + j), same codes.
 
-Client messages (JSON, each with a `type`; `parse_message` validates them all):
+Client messages (JSON, each with a `type`; `session_messages.parse_message` validates them all):
     session.start  {voices: {"0": "alice"}, speaker: 0, seed, temperature, top_k, do_sample,
                     format: "pcm16" | "float32", first_clause: false}            (the first message, once)
     user.turn      {speaker: 1, text, audio: base64, audio_format: "wav" | "pcm16"} (pcm16: 24 kHz mono)
@@ -33,11 +33,9 @@ import binascii
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..audio import SAMPLING_RATE
 from ..chunking import _CLAUSE_END, _SENTENCE_END, MIN_CHUNK_CHARS, CrossfadeStream, split_sentences
@@ -46,6 +44,7 @@ from ..planner import Turn, voice_turns
 from ..voice import encode_audio
 from .dialogue import decode_clip
 from .scheduler import QueueFull, SpeechJob, Unavailable
+from .session_messages import SessionStart, TextDelta, Truncate, UserTurn
 from .speech import ApiError, PlannedTurn, SpeechPlan, speaker_number
 
 log = logging.getLogger("csm.server")
@@ -61,72 +60,6 @@ class SessionClosed(Exception):
     def __init__(self, code: int, reason: str):
         super().__init__(reason)
         self.code, self.reason = code, reason[:120]  # a close reason must fit in 123 bytes
-
-
-# ---- messages ---------------------------------------------------------------------------------------------
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SessionStart(_Message):
-    type: Literal["session.start"]
-    voices: dict[str, str] = Field(default_factory=dict, max_length=8, description="speaker -> saved voice")
-    speaker: int = Field(0, ge=0, le=999, description="who the agent is")
-    seed: int | None = Field(None, ge=0, le=2**62, description="turn i uses seed + i (user turns counted)")
-    temperature: float | None = Field(None, ge=0.01, le=10.0)
-    top_k: int | None = Field(None, ge=0, le=100_000)
-    do_sample: bool | None = Field(None, description="false: greedy")
-    format: Literal["pcm16", "float32"] = "pcm16"
-    first_clause: bool = Field(False, description="start a turn's first sentence at its first clause mark")
-
-
-class UserTurn(_Message):
-    type: Literal["user.turn"]
-    speaker: int = Field(1, ge=0, le=999)
-    text: str = Field(min_length=1, max_length=4096, description="the transcript of `audio`")
-    audio: str = Field(min_length=1, description="base64 of a wav file, or of 24 kHz mono pcm16")
-    audio_format: Literal["wav", "pcm16"] = "wav"
-
-
-class TextDelta(_Message):
-    type: Literal["text.delta"]
-    text: str = Field(max_length=4096)
-
-
-class Flush(_Message):
-    type: Literal["flush"]
-
-
-class Cancel(_Message):
-    type: Literal["cancel"]
-
-
-class Truncate(_Message):
-    type: Literal["truncate"]
-    turn_id: int = Field(ge=0)
-    played_samples: int = Field(ge=0, description="samples of the turn's audio (24 kHz) the listener heard")
-
-
-ClientMessage = Annotated[
-    SessionStart | UserTurn | TextDelta | Flush | Cancel | Truncate, Field(discriminator="type")
-]
-MESSAGES = TypeAdapter(ClientMessage)
-TYPES = ("session.start", "user.turn", "text.delta", "flush", "cancel", "truncate")
-
-
-def parse_message(raw: str):
-    """A client message, validated; ApiError(400) naming the field at fault otherwise."""
-    try:
-        return MESSAGES.validate_json(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = first["loc"][1:] if first["loc"] and first["loc"][0] in TYPES else first["loc"]  # no tag
-        where = ".".join(str(p) for p in loc) or "message"
-        if first["type"] == "union_tag_invalid" or first["type"] == "union_tag_not_found":
-            raise ApiError(400, f"`type` must be one of {', '.join(TYPES)}", param="type") from None
-        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
 
 
 # ---- sentences as the text comes ---------------------------------------------------------------------

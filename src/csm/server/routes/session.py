@@ -24,21 +24,8 @@ import uuid
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketState
 
-from ..session import (
-    CLOSE_ERROR,
-    CLOSE_POLICY,
-    CLOSE_TOO_BIG,
-    CLOSE_TRY_LATER,
-    Cancel,
-    Flush,
-    Session,
-    SessionClosed,
-    SessionStart,
-    TextDelta,
-    Truncate,
-    UserTurn,
-    parse_message,
-)
+from ..session import CLOSE_ERROR, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER, Session, SessionClosed
+from ..session_messages import Cancel, Flush, SessionStart, TextDelta, Truncate, UserTurn, parse_message
 from ..speech import ApiError
 
 router = APIRouter()
