@@ -133,6 +133,10 @@ async def converse(url: str, args, cancelled_at: dict, jobs: list) -> None:
 
 
 def main() -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # close reasons
+    logging.getLogger("websockets").setLevel(logging.DEBUG if "--debug-ws" in sys.argv else logging.INFO)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
     p.add_argument(
@@ -143,6 +147,7 @@ def main() -> int:
     p.add_argument("--cancel-frames", type=int, default=200)
     p.add_argument("--user-seconds", type=float, default=4.0)
     p.add_argument("--delta-ms", type=float, default=20.0)
+    p.add_argument("--debug-ws", action="store_true", help="log the websockets library's frames (pings)")
     p.add_argument(
         "--encode-on-reply",
         action="store_true",
