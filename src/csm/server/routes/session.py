@@ -128,15 +128,17 @@ async def session(websocket: WebSocket):
                 },
             }
         )
-        speaker = asyncio.create_task(state.run())
-        receiver = asyncio.create_task(receive_loop(websocket, conn, state, settings))
-        watchdog = asyncio.create_task(idle_watch(state, settings.session_idle_timeout))
+        speaker = asyncio.create_task(state.run(), name="speaker")
+        receiver = asyncio.create_task(receive_loop(websocket, conn, state, settings), name="receiver")
+        watchdog = asyncio.create_task(idle_watch(state, settings.session_idle_timeout), name="watchdog")
         tasks = [speaker, receiver, watchdog]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
+            if task.cancelled():  # nothing here cancels them: a fault, said as one
+                raise RuntimeError(f"the session's {task.get_name()} task was cancelled")
             if task.exception() is not None:
                 raise task.exception()
-        outcome = "idle" if watchdog in done else "ended"
+        outcome = "idle" if watchdog in done else f"ended ({', '.join(t.get_name() for t in done)})"
         if watchdog in done:
             raise SessionClosed(
                 CLOSE_POLICY, f"idle for {settings.session_idle_timeout:g} s; the session expired"
@@ -144,7 +146,10 @@ async def session(websocket: WebSocket):
     except SessionClosed as e:
         outcome = f"closed {e.code}: {e.reason}"
         await conn.close(e.code, e.reason)
-    except Exception as e:  # a bug: the client gets 1011, the server keeps serving
+    except BaseException as e:  # a bug (or a cancelled task): the client gets 1011, the server keeps serving
+        if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
+            outcome = "cancelled by the server (the connection was lost or the server stops)"
+            raise
         log.exception("session %s failed", sid)
         outcome = f"closed {CLOSE_ERROR}"
         await conn.close(CLOSE_ERROR, f"internal error: {type(e).__name__}")
