@@ -463,3 +463,16 @@ def test_serve_takes_the_session_limits():
     assert {"max_sessions", "session_idle_timeout"} <= set(vars(ServerSettings()))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--session-idle-timeout", "0"])
+
+
+def test_a_session_outlives_the_request_head_deadline(checkpoint, tmp_path):
+    # the HTTP head deadline (limits.http_protocol) once closed every WebSocket after head_timeout seconds
+    with serve(checkpoint, tmp_path, head_timeout=0.5) as client:
+
+        async def go():
+            async with await SessionClient.connect(ws_url(client)) as s:
+                await asyncio.sleep(1.5)
+                audio, _ = await s.speak(REPLY)
+                return len(audio)
+
+        assert run(go()) > 0

@@ -149,6 +149,13 @@ def http_protocol(head_timeout: float):
                 self._head_timer.cancel()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self, event) -> None:
+            # the connection is a WebSocket from here (a session of any length): no request head follows
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().handle_websocket_upgrade(event)
+
         def _arm_head_timer(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
