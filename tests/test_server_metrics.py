@@ -94,9 +94,12 @@ def test_metrics_still_answer_while_draining(checkpoint, tmp_path):
 
 def test_sessions_gauge_and_voices_are_exposed(checkpoint, tmp_path):
     with serve(checkpoint, tmp_path) as client:
-        client.app.state.metrics.sessions_open.inc(3)
-        client.app.state.metrics.sessions_open.dec()
-        samples = scrape(client)
+        sessions = client.app.state.service.sessions  # what the session route keeps: read at scrape time
+        sessions.update({"a": None, "b": None})
+        try:
+            samples = scrape(client)
+        finally:
+            sessions.clear()
     assert value(samples, "csm_sessions_open") == 2
     assert value(samples, "csm_voices") == 0 and ("csm_voices_cached", frozenset()) in samples
 

@@ -164,6 +164,19 @@ def add_parser(sub) -> None:
         default=None,
         help="serve GET /metrics (Prometheus) without the API key, for a scraper on a private network",
     )
+    serve.add_argument(
+        "--max-sessions",
+        type=count,
+        default=None,
+        help="realtime sessions (WebSocket /v1/audio/session) open at once; more are closed with 1013 "
+        "(default: 16)",
+    )
+    serve.add_argument(
+        "--session-idle-timeout",
+        type=seconds,
+        default=None,
+        help="seconds a session may send nothing while nothing is said before it expires (1008; default: 60)",
+    )
     ray_args(serve)
     serve.set_defaults(handler=cmd_serve)
 

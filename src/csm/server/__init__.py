@@ -74,6 +74,8 @@ def main(args: argparse.Namespace, launch=None) -> int:
         "batched_decode",
         "prefix_cache_mb",
         "metrics_public",
+        "max_sessions",
+        "session_idle_timeout",
     ):
         value = getattr(args, name, None)
         if value is not None:

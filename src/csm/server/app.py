@@ -29,7 +29,7 @@ from .docs import add_docs
 from .errors import PARSE_FAILED, parse_failure_message, validation_message
 from .limits import BodyLimit
 from .metrics import ServerMetrics
-from .routes import dialogue, metrics, speech, status, voices
+from .routes import dialogue, metrics, session, speech, status, voices
 from .scheduler import Scheduler
 from .schemas import errors
 from .service import VOICE_NAME, Service, frames_for_text  # noqa: F401 (kept importable from here)
@@ -38,6 +38,15 @@ from .web import add_page
 
 log = logging.getLogger("csm.server")
 access = logging.getLogger("csm.access")
+SESSION_DOCS = (
+    "**Realtime sessions** for voice agents are a WebSocket, which OpenAPI cannot describe: "
+    "`ws://HOST/v1/audio/session`. Send `session.start` (voices, seed, sampling, `format` pcm16 or float32 at "
+    "24 kHz), then `user.turn` (audio and transcript), `text.delta` (the agent's reply as LLM tokens: each "
+    "sentence is spoken as soon as it is complete), `flush`, `cancel` (barge-in) and `truncate` (to the audio "
+    "played). Audio comes back as `audio` messages tagged with `turn_id` and `sentence_id`. The protocol, "
+    "limits and close codes are in the README (section *Realtime sessions*); a Python client is "
+    "`csm.client.session.SessionClient`."
+)
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces (fullmatch)
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -84,6 +93,10 @@ class ServerSettings:
     prefill_chunk: int | str | None = "auto"  # a joining prompt's positions per step (csm.batching)
     allowed_hosts: list[str] | None = None  # Host names served besides IP literals and localhost; ["*"]: any
     metrics_public: bool = False  # GET /metrics without the API key (for a scraper inside a private network)
+    max_sessions: int = 16  # realtime sessions (/v1/audio/session) open at once; more are closed with 1013
+    session_idle_timeout: float = 60.0  # seconds a session may send nothing while nothing is said (1008)
+    max_session_message_bytes: int = 8 * 1024 * 1024  # one session message (a user turn's audio): 1009
+    max_session_audio_bytes: int = 64 * 1024 * 1024  # audio (and codes) a session's turns hold: 1009
 
 
 def error_response(
@@ -332,6 +345,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     app = FastAPI(
         title="csm",
         summary="OpenAI-compatible text-to-speech with Sesame's CSM",
+        description=SESSION_DOCS,
         lifespan=lifespan,
         responses=errors(400, 408, 413, 500),  # 408, 413: limits.BodyLimit and http_protocol
         docs_url=None,  # add_docs serves them with local assets
@@ -340,8 +354,10 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     app.state.scheduler, app.state.settings = scheduler, settings
     app.state.service = Service(model, processor, settings, scheduler)
     app.state.voices = app.state.service.voices
-    app.state.metrics = scheduler.metrics  # sessions: app.state.metrics.sessions_open.inc() / .dec()
+    app.state.metrics = scheduler.metrics
     scheduler.metrics.watch(scheduler, app.state.service)
+    service = app.state.service
+    scheduler.metrics.sessions_open.set_function(lambda: service.sessions_open)  # read at scrape time
     app.add_middleware(
         BodyLimit,
         max_body_bytes=settings.max_body_bytes,
@@ -354,7 +370,14 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     )  # outermost: ids on all answers
     add_page(app)
     add_docs(app)
-    for router in (status.router, voices.router, speech.router, dialogue.router, metrics.router):
+    for router in (
+        status.router,
+        voices.router,
+        speech.router,
+        dialogue.router,
+        metrics.router,
+        session.router,
+    ):
         app.include_router(router)
 
     @app.exception_handler(ApiError)

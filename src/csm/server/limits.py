@@ -291,6 +291,13 @@ def http_protocol(head_timeout: float):
                 self._head_timer.cancel()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self, event) -> None:
+            # the connection is a WebSocket from here (a session of any length): no request head follows
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().handle_websocket_upgrade(event)
+
         def _arm_head_timer(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
@@ -369,4 +376,6 @@ def uvicorn_config(app, **options):
 
     settings = app.state.settings
     options.setdefault("limit_concurrency", settings.max_connections)
+    # uvicorn closes with 1009 past ws_max_size; below it, the session's own limit answers with a clear reason
+    options.setdefault("ws_max_size", 2 * settings.max_session_message_bytes)
     return uvicorn.Config(app, http=http_protocol(settings.head_timeout), **options)

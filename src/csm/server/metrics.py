@@ -5,8 +5,7 @@ would mix them). Counters and histograms are updated where the event happens: th
 requests and errors, `Service` observes time to first audio and the real-time ratio, the scheduler observes queue
 wait, prefill time, rows per step and the gap between a running row's frames. Gauges of state (rows in use,
 capacity, waiting, voices, the prefix cache) are read at scrape time by `StateCollector`, so nothing has to keep
-them up to date. `sessions_open` is a plain gauge: the WebSocket session route increments it when a session
-opens and decrements it when it closes.
+them up to date; `sessions_open` reads the service's open WebSocket sessions the same way.
 
 Names follow Prometheus' conventions: base units as a suffix (`_seconds`, `_bytes`), counters end in `_total`,
 labels of low cardinality only (an endpoint is its route template, never a raw path)."""

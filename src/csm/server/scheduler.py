@@ -46,6 +46,7 @@ class SpeechJob(RowJob):
     max_buffered: int = 0  # audio chunks sent but not yet taken beyond which decoding waits; 0: no bound
     buffered: int = 0
     request_id: str = "-"
+    carried_kept: int = 0  # the carried turns its prompt kept (the newest ones): the rest left the window
     submitted: float = field(default_factory=time.perf_counter)
 
     def send(self, item) -> None:

@@ -260,6 +260,7 @@ class Health(BaseModel):
     status: Literal["ok", "draining", "unavailable"]
     model: str
     scheduler: SchedulerStats
+    sessions_open: int = Field(0, description="realtime sessions open (WebSocket /v1/audio/session)")
 
 
 def errors(*statuses: int) -> dict:

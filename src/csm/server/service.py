@@ -57,6 +57,7 @@ class Service:
         )
         self.preparing = 0  # requests admitted and being checked (their clips decoded), not yet queued
         pool("decode", getattr(settings, "decode_workers", 2))
+        self.sessions: dict = {}  # realtime sessions open (routes/session.py): id -> csm.server.session.Session
 
     async def prepare(self, fn, body):
         """`fn(self, body)`, a request's checks, once it is admitted: 429 at once when the queue (waiting
@@ -75,6 +76,10 @@ class Service:
             return await asyncio.to_thread(fn, self, body)
         finally:
             self.preparing -= 1
+
+    @property
+    def sessions_open(self) -> int:
+        return len(self.sessions)
 
     def resolve_voice(self, value: Any, param: str = "voice") -> tuple[int, Voice | None]:
         """A speaker number (ASCII digits), a saved voice, or one of OpenAI's voice names (a saved voice of
@@ -168,6 +173,7 @@ class Service:
             backbone=plan.config.backbone,
             depth_decoder=plan.config.depth_decoder,
             seed=None if spoken.seed is None else spoken.seed + index,
+            carried_kept=len(prompt.carried),
         )
 
     async def start(self, plan: SpeechPlan, request: Request) -> SpeechStream:

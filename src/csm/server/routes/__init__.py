@@ -5,5 +5,6 @@ voices.py     GET and POST /v1/voices
 speech.py     POST /v1/audio/speech
 dialogue.py   POST /v1/audio/dialogue
 metrics.py    GET /metrics (Prometheus)
+session.py    WebSocket /v1/audio/session (a realtime session for voice agents)
 (the web page at / is csm/server/web.py)
 """

@@ -17,7 +17,12 @@ router = APIRouter()
 async def health(service: ServiceDep):
     scheduler = service.scheduler
     status = "draining" if scheduler.draining else "ok" if scheduler.alive else "unavailable"
-    body = {"status": status, "model": service.settings.model_name, "scheduler": scheduler.stats()}
+    body = {
+        "status": status,
+        "model": service.settings.model_name,
+        "scheduler": scheduler.stats(),
+        "sessions_open": service.sessions_open,  # realtime sessions (/v1/audio/session)
+    }
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
