@@ -35,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures import write_reference_processor  # noqa: E402
 
 from csm.demo import write_demo_checkpoint  # noqa: E402
 from csm.pipeline import pipeline  # noqa: E402
@@ -207,11 +206,22 @@ def batch(folder: str, voice_dir: str, args) -> None:
 
 
 def full_checkpoint(folder: str) -> None:
-    from bench_generate import reference_model
+    """csm-1b's shape with random bf16 weights and the demo's tokenizer (its special ids in the config)."""
+    from csm import CsmForConditionalGeneration
+    from csm.config import CsmConfig
+    from csm.demo import CHAT_TEMPLATE, demo_tokenizer
+    from csm.processor import CsmProcessor
 
-    if not (Path(folder) / "config.json").exists():
-        reference_model("full", torch.bfloat16).save_pretrained(folder)
-        write_reference_processor(folder)
+    if (Path(folder) / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=1, pad_token_id=2, eos_token_id=0, audio_token_id=2, audio_eos_token_id=3)
+    model = CsmForConditionalGeneration(CsmConfig(**ids)).eval()
+    with torch.no_grad():  # as a trained model would: never pick ids the codec lacks
+        model.lm_head.weight[2048:] = 0
+        model.depth_decoder.codebooks_head.weight[..., 2048:] = 0
+    model.to(torch.bfloat16).save_pretrained(folder)
+    CsmProcessor(demo_tokenizer(), CHAT_TEMPLATE).save_pretrained(folder)
 
 
 def main() -> None:

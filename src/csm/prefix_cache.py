@@ -90,7 +90,7 @@ class Block:
 
     pages: list[int]
     positions: int
-    hidden: torch.Tensor | None
+    hidden: int | None  # its index in the store's `States`
     parent: bytes | None
 
 
@@ -187,6 +187,34 @@ def weights_key(model) -> bytes:
     return hashlib.blake2b("|".join(parts).encode(), digest_size=16).digest()
 
 
+class States:
+    """Backbone states (D,) in slabs of rows reused through a free list, like `Pages`: no tensor per block."""
+
+    SLAB_ROWS = 256
+
+    def __init__(self, like: torch.Tensor):
+        self.width, self.dtype, self.device = like.shape[-1], like.dtype, like.device
+        self.nbytes = like.numel() * like.element_size()
+        self.slabs: list[torch.Tensor] = []
+        self.free: list[int] = []
+
+    def put(self, state: torch.Tensor) -> int:
+        if not self.free:
+            first = len(self.slabs) * self.SLAB_ROWS
+            self.slabs.append(torch.empty(self.SLAB_ROWS, self.width, dtype=self.dtype, device=self.device))
+            self.free.extend(range(first + self.SLAB_ROWS - 1, first - 1, -1))
+        index = self.free.pop()
+        self.get(index).copy_(state)
+        return index
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.slabs[index // self.SLAB_ROWS][index % self.SLAB_ROWS]
+
+    def give(self, index: int | None) -> None:
+        if index is not None:
+            self.free.append(index)
+
+
 PAGE_POSITIONS = 16
 
 
@@ -198,6 +226,7 @@ class PrefixStore:
         self.max_bytes, self.page_positions = int(max_bytes), page_positions
         self.blocks: collections.OrderedDict[bytes, Block] = collections.OrderedDict()
         self.pool: Pages | None = None  # made at the first block, when the caches' shape is known
+        self.states: States | None = None
         self.bytes = 0  # pages in use and states held
         self.hits = self.misses = self.positions_saved = self.positions_prefilled = self.evictions = 0
         self.lock = threading.Lock()
@@ -222,7 +251,7 @@ class PrefixStore:
             hit.blocks = [b for _, b in found]
             hit.positions = sum(b.positions for b in hit.blocks)
             if hit.positions == T:
-                hit.hidden = hit.blocks[-1].hidden
+                hit.hidden = self.states.get(hit.blocks[-1].hidden).clone()
             if hit.positions:
                 self.hits += 1
                 self.positions_saved += hit.positions
@@ -245,12 +274,12 @@ class PrefixStore:
                 if known is not None:
                     state = None if known.hidden is not None or hidden_at is None else hidden_at(stop - 1)
                     if state is not None and self.bytes + state.nbytes <= self.max_bytes:
-                        known.hidden = _copy(state)
+                        known.hidden = self._state(state)
                         self.bytes += state.nbytes
                     parent = key
                     continue
             kv = read_kv(start, stop)  # (L, 2, KV, n, D), a temporary: it goes into pages
-            hidden = None if hidden_at is None else _copy(hidden_at(stop - 1))
+            hidden = None if hidden_at is None else hidden_at(stop - 1)
             with self.lock:
                 if self.pool is None or not self.pool.fits(kv):
                     self._clear()
@@ -265,7 +294,8 @@ class PrefixStore:
                     self._evict_one()
                 pages = pool.take(need)
                 pool.write(pages, kv)
-                self.blocks[key] = Block(pages, stop - start, hidden, parent)
+                state = None if hidden is None else self._state(hidden)
+                self.blocks[key] = Block(pages, stop - start, state, parent)
                 self.bytes += size
                 added += size
             parent = key
@@ -279,13 +309,20 @@ class PrefixStore:
         """(keys and values (L, 2, KV, n, D), n) of a block, page by page, in order (views of the pool)."""
         return self.pool.pieces(block)
 
+    def _state(self, state: torch.Tensor) -> int:
+        if self.states is None:
+            self.states = States(state)
+        return self.states.put(state)
+
     def _nbytes(self, block: Block) -> int:
-        return len(block.pages) * self.pool.page_bytes + (0 if block.hidden is None else block.hidden.nbytes)
+        return len(block.pages) * self.pool.page_bytes + (0 if block.hidden is None else self.states.nbytes)
 
     def _evict_one(self) -> None:
         _, block = self.blocks.popitem(last=False)
         self.bytes -= self._nbytes(block)
         self.pool.give(block.pages)
+        if self.states is not None:
+            self.states.give(block.hidden)
         self.evictions += 1
 
     def resize(self, max_bytes: int) -> None:
@@ -296,7 +333,7 @@ class PrefixStore:
 
     def _clear(self) -> None:
         self.blocks.clear()
-        self.pool = None
+        self.pool = self.states = None
         self.bytes = 0
 
     def clear(self) -> None:
@@ -320,10 +357,6 @@ class PrefixStore:
 
 def chain_bounds(starts: list[int], end: int) -> list[int]:
     return [s for s in starts if s < end]
-
-
-def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().clone()
 
 
 def store_for(model) -> PrefixStore | None:

@@ -115,6 +115,14 @@ class ClipBudget:
         return audio
 
 
+def decode_clip(data: str, param: str, settings):
+    """One base64 audio file (a session's user turn) as 24 kHz float32, checked as a request's clips are: its
+    size, then its header against the limits before anything is decoded (`ClipBudget`)."""
+    budget = ClipBudget(settings)
+    budget.add(data, param)
+    return budget.decode(param)
+
+
 def check_voice_count(count: int, param: str, settings) -> None:
     """400 when a request names more saved voices than `max_request_voices`, before any is read from disk
     (each may hold minutes of clips, all kept in every prompt)."""
