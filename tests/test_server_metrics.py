@@ -189,7 +189,8 @@ def test_a_joining_prefill_shows_in_the_running_rows_inter_frame_gap(checkpoint,
     buf = io.BytesIO()
     sf.write(buf, (0.1 * np.sin(np.arange(24000 * 20) / 7)).astype(np.float32), 24000, format="WAV")
     clip = base64.b64encode(buf.getvalue()).decode()
-    with serve(checkpoint, tmp_path, max_frames=400, max_seq_len=2048) as client:
+    # prefill_chunk=None: the joiner is prefilled whole between two frames (the default slices it)
+    with serve(checkpoint, tmp_path, max_frames=400, max_seq_len=2048, prefill_chunk=None) as client:
         first_audio, joined, outlived = threading.Event(), threading.Event(), threading.Event()
 
         def runner():  # streams (up to 400 frames) until the joining request is done, then hangs up
