@@ -528,15 +528,11 @@ def test_a_failed_write_keeps_the_audio_and_says_where(ckpt, tmp_path, monkeypat
 
     import csm.audio
 
-    save = csm.audio.save_audio
-
-    def disk_full_in_out(audio, path, **kwargs):
-        if "out" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return save(audio, path, **kwargs)
+    def disk_full(path, audio, rate, **kwargs):  # the output's write: its temporary file filled the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(csm.audio, "save_audio", disk_full_in_out)
+    monkeypatch.setattr(csm.audio, "save_audio_atomic", disk_full)
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     (tmp_path / "out").mkdir()

@@ -227,11 +227,12 @@ def test_merged_lora_gives_the_same_logits_as_the_adapted_model(tiny, tmp_path):
 
     merged = merge_lora(model)
     assert not any("lora_" in n for n in merged.state_dict())
-    torch.testing.assert_close(forward_outputs(merged), adapted, rtol=1e-5, atol=1e-5)
+    # W + BA against xW + (xA)B: the same sums in another order (fp32; a few of 172k logits differ by ~1e-5)
+    torch.testing.assert_close(forward_outputs(merged), adapted, rtol=1e-4, atol=1e-4)
 
     fresh = CsmForConditionalGeneration.from_pretrained(tiny)
     load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(forward_outputs(merge_lora(fresh)), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward_outputs(merge_lora(fresh)), adapted, rtol=1e-4, atol=1e-4)
     keys = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert keys["peft_type"] == "LORA" and keys["r"] == 4
 

@@ -15,14 +15,14 @@ MAX_CHUNK_CHARS = 200  # about 10-15 s of speech: what one CSM call says well
 MIN_CHUNK_CHARS = 24  # shorter sentences ("Hi.") ride along with the next one
 MAX_TEXT_CHARS = 100_000
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+")
-_CLAUSE_END = re.compile(r"(?<=[,;:—])\s+")
+SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+")
+CLAUSE_END = re.compile(r"(?<=[,;:—])\s+")
 
 
 def _split_long(sentence: str, max_chars: int) -> list[str]:
     """Cut an over-long sentence at clause marks, then between words, into pieces of at most max_chars."""
     pieces: list[str] = []
-    for clause in _CLAUSE_END.split(sentence):
+    for clause in CLAUSE_END.split(sentence):
         words, current = clause.split(), ""
         for word in words:
             if current and len(current) + 1 + len(word) > max_chars:
@@ -50,7 +50,7 @@ def split_sentences(
     if not text:
         return []
     chunks: list[str] = []
-    for sentence in _SENTENCE_END.split(text):
+    for sentence in SENTENCE_END.split(text):
         sentence = sentence.strip()
         if sentence:
             chunks.extend(_split_long(sentence, max_chars) if len(sentence) > max_chars else [sentence])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CONFIG_NAME, CheckpointError, read_json, resolve_checkpoint
+from .config_methods import ReferenceConfigMethods
 
 DEFAULT_ROPE_THETA = 500000.0
 # csm-1b's RoPE (Llama-3.2 scaling), as its config.json states it.
@@ -75,29 +76,14 @@ class _SubConfigs:
         return {"codec_config": MimiConfig, "depth_decoder_config": CsmDepthDecoderConfig}
 
 
-class ReferenceConfigMethods:
-    """What callers read on transformers' configs beyond their fields: `is_encoder_decoder`,
-    `get_text_config()`, `sub_configs` and `to_diff_dict()`."""
-
-    is_encoder_decoder = False
-    sub_configs = _SubConfigs()
-
-    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None):
-        """This config: CSM's text settings are its own, not a nested text config (as in the reference)."""
-        return self
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        """The reference diffs against a bare PreTrainedConfig, which has none of these models' fields,
-        so every field is kept: the same as `to_dict()`."""
-        return self.to_dict()
-
-
 class _JsonConfig(ReferenceConfigMethods):
     """from_dict / to_dict / from_pretrained / save_pretrained for a config dataclass.
 
     Keys we do not model (transformers bookkeeping, generation settings) are kept in `extra`
     and written back, so a config survives the round trip.
     """
+
+    sub_configs = _SubConfigs()
 
     model_type: str = ""
 

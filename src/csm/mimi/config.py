@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, read_json, resolve_checkpoint
-from ..config import ReferenceConfigMethods
+from ..config_methods import ReferenceConfigMethods
 
 _BOUNDS = {  # what any Mimi (or a test's tiny one) may have
     "sampling_rate": (1, 384_000),

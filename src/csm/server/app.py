@@ -6,7 +6,6 @@ and refuses new requests while draining, for every route at once."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 import re
@@ -27,7 +26,7 @@ from ..chunking import MAX_CHUNK_CHARS
 from ..prefix_cache import set_store_bytes
 from .docs import add_docs
 from .errors import PARSE_FAILED, parse_failure_message, validation_message
-from .limits import BodyLimit
+from .limits import BodyLimit, authorized
 from .metrics import ServerMetrics
 from .routes import dialogue, metrics, session, speech, status, voices
 from .scheduler import Scheduler
@@ -181,12 +180,6 @@ def check_api_key(key: str | None) -> None:
             "the API key must be visible ASCII characters (no spaces, no accents): clients send it in an HTTP "
             "header, where any other key could never match"
         )
-
-
-def authorized(header: bytes, key: str) -> bool:
-    """Whether an Authorization header carries `key` as a bearer token (the scheme in any case, RFC 9110)."""
-    scheme, _, token = header.decode("latin-1").strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 class RequestContext:

@@ -7,6 +7,7 @@ before and while parsing it, off the event loop), and the head's framing (h11 ac
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -379,3 +380,9 @@ def uvicorn_config(app, **options):
     # uvicorn closes with 1009 past ws_max_size; below it, the session's own limit answers with a clear reason
     options.setdefault("ws_max_size", 2 * settings.max_session_message_bytes)
     return uvicorn.Config(app, http=http_protocol(settings.head_timeout), **options)
+
+
+def authorized(header: bytes, key: str) -> bool:
+    """Whether an Authorization header carries `key` as a bearer token (the scheme in any case, RFC 9110)."""
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())

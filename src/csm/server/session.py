@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..audio import SAMPLING_RATE
-from ..chunking import _CLAUSE_END, _SENTENCE_END, MIN_CHUNK_CHARS, CrossfadeStream, split_sentences
+from ..chunking import CLAUSE_END, MIN_CHUNK_CHARS, SENTENCE_END, CrossfadeStream, split_sentences
 from ..generate import GenerationConfig
 from ..planner import Turn, voice_turns
 from ..voice import encode_audio
@@ -76,13 +76,13 @@ class SentenceBuffer:
     def push(self, delta: str) -> list[str]:
         self.text += delta
         ready: list[str] = []
-        for end in reversed(list(_SENTENCE_END.finditer(self.text))):
+        for end in reversed(list(SENTENCE_END.finditer(self.text))):
             chunks = split_sentences(self.text[: end.end()], self.max_chars)
             if chunks and len(chunks[-1]) >= MIN_CHUNK_CHARS:  # a short last one may join the next
                 ready, self.text = chunks, self.text[end.end() :]
                 break
         if not ready and self.first_clause and not self.given:
-            for mark in _CLAUSE_END.finditer(self.text):
+            for mark in CLAUSE_END.finditer(self.text):
                 if len(self.text[: mark.start()].strip()) >= MIN_CHUNK_CHARS:
                     ready = split_sentences(self.text[: mark.start()], self.max_chars)
                     self.text = self.text[mark.end() :]

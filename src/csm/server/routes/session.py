@@ -24,6 +24,7 @@ import uuid
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketState
 
+from ..limits import authorized as bearer_ok
 from ..session import CLOSE_ERROR, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER, Session, SessionClosed
 from ..session_messages import Cancel, Flush, SessionStart, TextDelta, Truncate, UserTurn, parse_message
 from ..speech import ApiError
@@ -74,9 +75,7 @@ async def receive_text(websocket: WebSocket, limit: int) -> str | None:
 
 
 def authorized(websocket: WebSocket, key: str | None) -> bool:
-    from ..app import authorized as bearer
-
-    return not key or bearer(websocket.headers.get("authorization", "").encode("latin-1"), key)
+    return not key or bearer_ok(websocket.headers.get("authorization", "").encode("latin-1"), key)
 
 
 @router.websocket("/v1/audio/session")
