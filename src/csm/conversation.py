@@ -29,6 +29,7 @@ from .chunking import (
     progress_bar,
     split_sentences,
 )
+from .dialogue import speaker_id  # noqa: F401 (kept importable from here)
 from .planner import Turn, TurnError, voice_turns
 from .voice import Voice, encode_audio
 
@@ -56,18 +57,6 @@ class DialogueAudio:
     sampling_rate: int
     turns: list[SpokenTurn]
     manifest: dict
-
-
-def speaker_id(value, where: str = "speaker") -> int:
-    """A speaker id from an int or a string of ASCII digits; ValueError otherwise ("²" and "٣" are digits
-    to str.isdigit, not speaker ids; a string of thousands of digits is refused before int() sees it)."""
-    if isinstance(value, str):
-        digits = value.strip()
-        if digits.isascii() and digits.isdigit() and len(digits) <= 9:
-            value = int(digits)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{where} must be a non-negative integer speaker id, got {value!r}")
-    return value
 
 
 class Conversation:

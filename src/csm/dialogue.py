@@ -34,6 +34,18 @@ class ScriptError(ValueError):
     """A script that cannot be read; the message starts with `file:line`."""
 
 
+def speaker_id(value, where: str = "speaker") -> int:
+    """A speaker id from an int or a string of ASCII digits; ValueError otherwise ("²" and "٣" are digits
+    to str.isdigit, not speaker ids; a string of thousands of digits is refused before int() sees it)."""
+    if isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= 9:
+            value = int(digits)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{where} must be a non-negative integer speaker id, got {value!r}")
+    return value
+
+
 @dataclass
 class ScriptTurn:
     """One turn of a script: who speaks, what, and the audio when it was already spoken (24 kHz float32)."""
@@ -86,7 +98,6 @@ def _text_turns(source: str, name: str) -> list[ScriptTurn]:
             )
         if not match.group(2).strip():
             raise ScriptError(f"{name}:{n}: the turn of speaker {match.group(1)} has no text")
-        from .conversation import speaker_id
 
         digits = match.group(1)
         try:  # never int() of thousands of digits
@@ -142,7 +153,6 @@ def _json_turn(item, where: str, line: int, base: Path) -> ScriptTurn:
     unknown = sorted(set(item) - set(TURN_KEYS))
     if unknown:
         raise ScriptError(f"{where}: unknown key(s) {', '.join(unknown)}; a turn has {', '.join(TURN_KEYS)}")
-    from .conversation import speaker_id
 
     try:
         speaker = speaker_id(item.get("speaker"))
@@ -180,7 +190,6 @@ def clip_path(audio, base: Path) -> Path:
 
 def parse_voice_bindings(values: list[str], turns: list[ScriptTurn], name: str) -> dict[int, str]:
     """`["0=alice", "1=bob"]` as {0: "alice", 1: "bob"}; every speaker bound must speak in the script."""
-    from .conversation import speaker_id
 
     speakers = sorted({t.speaker for t in turns})
     bindings: dict[int, str] = {}
