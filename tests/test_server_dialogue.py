@@ -118,7 +118,8 @@ def test_a_dialogue_streams_audio_before_its_last_turn_is_generated(checkpoint, 
             assert r.status_code == 200
             assert len(next(r.iter_bytes())) > 0
             stats = c.get("/health").json()["scheduler"]
-            assert stats["completed"] == 0 and stats["active"] == 1  # the first turn is still being spoken
+            # The last turn is not done (the first may be, or be between its last frame and its count)
+            assert stats["completed"] < 2 and stats["failed"] == 0
         assert c.get("/health").status_code == 200
 
 
