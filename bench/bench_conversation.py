@@ -167,7 +167,7 @@ def long_text(tts, voice, args) -> None:
 
 def batch(folder: str, voice_dir: str, args) -> None:
     print(
-        f"\n## batch: csm batch of {args.lines} lines in one voice (a process each; lines/s as csm batch reports)"
+        f"\n## batch: csm batch of {args.lines} lines in one voice (a process each; lines over the run's seconds)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         lines = Path(tmp) / "lines.jsonl"
@@ -196,11 +196,12 @@ def batch(folder: str, voice_dir: str, args) -> None:
                 "1",
             ]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            m = re.search(r"([\d.]+) lines/s", done.stdout + done.stderr)
+            # "N ok, ... X s of audio in Y s (...)": lines over the seconds the run took, not the rounded lines/s
+            m = re.search(r"(\d+) ok, .*? of audio in ([\d.]+) s \(", done.stdout + done.stderr)
             if done.returncode or not m:
                 print(done.stdout[-2000:], done.stderr[-2000:])
                 return
-            rates[on] = float(m.group(1))
+            rates[on] = int(m.group(1)) / float(m.group(2))
             print(f"{'store' if on else 'no store':9s} {rates[on]:.3f} lines/s", flush=True)
         print(f"store / no store {rates[True] / rates[False]:.2f}x")
 
