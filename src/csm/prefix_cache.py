@@ -392,15 +392,5 @@ def prefix_stats(model) -> dict:
     """The model's store counters (`PrefixStore.stats`), with `enabled`; zeros when it has none."""
     store = store_for(model)
     if store is None:
-        return {
-            "enabled": False,
-            "hits": 0,
-            "misses": 0,
-            "positions_saved": 0,
-            "positions_prefilled": 0,
-            "bytes": 0,
-            "max_bytes": 0,
-            "entries": 0,
-            "evictions": 0,
-        }
+        return {"enabled": False, **dict.fromkeys(PrefixStore(0).stats(), 0)}
     return {"enabled": True, **store.stats()}
